@@ -1,0 +1,167 @@
+"""Personas: a name, visual attributes, facts, image views and descriptions, from (seed, index).
+
+Every random choice draws from a numpy generator seeded by (seed, persona index, stream), so any
+persona can be rebuilt alone, in any process, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from data_gen import attributes, descriptions, names, permutation
+
+# Independent random streams per persona.
+_FACTS_STREAM, _VIEWS_STREAM, _DESCRIPTIONS_STREAM = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSpec:
+    """What to generate; validated from the data config (see `from_config`)."""
+
+    seed: int
+    num_personas: int
+    num_views: int
+    num_heldout_views: int
+    num_descriptions: int
+    num_heldout_descriptions: int
+    image_size: int
+    attributes: tuple[str, ...]
+
+    def __post_init__(self):
+        def fail(field, value, why):
+            raise ValueError(f"Invalid data config: {field}={value!r}: {why}")
+
+        if self.num_personas < 1:
+            fail("num_personas", self.num_personas, "must be at least 1")
+        if self.num_personas > names.name_space_size():
+            fail("num_personas", self.num_personas,
+                 f"more personas than the name space holds ({names.name_space_size():,} names)")
+        unknown = [a for a in self.attributes if a not in attributes.VISUAL_ATTRIBUTES]
+        if unknown:
+            fail("attributes", ",".join(unknown),
+                 f"unknown attribute; known: {', '.join(attributes.ATTRIBUTE_NAMES)}")
+        if not self.attributes or len(set(self.attributes)) != len(self.attributes):
+            fail("attributes", ",".join(self.attributes), "must be a non-empty list without repeats")
+        if self.num_personas > attributes.attribute_space_size(self.attributes):
+            fail("num_personas", self.num_personas,
+                 f"more personas than distinct attribute sets "
+                 f"({attributes.attribute_space_size(self.attributes):,}); add attributes")
+        for kind in ("views", "descriptions"):
+            total = getattr(self, f"num_{kind}")
+            heldout = getattr(self, f"num_heldout_{kind}")
+            if total < 2:
+                fail(f"num_{kind}", total, "must be at least 2 (training and held-out)")
+            if not 1 <= heldout < total:
+                fail(f"num_heldout_{kind}", heldout, f"must be in [1, num_{kind}={total})")
+        if not 16 <= self.image_size <= 512:
+            fail("image_size", self.image_size, "must be between 16 and 512 pixels")
+
+    @classmethod
+    def from_config(cls, config) -> "GeneratorSpec":
+        attrs = config.attributes
+        if isinstance(attrs, str):
+            attrs = tuple(a.strip() for a in attrs.split(",") if a.strip())
+        return cls(
+            seed=int(config.seed),
+            num_personas=int(config.num_personas),
+            num_views=int(config.num_views),
+            num_heldout_views=int(config.num_heldout_views),
+            num_descriptions=int(config.num_descriptions),
+            num_heldout_descriptions=int(config.num_heldout_descriptions),
+            image_size=int(config.image_size),
+            attributes=tuple(attrs),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+    """What varies between views of one persona; identity attributes never do."""
+
+    view_id: int
+    offset: tuple[float, float]  # Head centre shift, as a fraction of the image size.
+    scale: float  # Head size relative to the default.
+    tilt_degrees: float
+    background: tuple[int, int, int]  # Muted RGB.
+    background_gradient: float  # Strength of a vertical shading, in [0, 1].
+    light: float  # Brightness multiplier.
+    noise_std: float  # Pixel noise standard deviation, in 0-255 units.
+    noise_seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Persona:
+    persona_id: int
+    name: str
+    attributes: dict[str, str]  # Every attribute; those outside the spec keep their first value.
+    facts: dict[str, str]
+    views: tuple[ViewSpec, ...]
+    descriptions: tuple[str, ...]
+    view_heldout: tuple[bool, ...]
+    description_heldout: tuple[bool, ...]
+
+
+def _rng(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, stream, *extra])
+
+
+def visual_attributes(spec: GeneratorSpec, index: int) -> dict[str, str]:
+    """A unique attribute set per index: a keyed permutation of the attribute product space."""
+    slot = permutation.permute(
+        index, attributes.attribute_space_size(spec.attributes), key=("attributes", spec.seed)
+    )
+    chosen = {}
+    for name in spec.attributes:  # Mixed-radix digits of `slot`.
+        values = tuple(attributes.VISUAL_ATTRIBUTES[name])
+        slot, digit = divmod(slot, len(values))
+        chosen[name] = values[digit]
+    return {
+        name: chosen.get(name, next(iter(values)))
+        for name, values in attributes.VISUAL_ATTRIBUTES.items()
+    }
+
+
+def _view(rng: np.random.Generator, view_id: int) -> ViewSpec:
+    hue_base = rng.uniform(0, 1)
+    grey = rng.uniform(110, 190)
+    tint = 25 * np.cos(2 * np.pi * (hue_base + np.array([0.0, 1 / 3, 2 / 3])))
+    return ViewSpec(
+        view_id=view_id,
+        offset=(float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.05, 0.05))),
+        scale=float(rng.uniform(0.88, 1.08)),
+        tilt_degrees=float(rng.uniform(-8, 8)),
+        background=tuple(int(v) for v in np.clip(grey + tint, 0, 255)),
+        background_gradient=float(rng.uniform(0, 0.35)),
+        light=float(rng.uniform(0.85, 1.12)),
+        noise_std=float(rng.uniform(0, 6)),
+        noise_seed=int(rng.integers(2**31)),
+    )
+
+
+def make_persona(spec: GeneratorSpec, index: int) -> Persona:
+    fact_rng = _rng(spec.seed, index, _FACTS_STREAM)
+    facts = {
+        fact: str(values[fact_rng.integers(len(values))])
+        for fact, (_, values) in attributes.FACTS.items()
+    }
+    view_rng = _rng(spec.seed, index, _VIEWS_STREAM)
+    views = tuple(_view(view_rng, v) for v in range(spec.num_views))
+    visual = visual_attributes(spec, index)
+    texts = descriptions.describe(
+        visual, spec.attributes, spec.num_descriptions,
+        _rng(spec.seed, index, _DESCRIPTIONS_STREAM),
+    )
+    # Views and descriptions are i.i.d. draws, so holding out the last ones is a random split.
+    return Persona(
+        persona_id=index,
+        name=names.persona_name(spec.seed, index),
+        attributes=visual,
+        facts=facts,
+        views=views,
+        descriptions=texts,
+        view_heldout=tuple(v >= spec.num_views - spec.num_heldout_views
+                           for v in range(spec.num_views)),
+        description_heldout=tuple(d >= spec.num_descriptions - spec.num_heldout_descriptions
+                                  for d in range(spec.num_descriptions)),
+    )
