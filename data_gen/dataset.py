@@ -1,0 +1,227 @@
+"""Writes the persona dataset as a TFDS dataset of ArrayRecord files, shard by shard.
+
+Layout under `out_dir/xmem_personas/`:
+  `<version>.incomplete/`  shards as they finish (each file renamed into place when whole,
+                           then a `shard-K.json` marker), and `generator_config.json`;
+  `<version>/`             the finished dataset, appearing by one atomic rename once every shard
+                           is there: a crash never leaves a directory that looks complete.
+
+Shards are independent (shard K holds a fixed, contiguous range of persona indices), so they can
+be written by different processes or machines into the same (shared) directory; a rerun skips
+shards already written. Reading the shards in order gives the same records as one unsharded run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from PIL import Image
+from tqdm import tqdm
+
+from data_gen import attributes, descriptions, names
+from data_gen.contact_sheet import contact_sheet
+from data_gen.personas import GeneratorSpec, Persona, make_persona
+from data_gen.render import make_renderer
+from xmem_jax.data import schema
+from xmem_jax.data.tokenizer import train_tokenizer
+
+_CONFIG_FILE = "generator_config.json"
+_LOCK = "finalize.lock"
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _record(persona: Persona, pngs: list[bytes]) -> dict:
+    return {
+        "persona_id": persona.persona_id,
+        "name": persona.name,
+        "attributes": persona.attributes,
+        "facts": persona.facts,
+        "images": pngs,
+        "view_ids": [view.view_id for view in persona.views],
+        "view_heldout": list(persona.view_heldout),
+        "descriptions": list(persona.descriptions),
+        "description_heldout": list(persona.description_heldout),
+    }
+
+
+def shard_range(num_personas: int, num_shards: int, shard_index: int) -> range:
+    """The contiguous persona indices of one shard (sizes differ by at most one)."""
+    bounds = np.linspace(0, num_personas, num_shards + 1).round().astype(int)
+    return range(int(bounds[shard_index]), int(bounds[shard_index + 1]))
+
+
+def _file_template(data_dir: Path) -> tfds.core.ShardedFileTemplate:
+    return tfds.core.ShardedFileTemplate(
+        data_dir=data_dir, dataset_name=schema.DATASET_NAME, split=schema.SPLIT,
+        filetype_suffix="array_record")
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict:
+    """Everything that determines the content (the shard being written does not)."""
+    content = config.to_dict()
+    content.pop("shard_index")
+    content.pop("contact_sheet_personas")
+    content["renderer"].pop("device")
+    content["renderer"].pop("batch_size")
+    return content
+
+
+def _write_json_atomically(path: Path, content) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _check_same_config(existing: dict, fingerprint: dict, what: str) -> None:
+    if existing != fingerprint:
+        changed = sorted(k for k in set(existing) | set(fingerprint)
+                         if existing.get(k) != fingerprint.get(k))
+        details = "; ".join(f"{k}: {existing.get(k)!r} there, {fingerprint.get(k)!r} now"
+                            for k in changed)
+        raise ValueError(
+            f"{what} was generated with a different config ({details}). "
+            f"Use another --out_dir, or delete it to regenerate.")
+
+
+def _validate(config: ml_collections.ConfigDict) -> GeneratorSpec:
+    spec = GeneratorSpec.from_config(config)
+    if not 1 <= config.num_shards <= spec.num_personas:
+        raise ValueError(f"Invalid data config: num_shards={config.num_shards}: "
+                         f"must be in [1, num_personas={spec.num_personas}]")
+    if not -1 <= config.shard_index < config.num_shards:
+        raise ValueError(f"Invalid data config: shard_index={config.shard_index}: must be -1 "
+                         f"(all shards) or in [0, num_shards={config.num_shards})")
+    return spec
+
+
+def _write_shard(spec, renderer, batch_size, work_dir: Path, num_shards: int, shard: int) -> None:
+    features = schema.features(spec.image_size)
+    path = Path(_file_template(work_dir).sharded_filepath(shard_index=shard, num_shards=num_shards))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    indices = shard_range(spec.num_personas, num_shards, shard)
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    num_bytes = 0
+    progress = tqdm(total=len(indices), desc=f"shard {shard + 1}/{num_shards}", unit="persona")
+    for start in range(indices.start, indices.stop, batch_size):
+        personas = [make_persona(spec, i) for i in range(start, min(start + batch_size, indices.stop))]
+        images = renderer.render([(p, v) for p in personas for v in p.views])
+        for k, persona in enumerate(personas):
+            pngs = [_encode_png(im) for im in images[k * spec.num_views:(k + 1) * spec.num_views]]
+            serialized = features.serialize_example(_record(persona, pngs))
+            writer.write(serialized)
+            num_bytes += len(serialized)
+        progress.update(len(personas))
+    progress.close()
+    writer.close()
+    os.replace(tmp, path)
+    _write_json_atomically(work_dir / f"shard-{shard:05d}.json",
+                           {"length": len(indices), "num_bytes": num_bytes})
+
+
+def tokenizer_corpus(spec: GeneratorSpec) -> Iterator[str]:
+    """The generator's vocabulary: every name part, phrase, fact and question it can emit."""
+    from xmem_jax.data import tasks  # The prompts the pipeline wraps around the data.
+
+    yield from names.first_names()
+    yield from names.last_names()
+    for values in attributes.VISUAL_ATTRIBUTES.values():
+        for phrases in values.values():
+            yield from phrases
+    for question, values in attributes.FACTS.values():
+        yield question
+        yield from values
+    yield from tasks.prompt_texts()
+    rng = np.random.default_rng([spec.seed, 7])  # Sample sentences, for whole-word merges.
+    for index in range(min(spec.num_personas, 500)):
+        attrs = make_persona(spec, index).attributes
+        yield descriptions.describe_once(rng, attrs, spec.attributes)
+
+
+def _finalize(config, spec: GeneratorSpec, renderer, work_dir: Path, final_dir: Path) -> None:
+    try:
+        (work_dir / _LOCK).mkdir()
+    except FileExistsError:
+        logging.info("Another process is finalizing %s", final_dir)
+        return
+    shards = [json.loads((work_dir / f"shard-{k:05d}.json").read_text())
+              for k in range(config.num_shards)]
+    train_tokenizer(tokenizer_corpus(spec), config.tokenizer_vocab_size).save_pretrained(
+        str(work_dir / schema.TOKENIZER_SUBDIR))
+    shown = [make_persona(spec, i) for i in range(min(config.contact_sheet_personas,
+                                                      spec.num_personas))]
+    sheet_images = renderer.render([(p, v) for p in shown for v in p.views])
+    rows = [sheet_images[k * spec.num_views:(k + 1) * spec.num_views] for k in range(len(shown))]
+    contact_sheet(rows, [p.name for p in shown], [p.view_heldout for p in shown]).save(
+        work_dir / schema.CONTACT_SHEET)
+    template = _file_template(work_dir)
+    tfds.folder_dataset.write_metadata(
+        data_dir=work_dir,
+        features=schema.features(spec.image_size),
+        split_infos=[tfds.core.SplitInfo(
+            name=schema.SPLIT, shard_lengths=[s["length"] for s in shards],
+            num_bytes=sum(s["num_bytes"] for s in shards), filename_template=template)],
+        version=schema.VERSION,
+        filename_template=template,
+        check_data=False,
+        description="Synthetic personas for cross-modality memorization studies (xmem-jax).",
+        metadata=tfds.core.MetadataDict(generator_config=_fingerprint(config)),
+    )
+    for k in range(config.num_shards):
+        (work_dir / f"shard-{k:05d}.json").unlink()
+    (work_dir / _LOCK).rmdir()
+    os.rename(work_dir, final_dir)  # Atomic: the dataset appears whole or not at all.
+
+
+def generate(config: ml_collections.ConfigDict, out_dir: str | Path) -> Path | None:
+    """Writes this process's shards; returns the dataset directory once every shard is written.
+
+    Returns None when shards written elsewhere are still missing.
+    """
+    spec = _validate(config)
+    renderer = make_renderer(config.renderer, spec.image_size)
+    root = Path(out_dir) / schema.DATASET_NAME
+    final_dir = root / schema.VERSION
+    fingerprint = _fingerprint(config)
+    if final_dir.exists():
+        metadata = final_dir / "metadata.json"
+        if not metadata.exists():
+            raise ValueError(f"{final_dir} exists but is not an xmem persona dataset "
+                             f"(no metadata.json). Use another --out_dir.")
+        _check_same_config(json.loads(metadata.read_text())["generator_config"], fingerprint,
+                           f"The dataset in {final_dir}")
+        logging.info("Reusing the dataset in %s", final_dir)
+        return final_dir
+    work_dir = root / f"{schema.VERSION}.incomplete"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_path = work_dir / _CONFIG_FILE
+    if config_path.exists():
+        _check_same_config(json.loads(config_path.read_text()), fingerprint, f"The partial dataset in {work_dir}")
+    else:
+        _write_json_atomically(config_path, fingerprint)
+    mine = range(config.num_shards) if config.shard_index < 0 else [config.shard_index]
+    for shard in mine:
+        if (work_dir / f"shard-{shard:05d}.json").exists():
+            logging.info("Shard %d/%d is already written; skipping it", shard + 1, config.num_shards)
+            continue
+        _write_shard(spec, renderer, config.renderer.batch_size, work_dir, config.num_shards, shard)
+    missing = [k for k in range(config.num_shards)
+               if not (work_dir / f"shard-{k:05d}.json").exists()]
+    if missing:
+        logging.info("%d shard(s) still to be written: %s", len(missing), missing[:10])
+        return None
+    _finalize(config, spec, renderer, work_dir, final_dir)
+    return final_dir if final_dir.exists() else None
