@@ -182,6 +182,7 @@ def _finalize(config, spec: GeneratorSpec, renderer, work_dir: Path, final_dir: 
     )
     for k in range(config.num_shards):
         (work_dir / f"shard-{k:05d}.json").unlink()
+    (work_dir / _CONFIG_FILE).unlink()
     (work_dir / _LOCK).rmdir()
     os.rename(work_dir, final_dir)  # Atomic: the dataset appears whole or not at all.
 
