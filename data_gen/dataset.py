@@ -35,7 +35,6 @@ from xmem_jax.data import schema
 from xmem_jax.data.tokenizer import train_tokenizer
 
 _CONFIG_FILE = "generator_config.json"
-_LOCK = "finalize.lock"
 
 
 def _encode_png(image: np.ndarray) -> bytes:
@@ -152,39 +151,41 @@ def tokenizer_corpus(spec: GeneratorSpec) -> Iterator[str]:
 
 
 def _finalize(config, spec: GeneratorSpec, renderer, work_dir: Path, final_dir: Path) -> None:
+    lock = work_dir.parent / f"{final_dir.name}.finalize.lock"
     try:
-        (work_dir / _LOCK).mkdir()
+        lock.mkdir()
     except FileExistsError:
         logging.info("Another process is finalizing %s", final_dir)
         return
-    shards = [json.loads((work_dir / f"shard-{k:05d}.json").read_text())
-              for k in range(config.num_shards)]
-    train_tokenizer(tokenizer_corpus(spec), config.tokenizer_vocab_size).save_pretrained(
-        str(work_dir / schema.TOKENIZER_SUBDIR))
-    shown = [make_persona(spec, i) for i in range(min(config.contact_sheet_personas,
-                                                      spec.num_personas))]
-    sheet_images = renderer.render([(p, v) for p in shown for v in p.views])
-    rows = [sheet_images[k * spec.num_views:(k + 1) * spec.num_views] for k in range(len(shown))]
-    contact_sheet(rows, [p.name for p in shown], [p.view_heldout for p in shown]).save(
-        work_dir / schema.CONTACT_SHEET)
-    template = _file_template(work_dir)
-    tfds.folder_dataset.write_metadata(
-        data_dir=work_dir,
-        features=schema.features(spec.image_size),
-        split_infos=[tfds.core.SplitInfo(
-            name=schema.SPLIT, shard_lengths=[s["length"] for s in shards],
-            num_bytes=sum(s["num_bytes"] for s in shards), filename_template=template)],
-        version=schema.VERSION,
-        filename_template=template,
-        check_data=False,
-        description="Synthetic personas for cross-modality memorization studies (xmem-jax).",
-        metadata=tfds.core.MetadataDict(generator_config=_fingerprint(config)),
-    )
-    for k in range(config.num_shards):
-        (work_dir / f"shard-{k:05d}.json").unlink()
-    (work_dir / _CONFIG_FILE).unlink()
-    (work_dir / _LOCK).rmdir()
-    os.rename(work_dir, final_dir)  # Atomic: the dataset appears whole or not at all.
+    try:
+        shards = [json.loads((work_dir / f"shard-{k:05d}.json").read_text())
+                  for k in range(config.num_shards)]
+        train_tokenizer(tokenizer_corpus(spec), config.tokenizer_vocab_size).save_pretrained(
+            str(work_dir / schema.TOKENIZER_SUBDIR))
+        shown = [make_persona(spec, i) for i in range(min(config.contact_sheet_personas,
+                                                          spec.num_personas))]
+        sheet_images = renderer.render([(p, v) for p in shown for v in p.views])
+        rows = [sheet_images[k * spec.num_views:(k + 1) * spec.num_views] for k in range(len(shown))]
+        contact_sheet(rows, [p.name for p in shown], [p.view_heldout for p in shown]).save(
+            work_dir / schema.CONTACT_SHEET)
+        template = _file_template(work_dir)
+        tfds.folder_dataset.write_metadata(
+            data_dir=work_dir,
+            features=schema.features(spec.image_size),
+            split_infos=[tfds.core.SplitInfo(
+                name=schema.SPLIT, shard_lengths=[s["length"] for s in shards],
+                num_bytes=sum(s["num_bytes"] for s in shards), filename_template=template)],
+            version=schema.VERSION,
+            filename_template=template,
+            check_data=False,
+            description="Synthetic personas for cross-modality memorization studies (xmem-jax).",
+            metadata=tfds.core.MetadataDict(generator_config=_fingerprint(config)),
+        )
+        os.rename(work_dir, final_dir)  # Atomic: the dataset appears whole or not at all.
+    finally:  # A crash before the rename leaves the shards for the next run to finalize.
+        lock.rmdir()
+    for marker in [*final_dir.glob("shard-*.json"), final_dir / _CONFIG_FILE]:
+        marker.unlink()
 
 
 def generate(config: ml_collections.ConfigDict, out_dir: str | Path) -> Path | None:
