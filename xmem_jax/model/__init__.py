@@ -1,0 +1,7 @@
+"""Gemma 3 style vision-language model (SigLIP + Gemma 3 decoder) in Flax NNX."""
+
+from xmem_jax.model.config import TextConfig, VisionConfig, VLMConfig, get_model_config
+from xmem_jax.model.gemma import Cache
+from xmem_jax.model.vlm import VLM
+
+__all__ = ["VLM", "Cache", "TextConfig", "VisionConfig", "VLMConfig", "get_model_config"]

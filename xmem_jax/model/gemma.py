@@ -1,0 +1,242 @@
+"""Gemma 3 decoder, matching Hugging Face's `Gemma3TextModel` numerics.
+
+Layers are stacked along a leading 'layers' axis and scanned; local (sliding-window) and global
+layers differ only in their mask and RoPE base, both chosen inside the scan body from a per-layer
+`is_global` flag, so one compiled body serves every layer.
+
+Hugging Face checkpoint names (under `model.language_model.`) map as follows; torch Linear
+weights are [out, in] and transpose, `[i]` indexes the stacked 'layers' axis:
+
+  embed_tokens.weight [V, E]                    -> embed_tokens.embedding (also the tied LM head)
+  layers.{i}.self_attn.q_proj.weight [N*H, E]   -> layers.self_attn.q_proj.kernel[i] = w.T.reshape(E, N, H)
+  layers.{i}.self_attn.{k,v}_proj.weight        -> layers.self_attn.{k,v}_proj.kernel[i] = w.T.reshape(E, K, H)
+  layers.{i}.self_attn.o_proj.weight [E, N*H]   -> layers.self_attn.o_proj.kernel[i] = w.T.reshape(N, H, E)
+  layers.{i}.self_attn.{q,k}_norm.weight        -> layers.self_attn.{q,k}_norm.scale[i]
+  layers.{i}.mlp.{gate,up,down}_proj.weight     -> layers.mlp.{gate,up,down}_proj.kernel[i] = w.T
+  layers.{i}.{input,post_attention,pre_feedforward,post_feedforward}_layernorm.weight
+                                                -> layers.{same}.scale[i]
+  norm.weight                                   -> norm.scale
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xmem_jax.model.config import VLMConfig
+from xmem_jax.model.layers import Einsum, RMSNorm, attend, constrain, logical, run_layers, stack_layers
+
+_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+_KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+
+class AttentionMasks(NamedTuple):
+    """Where each query may attend, [B, Lq, Lk] bool, for the two kinds of layer."""
+
+    global_: jax.Array
+    local: jax.Array
+
+
+def attention_masks(q_slots: jax.Array, kv_slots: jax.Array, kv_valid: jax.Array,
+                    q_image_blocks: jax.Array | None, kv_image_blocks: jax.Array | None,
+                    sliding_window: int) -> AttentionMasks:
+    """Gemma 3's masks: causal, except within one image; local layers add a sliding window.
+
+    Mirrors HF: global = (causal | same image) & valid key; local = global & (q - kv < window),
+    with distances measured in sequence (cache) slots.
+
+    Args:
+      q_slots: [Lq] slot index of each query.
+      kv_slots: [Lk] slot index of each key.
+      kv_valid: [B, Lk] whether a key is a real token (not padding or an unwritten cache slot).
+      q_image_blocks, kv_image_blocks: [B, Lq] / [B, Lk] id of the image a token belongs to,
+        -1 for text; None when there are no images.
+      sliding_window: local layers' window.
+    """
+    causal = kv_slots[None, :] <= q_slots[:, None]
+    allowed = causal[None]
+    if q_image_blocks is not None:
+        same_image = q_image_blocks[:, :, None] == kv_image_blocks[:, None, :]
+        allowed = allowed | (same_image & (q_image_blocks[:, :, None] >= 0))
+    global_ = allowed & kv_valid[:, None, :]
+    in_window = (q_slots[:, None] - kv_slots[None, :]) < sliding_window
+    return AttentionMasks(global_=global_, local=global_ & in_window[None])
+
+
+def _rope_inv_freq(head_dim: int, base: float, scale: float) -> jax.Array:
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (jnp.float32(base) ** exponents) / scale
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates [B, L, N, H] by positions [B, L]; HF's split-half (`rotate_half`) layout."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding, scaled by sqrt(embed_dim) on input and tied to the output projection."""
+
+    def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
+        text = config.text
+        self.dtype = config.dtype
+        self.embed_scale = text.embed_dim**0.5
+        init = logical(nnx.initializers.normal(text.embed_dim**-0.5), ("vocab", "embed"))
+        self.embedding = nnx.Param(init(rngs.params(), (text.vocab_size, text.embed_dim), config.param_dtype))
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """[B, L] int -> [B, L, E]; the scale is cast to the compute dtype first, as in HF."""
+        # FSDP-gather the table's embed dim first: a lookup into an embed-sharded table would
+        # come out embed-sharded, and XLA can only reshard that to batch-sharded by replicating.
+        table = constrain(self.embedding[...], ("activation_vocab", None))
+        x = constrain(table[tokens].astype(self.dtype), _ACTIVATION)
+        return x * jnp.asarray(self.embed_scale, self.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[..., E] -> [..., V] float32 logits."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("...e,ve->...v", x, table, preferred_element_type=jnp.float32)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with QK-norm and RoPE, optionally through a fixed-size KV cache."""
+
+    def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
+        text = config.text
+        embed, heads, kv_heads, head_dim = text.embed_dim, text.num_heads, text.num_kv_heads, text.head_dim
+        kwargs = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.q_proj = Einsum("...e,enh->...nh", (embed, heads, head_dim), ("embed", "heads", "head_dim"), **kwargs)
+        self.k_proj = Einsum("...e,ekh->...kh", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                             **kwargs)
+        self.v_proj = Einsum("...e,ekh->...kh", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                             **kwargs)
+        self.o_proj = Einsum("...nh,nhe->...e", (heads, head_dim, embed), ("heads", "head_dim", "embed"), **kwargs)
+        self.q_norm = RMSNorm(head_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
+        self.k_norm = RMSNorm(head_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
+        self.scale = text.query_pre_attn_scalar**-0.5
+        self.text = text
+
+    def __call__(self, x: jax.Array, positions: jax.Array, is_global: jax.Array, mask: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int,
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, L, E], positions [B, L], mask [B, L, Lk] -> ([B, L, E], updated (k, v) cache).
+
+        Without a cache, keys are this call's L tokens (Lk = L). With one ([B, S, K, H] each),
+        this call's keys and values are written at slots [cache_index, cache_index + L) and the
+        queries attend over all S slots (Lk = S).
+        """
+        text = self.text
+        inv_freq = jnp.where(is_global,
+                             _rope_inv_freq(text.head_dim, text.rope_global_base, text.rope_global_scale),
+                             _rope_inv_freq(text.head_dim, text.rope_local_base, 1.0))
+        q = apply_rope(self.q_norm(self.q_proj(x)), positions, inv_freq)
+        k = apply_rope(self.k_norm(self.k_proj(x)), positions, inv_freq)
+        v = self.v_proj(x)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        if kv_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
+        k, v = constrain(k, _KV_AXES), constrain(v, _KV_AXES)
+        out = self.o_proj(attend(q, k, v, mask, self.scale))
+        return out, (k, v) if kv_cache is not None else None
+
+
+class MLP(nnx.Module):
+    """Gated GELU (tanh approximation): down(gelu(gate(x)) * up(x))."""
+
+    def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
+        text = config.text
+        kwargs = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.gate_proj = Einsum("...e,ef->...f", (text.embed_dim, text.mlp_dim), ("embed", "mlp"), **kwargs)
+        self.up_proj = Einsum("...e,ef->...f", (text.embed_dim, text.mlp_dim), ("embed", "mlp"), **kwargs)
+        self.down_proj = Einsum("...f,fe->...e", (text.mlp_dim, text.embed_dim), ("mlp", "embed"), **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("activation_batch", "activation_length", "activation_mlp")))
+
+
+class DecoderLayer(nnx.Module):
+    """Attention and MLP, each wrapped in pre- and post-norms around the residual branch."""
+
+    def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
+        embed, eps, param_dtype = config.text.embed_dim, config.text.rms_norm_eps, config.param_dtype
+        self.input_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
+        self.pre_feedforward_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, rngs=rngs)
+        self.post_feedforward_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, is_global, masks: AttentionMasks, kv_cache, cache_index):
+        mask = jnp.where(is_global, masks.global_, masks.local)
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, is_global, mask, kv_cache,
+                                            cache_index)
+        x = x + self.post_attention_layernorm(attn_out)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return constrain(x, _ACTIVATION), kv_cache
+
+
+@flax.struct.dataclass
+class Cache:
+    """Decode state with fixed shapes, so a `jax.lax.while_loop` can carry it.
+
+    Slot `s` holds the keys/values of the `s`-th token fed in (prompt padding included);
+    `kv_mask` marks the slots holding real tokens.
+    """
+
+    k: jax.Array  # [layers, B, S, K, H]
+    v: jax.Array  # [layers, B, S, K, H]
+    kv_mask: jax.Array  # [B, S] bool
+    end_index: jax.Array  # [] int32: next slot to write.
+    next_position: jax.Array  # [B] int32: RoPE position of the next token.
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+def empty_kv(config: VLMConfig, batch_size: int, cache_size: int) -> tuple[jax.Array, jax.Array]:
+    """Zeroed (k, v), each [layers, B, S, K, H] in the compute dtype."""
+    text = config.text
+    shape = (text.num_layers, batch_size, cache_size, text.num_kv_heads, text.head_dim)
+    return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
+
+
+class Gemma3TextModel(nnx.Module):
+    """Embedder, scanned decoder layers, final norm; `logits` applies the tied LM head."""
+
+    def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embedder(config, rngs=rngs)
+        self.layers = stack_layers(lambda r: DecoderLayer(config, rngs=r), config.text.num_layers, rngs)
+        self.norm = RMSNorm(config.text.embed_dim, eps=config.text.rms_norm_eps, param_dtype=config.param_dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Embedded inputs [B, L, E] -> (normed hidden states [B, L, E], updated stacked (k, v))."""
+        text = self.config.text
+
+        def step(x, layer, per_layer):
+            is_global, layer_kv = per_layer
+            return layer(x, positions, is_global, masks, layer_kv, cache_index)
+
+        is_global = jnp.asarray(text.global_layers)
+        x, kv_cache = run_layers(step, self.layers, constrain(x, _ACTIVATION), (is_global, kv_cache),
+                                 num_layers=text.num_layers, scan=self.config.scan_layers,
+                                 remat=self.config.remat)
+        return self.norm(x), kv_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, L, E] -> [B, L, V] float32, soft-capped if the config says so."""
+        logits = self.embed_tokens.decode(hidden)
+        if (cap := self.config.text.final_logit_softcap) is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -1,0 +1,167 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Every parameter carries logical axis names (its `out_sharding` metadata, e.g.
+`('embed', 'mlp')`); `xmem_jax.train.sharding` maps them to mesh axes. Parameters are created
+without eager sharding, so models build anywhere (no mesh needed) and a sharded build places
+them through `jit` out_shardings instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.core.spmd
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = Sequence[str | None]
+Initializer = Callable[..., jax.Array]
+
+# Softmax of masked logits: finite so a fully masked row (padding) gives uniform weights, not NaN.
+_MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
+
+
+def logical(init: Initializer, axes: Axes) -> Initializer:
+    """Tags `init`'s output with logical axis names, one per dimension."""
+    return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """Sharding constraint by logical axis names; a no-op unless a mesh and rules are active.
+
+    The mesh comes from `jax.set_mesh`, the rules from `nnx.logical_axis_rules` (both set by
+    `xmem_jax.train.sharding.use_mesh`).
+    """
+    rules = flax.core.spmd.get_logical_axis_rules()
+    if jax.sharding.get_abstract_mesh().empty or not rules:
+        return x
+    table = dict(rules)
+    unknown = [a for a in axes if a is not None and a not in table]
+    if unknown:
+        raise KeyError(f"No sharding rule for logical axes {unknown}")
+    spec = jax.sharding.PartitionSpec(*(None if a is None else table[a] for a in axes))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+class Einsum(nnx.Module):
+    """A kernel (and optional bias) contracted with the input by a fixed equation.
+
+    E.g. `Einsum('...e,enh->...nh', (E, N, H), ('embed', 'heads', 'head_dim'))` projects to
+    heads. The default init is LeCun normal over the contracted kernel dims; the bias covers the
+    kernel dims kept in the output.
+    """
+
+    def __init__(self, equation: str, shape: Sequence[int], axes: Axes, *, use_bias: bool = False,
+                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 kernel_init: Initializer | None = None):
+        operands, output = equation.replace("...", "").split("->")
+        kernel_dims = operands.split(",")[1]
+        if len(kernel_dims) != len(shape) or len(shape) != len(axes):
+            raise ValueError(f"Kernel {kernel_dims!r} of {equation!r} vs shape {shape}, axes {axes}")
+        kept = [i for i, d in enumerate(kernel_dims) if d in output]
+        contracted = tuple(i for i in range(len(shape)) if i not in kept)
+        if kernel_init is None:
+            kernel_init = nnx.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal", in_axis=contracted, out_axis=tuple(kept))
+        self.equation = equation
+        self.dtype = dtype
+        self.kernel = nnx.Param(logical(kernel_init, axes)(rngs.params(), tuple(shape), param_dtype))
+        bias_init = logical(nnx.initializers.zeros_init(), [axes[i] for i in kept])
+        self.bias = (nnx.Param(bias_init(None, tuple(shape[i] for i in kept), param_dtype))
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: `x / rms(x) * (1 + scale)` in float32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any, axes: Axes = ("norm",)):
+        self.eps = eps
+        self.scale = nnx.Param(logical(nnx.initializers.zeros_init(), axes)(None, (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm (scale and bias) computed in float32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any, axes: Axes = ("norm",)):
+        self.eps = eps
+        self.scale = nnx.Param(logical(nnx.initializers.ones_init(), axes)(None, (dim,), param_dtype))
+        self.bias = nnx.Param(logical(nnx.initializers.zeros_init(), axes)(None, (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           scale: float) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads.
+
+    Args:
+      q: [B, Lq, N, H] queries; query head n reads KV head n // (N // K), as HF's `repeat_kv`.
+      k, v: [B, Lk, K, H].
+      mask: [B, Lq, Lk] bool, True where a query may attend; None attends everywhere.
+      scale: multiplies the logits.
+
+    Returns:
+      [B, Lq, N, H]. Logits and softmax are float32; the weighted sum runs in v's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+    """Builds `num_layers` independent layers as one module whose params gain a leading 'layers' axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+def run_layers(step: Callable, layers: nnx.Module, carry: Any, per_layer: Any, *, num_layers: int,
+               scan: bool, remat: bool) -> tuple[Any, Any]:
+    """Applies `step(carry, layer, per_layer_slice) -> (carry, out)` over stacked layers in order.
+
+    `per_layer` leaves have a leading layer axis; the outs are stacked likewise. With `scan` the
+    body compiles once (flat compile time in depth); without it each layer is unrolled, which is
+    easier to profile and debug but computes the same function.
+    """
+    if remat:
+        step = nnx.remat(step, prevent_cse=not scan)
+    if scan:
+        scanned = nnx.scan(step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                           transform_metadata={nnx.PARTITION_NAME: "layers"})
+        return scanned(carry, layers, per_layer)
+    graphdef, state = nnx.split(layers)
+    outs = []
+    for i in range(num_layers):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        carry, out = step(carry, layer, jax.tree.map(lambda a: a[i], per_layer))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
