@@ -1,0 +1,1 @@
+"""Training: sharding, optimization, loops."""
