@@ -84,7 +84,7 @@ class VLM(nnx.Module):
         soft_tokens = self.multi_modal_projector(self.vision_tower(images))
         return soft_tokens.reshape(batch, -1, soft_tokens.shape[-1])
 
-    def _embed(self, tokens: jax.Array, images: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    def embed_inputs(self, tokens: jax.Array, images: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
         """Token embeddings with image soft tokens written over the placeholders, in order.
 
         Returns the embeddings [B, L, E] and the image blocks [B, L] (None without images). Extra
@@ -117,7 +117,7 @@ class VLM(nnx.Module):
         """
         if input_mask is None:
             input_mask = jnp.ones(tokens.shape, bool)
-        x, blocks = self._embed(tokens, images)
+        x, blocks = self.embed_inputs(tokens, images)
         slots = jnp.arange(tokens.shape[1])
         masks = attention_masks(slots, slots, input_mask, blocks, blocks, self.config.text.sliding_window)
         hidden, _ = self.language_model(x, positions_from_mask(input_mask), masks)
@@ -135,7 +135,7 @@ class VLM(nnx.Module):
             raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {length}")
         if input_mask is None:
             input_mask = jnp.ones(tokens.shape, bool)
-        x, blocks = self._embed(tokens, images)
+        x, blocks = self.embed_inputs(tokens, images)
         kv_mask = jnp.zeros((batch, cache_size), bool).at[:, :length].set(input_mask)
         kv_blocks = None if blocks is None else jnp.pad(blocks, ((0, 0), (0, cache_size - length)),
                                                          constant_values=-1)
@@ -150,9 +150,10 @@ class VLM(nnx.Module):
     def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Feeds one text token per row, [B] int32; returns next-token logits [B, V] and the cache.
 
-        Shapes are fixed, so greedy decoding is a `jax.lax.while_loop` over this step.
+        Shapes are fixed, so greedy decoding is a `jax.lax.while_loop` over this step: carry the
+        model's `nnx.split` state with the cache and `nnx.merge` it in the body.
         """
-        x, _ = self._embed(tokens[:, None], None)
+        x, _ = self.embed_inputs(tokens[:, None], None)
         slot = cache.end_index
         kv_mask = jax.lax.dynamic_update_slice_in_dim(
             cache.kv_mask, jnp.ones((tokens.shape[0], 1), bool), slot, axis=1)
