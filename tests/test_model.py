@@ -151,8 +151,8 @@ def test_kv_cache_decode_matches_full_forward(left_pad):
 
     @nnx.jit
     def prefill_then_decode(model, tokens, images, input_mask):
-        prompt_logits, cache = model.prefill(tokens[:, :prompt_len], images, input_mask[:, :prompt_len],
-                                             cache_size=cache_size)
+        prompt_logits, cache = model.prefill(tokens[:, :prompt_len], images,
+                                             input_mask[:, :prompt_len], cache_size=cache_size)
 
         graphdef, state = nnx.split(model)  # jax.lax loops carry arrays, not modules.
 
@@ -173,9 +173,10 @@ def test_kv_cache_decode_matches_full_forward(left_pad):
 def test_scanned_and_unrolled_layers_agree(model):
     tokens, images = make_tokens(2, 15), make_images(2)
     unrolled_config = dataclasses.replace(TINY, scan_layers=False)
-    unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: VLM(unrolled_config, rngs=nnx.Rngs(0)))),
-                         nnx.state(model))
-    np.testing.assert_allclose(forward(unrolled, tokens, images), forward(model, tokens, images), atol=1e-5)
+    unrolled_graph = nnx.graphdef(nnx.eval_shape(lambda: VLM(unrolled_config, rngs=nnx.Rngs(0))))
+    unrolled = nnx.merge(unrolled_graph, nnx.state(model))
+    np.testing.assert_allclose(forward(unrolled, tokens, images), forward(model, tokens, images),
+                               atol=1e-5)
 
 
 @pytest.mark.slow
@@ -187,12 +188,13 @@ def test_remat_keeps_loss_and_gradients():
     def loss_and_grads(model):
         def loss(model):
             logits = model(tokens, images)
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+            log_probs = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
         return nnx.value_and_grad(loss)(model)
 
+    configs = (dataclasses.replace(TINY, remat=remat) for remat in (False, True))
     (loss, grads), (remat_loss, remat_grads) = (
-        loss_and_grads(nnx.jit(lambda: VLM(dataclasses.replace(TINY, remat=remat), rngs=nnx.Rngs(0)))())
-        for remat in (False, True))
+        loss_and_grads(nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(0)))()) for config in configs)
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, grads)
 
@@ -223,13 +225,15 @@ def test_gemma3_parameter_counts_match_hf(name, expected):
 
 def test_sharding_rejects_indivisible_dims():
     mesh = sharding.make_mesh(1, 1, 8)  # tiny has 2 KV heads.
-    with pytest.raises(ValueError, match=r"k_proj/kernel dim 2 \(size 2, logical axis 'kv_heads'\).*tensor"):
+    expected = r"k_proj/kernel dim 2 \(size 2, logical axis 'kv_heads'\).*tensor"
+    with pytest.raises(ValueError, match=expected):
         sharding.abstract_model(lambda: VLM(TINY, rngs=nnx.Rngs(0)), mesh)
 
 
 def test_abstract_model_carries_shardings():
     mesh = sharding.make_mesh(2, 2, 2)
-    _, state = sharding.abstract_model(lambda: VLM(get_model_config("gemma3_4b"), rngs=nnx.Rngs(0)), mesh)
+    config = get_model_config("gemma3_4b")
+    _, state = sharding.abstract_model(lambda: VLM(config, rngs=nnx.Rngs(0)), mesh)
     q_kernel = state["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q_kernel.shape == (34, 2560, 8, 256)
     assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)

@@ -32,7 +32,8 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
 
@@ -75,7 +76,8 @@ class TextConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
@@ -118,7 +120,8 @@ class VLMConfig:
 def tiny() -> VLMConfig:
     """~1.4M parameters; trains from scratch on a laptop CPU."""
     return VLMConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=128, depth=2, mlp_dim=256, num_heads=4),
+        vision=VisionConfig(image_size=32, patch_size=8, width=128, depth=2, mlp_dim=256,
+                            num_heads=4),
         text=TextConfig(vocab_size=1024, embed_dim=128, mlp_dim=512, num_layers=4, num_heads=4,
                         num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
                         sliding_window_pattern=2),
@@ -130,7 +133,8 @@ def tiny() -> VLMConfig:
 def small() -> VLMConfig:
     """~9M parameters."""
     return VLMConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=256, depth=4, mlp_dim=1024, num_heads=4),
+        vision=VisionConfig(image_size=64, patch_size=8, width=256, depth=4, mlp_dim=1024,
+                            num_heads=4),
         text=TextConfig(vocab_size=1024, embed_dim=256, mlp_dim=1024, num_layers=6, num_heads=4,
                         num_kv_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=128,
                         sliding_window_pattern=3),
@@ -142,7 +146,8 @@ def small() -> VLMConfig:
 def base() -> VLMConfig:
     """~40M parameters."""
     return VLMConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=384, depth=6, mlp_dim=1536, num_heads=6),
+        vision=VisionConfig(image_size=64, patch_size=8, width=384, depth=6, mlp_dim=1536,
+                            num_heads=6),
         text=TextConfig(vocab_size=1024, embed_dim=512, mlp_dim=2048, num_layers=8, num_heads=8,
                         num_kv_heads=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=256,
                         sliding_window_pattern=4),
@@ -184,8 +189,9 @@ def gemma3_12b() -> VLMConfig:
 def gemma3_27b() -> VLMConfig:
     # Queries are scaled by (embed_dim / num_heads)**-0.5 = 168**-0.5, not head_dim**-0.5.
     return _gemma3(TextConfig(vocab_size=262_208, embed_dim=5376, mlp_dim=21_504, num_layers=62,
-                              num_heads=32, num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168,
-                              sliding_window=1024, rope_global_scale=8.0), _SIGLIP_SO400M)
+                              num_heads=32, num_kv_heads=16, head_dim=128,
+                              query_pre_attn_scalar=168, sliding_window=1024,
+                              rope_global_scale=8.0), _SIGLIP_SO400M)
 
 
 _PRESETS: dict[str, Callable[[], VLMConfig]] = {

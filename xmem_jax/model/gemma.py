@@ -4,13 +4,16 @@ Layers are stacked along a leading 'layers' axis and scanned; local (sliding-win
 layers differ only in their mask and RoPE base, both chosen inside the scan body from a per-layer
 `is_global` flag, so one compiled body serves every layer.
 
-Hugging Face checkpoint names (under `model.language_model.`) map as follows; torch Linear
+Hugging Face names (under `model.language_model.`) map as follows; torch Linear
 weights are [out, in] and transpose, `[i]` indexes the stacked 'layers' axis:
 
   embed_tokens.weight [V, E]                    -> embed_tokens.embedding (also the tied LM head)
-  layers.{i}.self_attn.q_proj.weight [N*H, E]   -> layers.self_attn.q_proj.kernel[i] = w.T.reshape(E, N, H)
-  layers.{i}.self_attn.{k,v}_proj.weight        -> layers.self_attn.{k,v}_proj.kernel[i] = w.T.reshape(E, K, H)
-  layers.{i}.self_attn.o_proj.weight [E, N*H]   -> layers.self_attn.o_proj.kernel[i] = w.T.reshape(N, H, E)
+  layers.{i}.self_attn.q_proj.weight [N*H, E] -> layers.self_attn.q_proj.kernel[i]
+                                                 = w.T.reshape(E, N, H)
+  layers.{i}.self_attn.{k,v}_proj.weight      -> layers.self_attn.{k,v}_proj.kernel[i]
+                                                 = w.T.reshape(E, K, H)
+  layers.{i}.self_attn.o_proj.weight [E, N*H] -> layers.self_attn.o_proj.kernel[i]
+                                                 = w.T.reshape(N, H, E)
   layers.{i}.self_attn.{q,k}_norm.weight        -> layers.self_attn.{q,k}_norm.scale[i]
   layers.{i}.mlp.{gate,up,down}_proj.weight     -> layers.mlp.{gate,up,down}_proj.kernel[i] = w.T
   layers.{i}.{input,post_attention,pre_feedforward,post_feedforward}_layernorm.weight
@@ -28,10 +31,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmem_jax.model.config import VLMConfig
-from xmem_jax.model.layers import Einsum, RMSNorm, attend, constrain, logical, run_layers, stack_layers
+from xmem_jax.model.layers import (Einsum, RMSNorm, attend, constrain, logical, run_layers,
+                                   stack_layers)
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+_Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 _KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
 class AttentionMasks(NamedTuple):
@@ -88,7 +94,8 @@ class Embedder(nnx.Module):
         self.dtype = config.dtype
         self.embed_scale = text.embed_dim**0.5
         init = logical(nnx.initializers.normal(text.embed_dim**-0.5), ("vocab", "embed"))
-        self.embedding = nnx.Param(init(rngs.params(), (text.vocab_size, text.embed_dim), config.param_dtype))
+        shape = (text.vocab_size, text.embed_dim)
+        self.embedding = nnx.Param(init(rngs.params(), shape, config.param_dtype))
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """[B, L] int -> [B, L, E]; the scale is cast to the compute dtype first, as in HF."""
@@ -109,14 +116,16 @@ class Attention(nnx.Module):
 
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         text = config.text
-        embed, heads, kv_heads, head_dim = text.embed_dim, text.num_heads, text.num_kv_heads, text.head_dim
+        embed, heads, kv_heads, head_dim = (text.embed_dim, text.num_heads, text.num_kv_heads,
+                                            text.head_dim)
         kwargs = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.q_proj = Einsum("...e,enh->...nh", (embed, heads, head_dim), ("embed", "heads", "head_dim"), **kwargs)
-        self.k_proj = Einsum("...e,ekh->...kh", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                             **kwargs)
-        self.v_proj = Einsum("...e,ekh->...kh", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                             **kwargs)
-        self.o_proj = Einsum("...nh,nhe->...e", (heads, head_dim, embed), ("heads", "head_dim", "embed"), **kwargs)
+        q_shape, kv_shape = (embed, heads, head_dim), (embed, kv_heads, head_dim)
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        self.q_proj = Einsum("...e,enh->...nh", q_shape, ("embed", "heads", "head_dim"), **kwargs)
+        self.k_proj = Einsum("...e,ekh->...kh", kv_shape, kv_axes, **kwargs)
+        self.v_proj = Einsum("...e,ekh->...kh", kv_shape, kv_axes, **kwargs)
+        self.o_proj = Einsum("...nh,nhe->...e", (heads, head_dim, embed),
+                             ("heads", "head_dim", "embed"), **kwargs)
         self.q_norm = RMSNorm(head_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
         self.k_norm = RMSNorm(head_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
         self.scale = text.query_pre_attn_scalar**-0.5
@@ -132,16 +141,18 @@ class Attention(nnx.Module):
         queries attend over all S slots (Lk = S).
         """
         text = self.text
-        inv_freq = jnp.where(is_global,
-                             _rope_inv_freq(text.head_dim, text.rope_global_base, text.rope_global_scale),
-                             _rope_inv_freq(text.head_dim, text.rope_local_base, 1.0))
+        inv_freq = jnp.where(
+            is_global,
+            _rope_inv_freq(text.head_dim, text.rope_global_base, text.rope_global_scale),
+            _rope_inv_freq(text.head_dim, text.rope_local_base, 1.0))
         q = apply_rope(self.q_norm(self.q_proj(x)), positions, inv_freq)
         k = apply_rope(self.k_norm(self.k_proj(x)), positions, inv_freq)
         v = self.v_proj(x)
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        q = constrain(q, _Q_AXES)
         if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
+            k, v = (jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype),
+                                                        cache_index, axis=1)
+                    for cached, new in zip(kv_cache, (k, v)))
         k, v = constrain(k, _KV_AXES), constrain(v, _KV_AXES)
         out = self.o_proj(attend(q, k, v, mask, self.scale))
         return out, (k, v) if kv_cache is not None else None
@@ -153,20 +164,22 @@ class MLP(nnx.Module):
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         text = config.text
         kwargs = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.gate_proj = Einsum("...e,ef->...f", (text.embed_dim, text.mlp_dim), ("embed", "mlp"), **kwargs)
-        self.up_proj = Einsum("...e,ef->...f", (text.embed_dim, text.mlp_dim), ("embed", "mlp"), **kwargs)
-        self.down_proj = Einsum("...f,fe->...e", (text.mlp_dim, text.embed_dim), ("mlp", "embed"), **kwargs)
+        up_shape, down_shape = (text.embed_dim, text.mlp_dim), (text.mlp_dim, text.embed_dim)
+        self.gate_proj = Einsum("...e,ef->...f", up_shape, ("embed", "mlp"), **kwargs)
+        self.up_proj = Einsum("...e,ef->...f", up_shape, ("embed", "mlp"), **kwargs)
+        self.down_proj = Einsum("...f,fe->...e", down_shape, ("mlp", "embed"), **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
-        return self.down_proj(constrain(hidden, ("activation_batch", "activation_length", "activation_mlp")))
+        return self.down_proj(constrain(hidden, _MLP_AXES))
 
 
 class DecoderLayer(nnx.Module):
     """Attention and MLP, each wrapped in pre- and post-norms around the residual branch."""
 
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
-        embed, eps, param_dtype = config.text.embed_dim, config.text.rms_norm_eps, config.param_dtype
+        embed, eps, param_dtype = (config.text.embed_dim, config.text.rms_norm_eps,
+                                   config.param_dtype)
         self.input_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
         self.self_attn = Attention(config, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
@@ -176,8 +189,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, is_global, masks: AttentionMasks, kv_cache, cache_index):
         mask = jnp.where(is_global, masks.global_, masks.local)
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, is_global, mask, kv_cache,
-                                            cache_index)
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, is_global, mask,
+                                            kv_cache, cache_index)
         x = x + self.post_attention_layernorm(attn_out)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return constrain(x, _ACTIVATION), kv_cache
@@ -215,11 +228,13 @@ class Gemma3TextModel(nnx.Module):
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = Embedder(config, rngs=rngs)
-        self.layers = stack_layers(lambda r: DecoderLayer(config, rngs=r), config.text.num_layers, rngs)
-        self.norm = RMSNorm(config.text.embed_dim, eps=config.text.rms_norm_eps, param_dtype=config.param_dtype)
+        text = config.text
+        self.layers = stack_layers(lambda r: DecoderLayer(config, rngs=r), text.num_layers, rngs)
+        self.norm = RMSNorm(text.embed_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
-                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | int = 0,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Embedded inputs [B, L, E] -> (normed hidden states [B, L, E], updated stacked (k, v))."""
         text = self.config.text
@@ -229,9 +244,9 @@ class Gemma3TextModel(nnx.Module):
             return layer(x, positions, is_global, masks, layer_kv, cache_index)
 
         is_global = jnp.asarray(text.global_layers)
-        x, kv_cache = run_layers(step, self.layers, constrain(x, _ACTIVATION), (is_global, kv_cache),
-                                 num_layers=text.num_layers, scan=self.config.scan_layers,
-                                 remat=self.config.remat)
+        x, kv_cache = run_layers(step, self.layers, constrain(x, _ACTIVATION),
+                                 (is_global, kv_cache), num_layers=text.num_layers,
+                                 scan=self.config.scan_layers, remat=self.config.remat)
         return self.norm(x), kv_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -27,6 +27,10 @@ def logical(init: Initializer, axes: Axes) -> Initializer:
     return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
 
 
+def _zeros(axes: Axes) -> Initializer:
+    return logical(nnx.initializers.zeros_init(), axes)
+
+
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
     """Sharding constraint by logical axis names; a no-op unless a mesh and rules are active.
 
@@ -53,23 +57,23 @@ class Einsum(nnx.Module):
     """
 
     def __init__(self, equation: str, shape: Sequence[int], axes: Axes, *, use_bias: bool = False,
-                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
-                 kernel_init: Initializer | None = None):
+                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         operands, output = equation.replace("...", "").split("->")
         kernel_dims = operands.split(",")[1]
         if len(kernel_dims) != len(shape) or len(shape) != len(axes):
-            raise ValueError(f"Kernel {kernel_dims!r} of {equation!r} vs shape {shape}, axes {axes}")
+            raise ValueError(f"Kernel {kernel_dims!r} of {equation!r} vs shape {shape}, "
+                             f"axes {axes}")
         kept = [i for i, d in enumerate(kernel_dims) if d in output]
         contracted = tuple(i for i in range(len(shape)) if i not in kept)
-        if kernel_init is None:
-            kernel_init = nnx.initializers.variance_scaling(
-                1.0, "fan_in", "truncated_normal", in_axis=contracted, out_axis=tuple(kept))
+        lecun_normal = nnx.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=contracted, out_axis=tuple(kept))
         self.equation = equation
         self.dtype = dtype
-        self.kernel = nnx.Param(logical(kernel_init, axes)(rngs.params(), tuple(shape), param_dtype))
-        bias_init = logical(nnx.initializers.zeros_init(), [axes[i] for i in kept])
-        self.bias = (nnx.Param(bias_init(None, tuple(shape[i] for i in kept), param_dtype))
-                     if use_bias else None)
+        kernel = logical(lecun_normal, axes)(rngs.params(), tuple(shape), param_dtype)
+        self.kernel = nnx.Param(kernel)
+        bias_shape, bias_axes = tuple(shape[i] for i in kept), [axes[i] for i in kept]
+        self.bias = (nnx.Param(_zeros(bias_axes)(None, bias_shape, param_dtype)) if use_bias
+                     else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -83,7 +87,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any, axes: Axes = ("norm",)):
         self.eps = eps
-        self.scale = nnx.Param(logical(nnx.initializers.zeros_init(), axes)(None, (dim,), param_dtype))
+        self.scale = nnx.Param(_zeros(axes)(None, (dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -96,8 +100,9 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any, axes: Axes = ("norm",)):
         self.eps = eps
-        self.scale = nnx.Param(logical(nnx.initializers.ones_init(), axes)(None, (dim,), param_dtype))
-        self.bias = nnx.Param(logical(nnx.initializers.zeros_init(), axes)(None, (dim,), param_dtype))
+        ones = logical(nnx.initializers.ones_init(), axes)
+        self.scale = nnx.Param(ones(None, (dim,), param_dtype))
+        self.bias = nnx.Param(_zeros(axes)(None, (dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -134,7 +139,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
                  rngs: nnx.Rngs) -> nnx.Module:
-    """Builds `num_layers` independent layers as one module whose params gain a leading 'layers' axis."""
+    """Builds `num_layers` independent layers as one module; params gain a leading 'layers' axis."""
 
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

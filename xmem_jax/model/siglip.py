@@ -7,12 +7,17 @@ Parameter names follow Hugging Face's `SiglipVisionModel`, whose checkpoints loa
                                                      (transpose(2, 3, 1, 0))
   embeddings.patch_embedding.bias                 -> embeddings.patch_embedding.bias
   embeddings.position_embedding.weight            -> embeddings.position_embedding
-  encoder.layers.{i}.self_attn.{q,k,v}_proj.weight [N*H, W] -> encoder.layers.self_attn.{q,k,v}_proj.kernel
-                                                     [i] = weight.T.reshape(W, N, H); bias [N*H] -> [N, H]
-  encoder.layers.{i}.self_attn.out_proj.weight [W, N*H] -> ...out_proj.kernel[i] = weight.T.reshape(N, H, W)
-  encoder.layers.{i}.layer_norm{1,2}.{weight,bias} -> encoder.layers.layer_norm{1,2}.{scale,bias}[i]
-  encoder.layers.{i}.mlp.fc{1,2}.{weight,bias}    -> encoder.layers.mlp.fc{1,2}.{kernel (= weight.T), bias}[i]
-  post_layernorm.{weight,bias}                    -> post_layernorm.{scale,bias}
+  encoder.layers.{i}.self_attn.{q,k,v}_proj.weight [N*H, W]
+                                      -> encoder.layers.self_attn.{q,k,v}_proj.kernel[i]
+                                         = weight.T.reshape(W, N, H); bias [N*H] -> [i] [N, H]
+  encoder.layers.{i}.self_attn.out_proj.weight [W, N*H]
+                                      -> encoder.layers.self_attn.out_proj.kernel[i]
+                                         = weight.T.reshape(N, H, W); bias -> [i]
+  encoder.layers.{i}.layer_norm{1,2}.{weight,bias}
+                                      -> encoder.layers.layer_norm{1,2}.{scale,bias}[i]
+  encoder.layers.{i}.mlp.fc{1,2}.{weight,bias}
+                                      -> encoder.layers.mlp.fc{1,2}.{kernel = weight.T, bias}[i]
+  post_layernorm.{weight,bias}        -> post_layernorm.{scale,bias}
 
 Layer params are stacked along a leading 'layers' axis ([i] above indexes it).
 """
@@ -24,9 +29,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmem_jax.model.config import VLMConfig
-from xmem_jax.model.layers import Einsum, LayerNorm, attend, constrain, logical, run_layers, stack_layers
+from xmem_jax.model.layers import (Einsum, LayerNorm, attend, constrain, logical, run_layers,
+                                   stack_layers)
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+_HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
 class VisionEmbeddings(nnx.Module):
@@ -39,7 +47,8 @@ class VisionEmbeddings(nnx.Module):
             "bxyijc,ijcw->bxyw", (vision.patch_size, vision.patch_size, 3, vision.width),
             (None, None, None, "vision_embed"), use_bias=True, dtype=config.dtype,
             param_dtype=config.param_dtype, rngs=rngs)
-        init = logical(nnx.initializers.normal(vision.width**-0.5), ("vision_patches", "vision_embed"))
+        init = logical(nnx.initializers.normal(vision.width**-0.5),
+                       ("vision_patches", "vision_embed"))
         self.position_embedding = nnx.Param(
             init(rngs.params(), (vision.num_patches, vision.width), config.param_dtype))
 
@@ -69,8 +78,8 @@ class VisionAttention(nnx.Module):
                                ("heads", "head_dim", "vision_embed"), **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        heads = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
-        q, k, v = (constrain(proj(x), heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (constrain(project(x), _HEAD_AXES)
+                   for project in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(attend(q, k, v, mask=None, scale=self.scale))
 
 
@@ -78,19 +87,21 @@ class VisionMLP(nnx.Module):
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         vision = config.vision
         kwargs = dict(use_bias=True, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.fc1 = Einsum("...w,wf->...f", (vision.width, vision.mlp_dim), ("vision_embed", "mlp"), **kwargs)
-        self.fc2 = Einsum("...f,fw->...w", (vision.mlp_dim, vision.width), ("mlp", "vision_embed"), **kwargs)
+        up_shape, down_shape = (vision.width, vision.mlp_dim), (vision.mlp_dim, vision.width)
+        self.fc1 = Einsum("...w,wf->...f", up_shape, ("vision_embed", "mlp"), **kwargs)
+        self.fc2 = Einsum("...f,fw->...w", down_shape, ("mlp", "vision_embed"), **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jax.nn.gelu(self.fc1(x), approximate=True)
-        return self.fc2(constrain(hidden, ("activation_batch", "activation_length", "activation_mlp")))
+        return self.fc2(constrain(hidden, _MLP_AXES))
 
 
 class EncoderLayer(nnx.Module):
     """Pre-norm transformer block."""
 
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
-        width, eps, param_dtype = config.vision.width, config.vision.layer_norm_eps, config.param_dtype
+        width, eps, param_dtype = (config.vision.width, config.vision.layer_norm_eps,
+                                   config.param_dtype)
         self.layer_norm1 = LayerNorm(width, eps=eps, param_dtype=param_dtype)
         self.self_attn = VisionAttention(config, rngs=rngs)
         self.layer_norm2 = LayerNorm(width, eps=eps, param_dtype=param_dtype)
@@ -105,7 +116,8 @@ class EncoderLayer(nnx.Module):
 class Encoder(nnx.Module):
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.layers = stack_layers(lambda r: EncoderLayer(config, rngs=r), config.vision.depth, rngs)
+        self.layers = stack_layers(lambda r: EncoderLayer(config, rngs=r), config.vision.depth,
+                                   rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         def step(x, layer, _):

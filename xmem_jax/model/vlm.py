@@ -4,12 +4,15 @@ Mirrors HF `Gemma3ForConditionalGeneration`: images become `mm_tokens_per_image`
 each, written over the placeholder tokens (`config.image_token_id`) in order; tokens of one image
 attend to each other bidirectionally, everything else is causal.
 
-Hugging Face names map onto ours as (`model.` prefix dropped; see `siglip` and `gemma` for the
-inner names):
+Hugging Face names (transformers 5 `state_dict`, `model.` prefix dropped; hub safetensors spell
+them `vision_tower.vision_model.*` and `language_model.model.*`) map onto ours as follows; see
+`siglip` and `gemma` for the inner names:
 
-  vision_tower.vision_model.*                 -> vision_tower.*
-  multi_modal_projector.mm_input_projection_weight [W, E] -> multi_modal_projector.mm_input_projection.kernel
-  multi_modal_projector.mm_soft_emb_norm.weight           -> multi_modal_projector.mm_soft_emb_norm.scale
+  vision_tower.*                              -> vision_tower.*
+  multi_modal_projector.mm_input_projection_weight [W, E]
+                                              -> multi_modal_projector.mm_input_projection.kernel
+  multi_modal_projector.mm_soft_emb_norm.weight
+                                              -> multi_modal_projector.mm_soft_emb_norm.scale
   language_model.*                            -> language_model.*
   lm_head.weight                              -> (tied to language_model.embed_tokens.embedding)
 """
@@ -33,7 +36,8 @@ class MultiModalProjector(nnx.Module):
         vision = config.vision
         self.patches_per_side = vision.patches_per_side
         self.tokens_per_side = round(config.mm_tokens_per_image**0.5)
-        self.mm_soft_emb_norm = RMSNorm(vision.width, eps=vision.layer_norm_eps, param_dtype=config.param_dtype)
+        self.mm_soft_emb_norm = RMSNorm(vision.width, eps=vision.layer_norm_eps,
+                                        param_dtype=config.param_dtype)
         # The input dim gets no logical name: 'vision_embed' and 'embed' both map to one mesh axis.
         self.mm_input_projection = Einsum("...w,we->...e", (vision.width, config.text.embed_dim),
                                           (None, "embed"), dtype=config.dtype,
@@ -84,7 +88,8 @@ class VLM(nnx.Module):
         soft_tokens = self.multi_modal_projector(self.vision_tower(images))
         return soft_tokens.reshape(batch, -1, soft_tokens.shape[-1])
 
-    def embed_inputs(self, tokens: jax.Array, images: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    def embed_inputs(self, tokens: jax.Array, images: jax.Array | None,
+                     ) -> tuple[jax.Array, jax.Array | None]:
         """Token embeddings with image soft tokens written over the placeholders, in order.
 
         Returns the embeddings [B, L, E] and the image blocks [B, L] (None without images). Extra
@@ -92,7 +97,7 @@ class VLM(nnx.Module):
         """
         config = self.config
         lm_tokens = tokens
-        if config.image_token_id >= config.text.vocab_size:  # HF embeds out-of-vocab placeholders as 0.
+        if config.image_token_id >= config.text.vocab_size:  # HF embeds such placeholders as 0.
             lm_tokens = jnp.where(tokens == config.image_token_id, 0, tokens)
         x = self.language_model.embed_tokens.encode(lm_tokens)
         if images is None:
@@ -119,7 +124,8 @@ class VLM(nnx.Module):
             input_mask = jnp.ones(tokens.shape, bool)
         x, blocks = self.embed_inputs(tokens, images)
         slots = jnp.arange(tokens.shape[1])
-        masks = attention_masks(slots, slots, input_mask, blocks, blocks, self.config.text.sliding_window)
+        masks = attention_masks(slots, slots, input_mask, blocks, blocks,
+                                self.config.text.sliding_window)
         hidden, _ = self.language_model(x, positions_from_mask(input_mask), masks)
         return self.language_model.logits(hidden)
 
@@ -139,10 +145,11 @@ class VLM(nnx.Module):
         kv_mask = jnp.zeros((batch, cache_size), bool).at[:, :length].set(input_mask)
         kv_blocks = None if blocks is None else jnp.pad(blocks, ((0, 0), (0, cache_size - length)),
                                                          constant_values=-1)
-        masks = attention_masks(jnp.arange(length), jnp.arange(cache_size), kv_mask, blocks, kv_blocks,
-                                self.config.text.sliding_window)
-        hidden, (k, v) = self.language_model(x, positions_from_mask(input_mask), masks,
-                                             empty_kv(self.config, batch, cache_size), cache_index=0)
+        masks = attention_masks(jnp.arange(length), jnp.arange(cache_size), kv_mask, blocks,
+                                kv_blocks, self.config.text.sliding_window)
+        empty = empty_kv(self.config, batch, cache_size)
+        hidden, (k, v) = self.language_model(x, positions_from_mask(input_mask), masks, empty,
+                                             cache_index=0)
         cache = Cache(k=k, v=v, kv_mask=kv_mask, end_index=jnp.asarray(length, jnp.int32),
                       next_position=jnp.sum(input_mask, axis=1, dtype=jnp.int32))
         return self.language_model.logits(hidden), cache
@@ -159,8 +166,8 @@ class VLM(nnx.Module):
             cache.kv_mask, jnp.ones((tokens.shape[0], 1), bool), slot, axis=1)
         masks = attention_masks(slot[None], jnp.arange(cache.size), kv_mask, None, None,
                                 self.config.text.sliding_window)
-        hidden, (k, v) = self.language_model(x, cache.next_position[:, None], masks, (cache.k, cache.v),
-                                             cache_index=slot)
+        hidden, (k, v) = self.language_model(x, cache.next_position[:, None], masks,
+                                             (cache.k, cache.v), cache_index=slot)
         logits = self.language_model.logits(hidden)[:, 0]
         return logits, Cache(k=k, v=v, kv_mask=kv_mask, end_index=slot + 1,
                              next_position=cache.next_position + 1)

@@ -61,7 +61,7 @@ def make_mesh(data: int, fsdp: int = 1, tensor: int = 1,
 
 @contextlib.contextmanager
 def use_mesh(mesh: jax.sharding.Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES) -> Iterator[None]:
-    """Activates `mesh` and `rules`: the model's activation constraints apply while tracing inside."""
+    """Activates `mesh` and `rules`, so the model's activation constraints apply when traced."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         yield
 
@@ -73,23 +73,25 @@ def _check_shardable(state: nnx.State, mesh: jax.sharding.Mesh, rules: LogicalRu
     for path, var in nnx.to_flat_state(state):
         name = "/".join(map(str, path))
         used: dict[str, int] = {}
-        for dim, (size, axis) in enumerate(zip(var.shape, var.get_metadata().get("out_sharding") or ())):
+        logical_axes = var.get_metadata().get("out_sharding") or ()
+        for dim, (size, axis) in enumerate(zip(var.shape, logical_axes)):
             if axis is None:
                 continue
             if axis not in table:
-                raise ValueError(f"Parameter {name} dim {dim}: logical axis {axis!r} has no sharding rule")
-            mesh_axes = table[axis]
-            mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+                raise ValueError(
+                    f"Parameter {name} dim {dim}: logical axis {axis!r} has no sharding rule")
+            mesh_axes = table[axis] or ()
+            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
             for mesh_axis in mesh_axes:
                 if mesh_axis in used:
-                    raise ValueError(f"Parameter {name}: mesh axis {mesh_axis!r} would shard both dim "
-                                     f"{used[mesh_axis]} and dim {dim} ({axis!r})")
+                    raise ValueError(f"Parameter {name}: mesh axis {mesh_axis!r} would shard both "
+                                     f"dim {used[mesh_axis]} and dim {dim} ({axis!r})")
                 used[mesh_axis] = dim
             shards = math.prod(mesh.shape[a] for a in mesh_axes)
             if size % shards:
                 raise ValueError(
-                    f"Parameter {name} dim {dim} (size {size}, logical axis {axis!r}) is not divisible "
-                    f"by mesh axes {mesh_axes} (size {shards}); change the mesh or the rules")
+                    f"Parameter {name} dim {dim} (size {size}, logical axis {axis!r}) is not "
+                    f"divisible by mesh axes {mesh_axes} (size {shards}); change the mesh or rules")
 
 
 def abstract_model(model_fn: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
@@ -104,7 +106,8 @@ def abstract_model(model_fn: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
     _check_shardable(state, mesh, rules)
     with nnx.logical_axis_rules(rules):
         shardings = nnx.get_named_sharding(state, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
     return graphdef, state
 
 
