@@ -1,0 +1,421 @@
+"""The Grain input pipeline: task examples -> shuffled, per-host, batched numpy arrays.
+
+    source(this host's example indices) -> shuffle(seed) -> repeat(num_epochs)
+        -> map(read record, format, decode image) -> batch(batch_fn) -> to_iter_dataset
+        [-> mp_prefetch(worker_count)]
+
+Config (a `ml_collections.ConfigDict` section, `default_config()`):
+
+| field | meaning |
+| --- | --- |
+| `data_dir` | the persona dataset (the generator's --out_dir, or a version folder) |
+| `tokenizer_dir` | a tokenizer folder; '' = the dataset's own (`<dataset>/tokenizer`) |
+| `tasks` | a list of task entries: a kind string, or a dict / ConfigDict with `kind`, `personas` ((start, stop), stop -1 = to the end), `split` ('train' / 'heldout' / 'all'), `facts`, `name` (see `tasks.TaskSpec.from_config`); the task id is the position in this list |
+| `batch_size` | examples per batch *on this host* |
+| `max_length` | train mode: sequence length L (prompt + answer; a longer example is an error, never truncated); prompt mode: the prompt length Lp |
+| `max_answer_length` | prompt mode: the answer length La (0 = max_length) |
+| `image_size` | the model's image size S: views are resized (bilinear) to S x S |
+| `num_image_tokens` | image soft tokens per image, from the model (tiny: 16; Gemma 3: 256) |
+| `seed` | the shuffle seed (each epoch is shuffled differently) |
+| `shuffle` | shuffle the examples (False: task, persona, view / description, fact order) |
+| `num_epochs` | passes over the examples; None = repeat forever (training) |
+| `worker_count` | Grain worker processes (`mp_prefetch`); 0 = none |
+| `num_threads` | Grain read threads in this process (`grain.ReadOptions`) |
+| `prefetch_buffer_size` | elements Grain's read threads prefetch |
+
+Batches (numpy; B = batch_size; persona_id / task_id / example_id are -1 on padding rows):
+
+train mode (`mode='train'`):
+    tokens      int32   [B, L]  prompt then answer ids, then <pad>
+    input_mask  int32   [B, L]  1 on real tokens
+    loss_mask   float32 [B, L]  1 where tokens[t] is an answer token, <end_of_turn> included
+                                (the model predicts tokens[t] from position t - 1)
+    images      float32 [B, S, S, 3]  in [-1, 1] (x / 127.5 - 1, as SigLIP); zeros without one
+    has_image   bool    [B]
+    persona_id  int32   [B]
+    task_id     int32   [B]
+    example_id  int32   [B]  the example's index in `Pipeline.task_set` (`.locate(i)`)
+prompt mode (`mode='prompt'`, for generative recall and candidate log-likelihood scoring):
+    prompt_tokens  int32 [B, Lp]  the prompt, right-padded
+    prompt_length  int32 [B]
+    answer_tokens  int32 [B, La]  the answer and <end_of_turn>, padded
+    answer_length  int32 [B]
+    images, has_image, persona_id, task_id, example_id  as in train mode
+    valid          bool  [B]  False on padding rows (the last batch is padded, never dropped)
+
+Train mode drops a last partial batch. Each host takes the example indices
+`[process_index::process_count]`; hosts whose share is one shorter get a padding example so
+that every host yields the same number of batches (a padding row is a lone <bos> with no loss
+in train mode, and valid=False in prompt mode).
+
+Resuming: `iterator.get_state()` / `iterator.set_state(state)` (Grain's `DatasetIterator`)
+restore the stream exactly; `checkpoint_args` saves and restores it with Orbax next to the model:
+
+    manager = ocp.CheckpointManager(directory)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state), data=pipeline.checkpoint_args(iterator)))
+    ...
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=pipeline.checkpoint_args(iterator, restore=True)))  # Restores `iterator` in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from pathlib import Path
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
+
+from xmem_jax.data import source, tasks
+from xmem_jax.data import tokenizer as tok
+
+MODES = ("train", "prompt")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.data_dir = ""
+    config.tokenizer_dir = ""
+    config.tasks = [ml_collections.ConfigDict({"kind": "image_to_name", "split": "train"})]
+    config.batch_size = 32
+    config.max_length = 128
+    config.max_answer_length = 0
+    config.image_size = 64
+    config.num_image_tokens = 16
+    config.seed = 0
+    config.shuffle = True
+    config.num_epochs = ml_collections.config_dict.placeholder(int)  # None: forever.
+    config.worker_count = 0
+    config.num_threads = 1
+    config.prefetch_buffer_size = 256
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records: only the fields a task uses, straight from the proto.
+
+
+class _Record:
+    """A persona record read lazily from its tf.train.Example (what `tasks.Formatter` uses).
+
+    `source.PersonaRecord.parse` builds every field; an example needs one image and a few
+    texts, and most texts are tokenized once per persona and cached by the formatter.
+    """
+
+    __slots__ = ("_feature", "persona_id")
+
+    def __init__(self, serialized: bytes):
+        self._feature = tf_example_pb2.Example.FromString(serialized).features.feature
+        self.persona_id = int(self._feature["persona_id"].int64_list.value[0])
+
+    @property
+    def name(self) -> str:
+        return self._feature["name"].bytes_list.value[0].decode()
+
+    @property
+    def descriptions(self) -> list[str]:
+        return [d.decode() for d in self._feature["descriptions"].bytes_list.value]
+
+    @property
+    def images(self):
+        return self._feature["images"].bytes_list.value
+
+    @property
+    def view_heldout(self):
+        return self._feature["view_heldout"].int64_list.value
+
+    @property
+    def description_heldout(self):
+        return self._feature["description_heldout"].int64_list.value
+
+    @property
+    def facts(self) -> "_Facts":
+        return _Facts(self._feature)
+
+
+class _Facts:
+    __slots__ = ("_feature",)
+
+    def __init__(self, feature):
+        self._feature = feature
+
+    def __getitem__(self, fact: str) -> str:
+        return self._feature[f"facts/{fact}"].bytes_list.value[0].decode()
+
+
+def decode_image(png: bytes, image_size: int) -> np.ndarray:
+    """uint8 [S, S, 3]: the PNG decoded, resized with bilinear filtering if its size differs."""
+    image = Image.open(io.BytesIO(png), formats=("PNG",))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1], as SigLIP (and Gemma 3's image processor) do."""
+    return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grain stages.
+
+
+class _HostExamples:
+    """This host's example indices, `[process_index::process_count]`, padded with -1 so that
+    every host has ceil(num_examples / process_count) of them."""
+
+    def __init__(self, num_examples: int, process_index: int, process_count: int):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+        self.num_examples = num_examples
+        self.process_index = process_index
+        self.process_count = process_count
+        self._length = math.ceil(num_examples / process_count)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, k: int) -> int:
+        index = self.process_index + (k % self._length) * self.process_count
+        return index if index < self.num_examples else -1
+
+
+class _Load(grain.transforms.Map):
+    """Example index -> (prompt ids, answer ids, uint8 image or None, persona, task, index)."""
+
+    def __init__(self, records, task_set: tasks.TaskSet, formatter: tasks.Formatter,
+                 image_size: int, max_prompt: int, max_answer: int | None):
+        self.records = records
+        self.task_set = task_set
+        self.formatter = formatter
+        self.image_size = image_size
+        self.max_prompt = max_prompt  # Train mode: the limit on prompt + answer.
+        self.max_answer = max_answer  # None in train mode.
+        self._padding = (np.asarray([formatter.special[tok.BOS]], np.int32),
+                         np.zeros([0], np.int32), None, -1, -1, -1)
+
+    def map(self, index: int):
+        if index < 0:
+            return self._padding
+        ref = self.task_set.locate(index)
+        record = _Record(self.records[ref.persona])
+        example = self.formatter.format(ref, record)
+        prompt, answer = example.prompt, example.answer
+        if self.max_answer is None:
+            if len(prompt) + len(answer) > self.max_prompt:
+                self._too_long(index, ref, f"prompt + answer is {len(prompt)} + "
+                               f"{len(answer)} = {len(prompt) + len(answer)} tokens",
+                               "max_length", self.max_prompt)
+        else:
+            if len(prompt) > self.max_prompt:
+                self._too_long(index, ref, f"the prompt is {len(prompt)} tokens",
+                               "max_length", self.max_prompt)
+            if len(answer) > self.max_answer:
+                self._too_long(index, ref, f"the answer is {len(answer)} tokens",
+                               "max_answer_length", self.max_answer)
+        image = None if example.image is None else decode_image(example.image, self.image_size)
+        return prompt, answer, image, example.persona_id, example.task_id, index
+
+    def _too_long(self, index, ref, what, field, limit):
+        spec = self.task_set.specs[ref.task_id]
+        raise ValueError(
+            f"Example {index} of task {ref.task_id} ({spec.label!r}, persona {ref.persona}) "
+            f"is too long: {what}, over "
+            f"{field}={limit}. Raise {field} (answers are never truncated).")
+
+
+class _Batch:
+    """Pads a list of loaded examples into one batch of fixed-shape arrays."""
+
+    def __init__(self, mode: str, batch_size: int, max_length: int, max_answer: int,
+                 image_size: int, pad_id: int, bos_id: int):
+        self.mode = mode
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.max_answer = max_answer
+        self.image_size = image_size
+        self.pad_id = pad_id
+        self.bos_id = bos_id
+
+    def __call__(self, elements) -> dict[str, np.ndarray]:
+        b_size, size = self.batch_size, self.image_size
+        persona_id = np.full([b_size], -1, np.int32)
+        task_id = np.full([b_size], -1, np.int32)
+        example_id = np.full([b_size], -1, np.int32)
+        has_image = np.zeros([b_size], bool)
+        images = np.zeros([b_size, size, size, 3], np.float32)
+        pixels, rows = [], []
+        if self.mode == "train":
+            tokens = np.full([b_size, self.max_length], self.pad_id, np.int32)
+            input_mask = np.zeros([b_size, self.max_length], np.int32)
+            loss_mask = np.zeros([b_size, self.max_length], np.float32)
+            for b, (prompt, answer, image, persona, task, index) in enumerate(elements):
+                p = len(prompt)
+                n = p + len(answer)
+                tokens[b, :p] = prompt
+                tokens[b, p:n] = answer
+                input_mask[b, :n] = 1
+                loss_mask[b, p:n] = 1
+                persona_id[b], task_id[b], example_id[b] = persona, task, index
+                if image is not None:
+                    pixels.append(image)
+                    rows.append(b)
+            for b in range(len(elements), b_size):  # Never in train mode (drop_remainder).
+                tokens[b, 0], input_mask[b, 0] = self.bos_id, 1
+            batch = {"tokens": tokens, "input_mask": input_mask, "loss_mask": loss_mask}
+        else:
+            prompt_tokens = np.full([b_size, self.max_length], self.pad_id, np.int32)
+            answer_tokens = np.full([b_size, self.max_answer], self.pad_id, np.int32)
+            prompt_length = np.zeros([b_size], np.int32)
+            answer_length = np.zeros([b_size], np.int32)
+            valid = np.zeros([b_size], bool)
+            for b, (prompt, answer, image, persona, task, index) in enumerate(elements):
+                prompt_tokens[b, :len(prompt)] = prompt
+                answer_tokens[b, :len(answer)] = answer
+                prompt_length[b], answer_length[b] = len(prompt), len(answer)
+                valid[b] = index >= 0
+                persona_id[b], task_id[b], example_id[b] = persona, task, index
+                if image is not None:
+                    pixels.append(image)
+                    rows.append(b)
+            for b in range(len(elements), b_size):  # The padded last batch.
+                prompt_tokens[b, 0], prompt_length[b] = self.bos_id, 1
+            batch = {"prompt_tokens": prompt_tokens, "prompt_length": prompt_length,
+                     "answer_tokens": answer_tokens, "answer_length": answer_length,
+                     "valid": valid}
+        if rows:
+            has_image[rows] = True
+            if len(rows) == b_size:
+                images = normalize_images(np.stack(pixels))
+            else:
+                images[rows] = normalize_images(np.stack(pixels))
+        batch.update(images=images, has_image=has_image, persona_id=persona_id,
+                     task_id=task_id, example_id=example_id)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Building.
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A built pipeline: `iter(pipeline)` gives a Grain `DatasetIterator` of batches."""
+
+    dataset: grain.IterDataset
+    task_set: tasks.TaskSet
+    formatter: tasks.Formatter
+    tokenizer: object
+    persona_dataset: source.PersonaDataset
+    mode: str
+    host_examples: int  # This host's examples per epoch, padding included.
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return iter(self.dataset)
+
+    @property
+    def num_examples(self) -> int:
+        """Examples per epoch over all hosts."""
+        return len(self.task_set)
+
+
+def _check_config(config, mode: str) -> None:
+    def fail(field, why):
+        raise ValueError(f"Invalid data config: {field}={config.get(field)!r}: {why}")
+
+    if mode not in MODES:
+        raise ValueError(f"Invalid pipeline mode {mode!r}; known: {', '.join(MODES)}")
+    if not config.data_dir:
+        fail("data_dir", "set it to a generated persona dataset")
+    for field in ("batch_size", "max_length", "image_size", "num_image_tokens"):
+        if int(config[field]) < 1:
+            fail(field, "must be at least 1")
+    if config.get("max_answer_length", 0) < 0:
+        fail("max_answer_length", "must be 0 (= max_length) or positive")
+    if config.num_epochs is not None and config.num_epochs < 1:
+        fail("num_epochs", "must be None (forever) or at least 1")
+    if not 0 <= config.seed < 2**32:
+        fail("seed", "must be in [0, 2**32)")
+    if config.get("worker_count", 0) < 0:
+        fail("worker_count", "must be at least 0")
+
+
+def build(config: ml_collections.ConfigDict, mode: str = "train", *,
+          process_index: int | None = None, process_count: int | None = None,
+          check_examples: int = 2) -> Pipeline:
+    """Builds the pipeline for this host (process index / count default to JAX's).
+
+    `check_examples`: per task, how many leading examples to check for exact tokenization
+    (cached pieces vs. the whole text; see `tasks.Formatter.check`).
+    """
+    _check_config(config, mode)
+    if process_index is None or process_count is None:
+        import jax  # Only here: the pipeline itself needs no accelerator.
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    dataset = source.open_dataset(config.data_dir)
+    tokenizer = tok.load_tokenizer(config.tokenizer_dir or dataset.tokenizer_dir)
+    specs = tasks.task_specs(config.tasks)
+    task_set = tasks.TaskSet(specs, tasks.Layout.of(dataset))
+    formatter = tasks.Formatter(tokenizer, specs, int(config.num_image_tokens))
+    for task_id in range(len(specs)):
+        for i in range(min(check_examples, task_set.task_length(task_id))):
+            ref = task_set.locate(task_set.offsets[task_id] + i)
+            formatter.check(ref, dataset[ref.persona])
+
+    max_length = int(config.max_length)
+    max_answer = int(config.get("max_answer_length", 0)) or max_length
+    image_size = int(config.image_size)
+    batch_size = int(config.batch_size)
+    hosts = _HostExamples(len(task_set), process_index, process_count)
+    ds = grain.MapDataset.source(hosts)
+    if config.shuffle:
+        ds = ds.shuffle(seed=int(config.seed))
+    if config.num_epochs != 1:
+        ds = ds.repeat(config.num_epochs)
+    ds = ds.map(_Load(dataset.records, task_set, formatter, image_size, max_length,
+                      None if mode == "train" else max_answer))
+    ds = ds.batch(batch_size, drop_remainder=mode == "train",
+                  batch_fn=_Batch(mode, batch_size, max_length, max_answer, image_size,
+                                  formatter.pad_id, formatter.special[tok.BOS]))
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=int(config.get("num_threads", 1)),
+        prefetch_buffer_size=int(config.get("prefetch_buffer_size", 256))))
+    if config.get("worker_count", 0) > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(config.worker_count)))
+    return Pipeline(dataset=iter_ds, task_set=task_set, formatter=formatter,
+                    tokenizer=tokenizer, persona_dataset=dataset, mode=mode,
+                    host_examples=len(hosts))
+
+
+def make_dataset(config: ml_collections.ConfigDict, mode: str = "train", **kwargs
+                 ) -> grain.IterDataset:
+    """`build(config, mode, **kwargs).dataset`."""
+    return build(config, mode, **kwargs).dataset
+
+
+def checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
+    """Orbax args that save (or restore in place) a Grain iterator's state, one JSON file per
+    process; put them in an `ocp.args.Composite` next to the model's (see the module doc)."""
+    from grain import checkpoint as grain_checkpoint
+
+    return (grain_checkpoint.CheckpointRestore(iterator) if restore
+            else grain_checkpoint.CheckpointSave(iterator))
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> Path:
+    """The tokenizer folder the pipeline uses for `config`."""
+    if config.tokenizer_dir:
+        return Path(config.tokenizer_dir)
+    return source.open_dataset(config.data_dir).tokenizer_dir
