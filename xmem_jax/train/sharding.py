@@ -14,8 +14,8 @@ import math
 from typing import Callable, Iterator, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -50,13 +50,15 @@ def make_mesh(data: int, fsdp: int = 1, tensor: int = 1,
     """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axes.
 
     Auto axes let XLA propagate shardings from the annotations; `jax.make_mesh` would default
-    to Explicit axes, which the logical-constraint style here does not use.
+    to Explicit axes, which the logical-constraint style here does not use. Devices are laid
+    out by TPU topology where there is one, so `tensor` neighbours share the fastest links.
     """
     devices = jax.devices() if devices is None else list(devices)
     if data * fsdp * tensor != len(devices):
         raise ValueError(f"Mesh data={data} x fsdp={fsdp} x tensor={tensor} needs "
                          f"{data * fsdp * tensor} devices, have {len(devices)}")
-    return jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+    grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices=devices)
+    return jax.sharding.Mesh(grid, MESH_AXES)
 
 
 @contextlib.contextmanager
