@@ -328,3 +328,14 @@ def test_persona_range_outside_the_dataset_is_an_error(persona_dataset_dir):
 def test_default_facts_are_all_facts():
     assert tasks.TaskSpec.from_config("image_to_fact").facts == FACT_NAMES
     assert set(tasks.prompt_texts()) >= {tasks.NAME_QUESTION, tasks.CAPTION_QUESTION}
+
+
+def test_record_cache_and_worker_processes_do_not_change_the_stream(persona_dataset_dir):
+    expected = list(build(persona_dataset_dir, record_cache_mb=0))
+    tiny_cache = build(persona_dataset_dir, record_cache_mb=0.01)  # Evicts all the time.
+    assert_batches_equal(list(tiny_cache), expected)
+    workers = iter(build(persona_dataset_dir, worker_count=1))
+    try:
+        assert_batches_equal(list(workers), expected)
+    finally:
+        workers.close()
