@@ -95,10 +95,12 @@ def test_noise_follows_its_seed_and_light_scales():
     renderer = procedural.ProceduralRenderer(64)
     attrs = personas.make_persona(spec_of(), 0).attributes
     clean = renderer.render_one(attrs, plain_view()).astype(np.int16)
-    noisy = renderer.render_one(attrs, plain_view(noise_std=5.0, noise_seed=3))
-    assert np.array_equal(noisy, renderer.render_one(attrs, plain_view(noise_std=5.0, noise_seed=3)))
-    assert not np.array_equal(noisy, renderer.render_one(attrs, plain_view(noise_std=5.0,
-                                                                           noise_seed=4)))
+    def noisy_with(seed):
+        return renderer.render_one(attrs, plain_view(noise_std=5.0, noise_seed=seed))
+
+    noisy = noisy_with(3)
+    assert np.array_equal(noisy, noisy_with(3))
+    assert not np.array_equal(noisy, noisy_with(4))
     assert 2 < np.abs(noisy.astype(np.int16) - clean).mean() < 8
     assert np.array_equal(renderer.render_one(attrs, plain_view(noise_seed=9)), clean)
     darker = renderer.render_one(attrs, plain_view(light=0.8)).astype(np.int16)
