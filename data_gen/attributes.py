@@ -93,7 +93,7 @@ VISUAL_ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
         "striped sweater": ("striped sweater", "striped jumper"),
     },
     "accessory": {
-        "none": ("no accessories", "no jewellery"),
+        "none": ("no accessories", "no adornments"),
         "earrings": ("earrings", "a pair of earrings"),
         "necklace": ("a necklace", "a pendant necklace"),
         "scarf": ("a scarf", "a wool scarf"),
