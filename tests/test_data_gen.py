@@ -7,24 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs.data import procedural
 from data_gen import attributes, dataset, names, personas
 from data_gen.__main__ import main as cli_main  # noqa: F401  (the CLI module imports cleanly)
+from conftest import small_data_config as small_config
 from xmem_jax.data import schema, source
-
-
-def small_config(**overrides):
-    config = procedural.get_config()
-    config.num_personas = 12
-    config.num_views = 4
-    config.num_heldout_views = 1
-    config.num_descriptions = 4
-    config.num_heldout_descriptions = 1
-    config.image_size = 32
-    config.contact_sheet_personas = 3
-    config.tokenizer_vocab_size = 400
-    config.update(overrides)
-    return config
 
 
 def spec_of(**overrides):
@@ -35,10 +21,9 @@ def dataset_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    return dataset.generate(small_config(), out)
+@pytest.fixture()
+def generated(persona_dataset_dir):
+    return persona_dataset_dir
 
 
 def test_two_runs_write_byte_identical_files(generated, tmp_path):
