@@ -73,7 +73,7 @@ def test_tokenizer_round_trip(data, tokenizer):
 def test_enumeration_counts_and_order(data):
     specs = tasks.task_specs([
         "image_to_name", {"kind": "image_to_fact", "split": "all", "facts": "pet,hobby"},
-        {"kind": "description_to_fact", "split": "heldout", "personas": (2, 5)},
+        "description_to_fact split=heldout personas=2:5",
         {"kind": "name_to_fact", "facts": ("occupation",)},
         {"kind": "image_to_description", "split": "heldout", "personas": (0, -1)},
         "description_to_name"])
@@ -312,6 +312,9 @@ def test_too_long_example_is_an_error(persona_dataset_dir):
     ({"kind": "name_to_fact", "split": "train"}, r"split='train': name_to_fact shows no"),
     ({"kind": "image_to_name", "facts": "pet"}, r"facts='pet': image_to_name asks no fact"),
     ({"kind": "image_to_name", "colour": "red"}, r"unknown field\(s\) colour"),
+    ("image_to_fact split=all facts=pet,shoe_size", r"facts='shoe_size': unknown fact"),
+    ("description_to_name split=dev", r"split='dev': unknown split"),
+    ("image_to_name personas=3", r"personas='3': expected start:stop"),
 ])
 def test_bad_task_config_errors_name_the_value(persona_dataset_dir, entry, message):
     with pytest.raises(ValueError, match=message):
@@ -323,6 +326,16 @@ def test_bad_task_config_errors_name_the_value(persona_dataset_dir, entry, messa
 def test_persona_range_outside_the_dataset_is_an_error(persona_dataset_dir):
     with pytest.raises(ValueError, match=r"personas=\(5, 40\) is outside the dataset's 12"):
         build(persona_dataset_dir, tasks=[{"kind": "image_to_name", "personas": (5, 40)}])
+
+
+def test_default_config_freezes_and_builds(persona_dataset_dir):
+    import ml_collections
+
+    config = pipeline.default_config()
+    config.data_dir = str(persona_dataset_dir)
+    built = pipeline.build(ml_collections.FrozenConfigDict(config), "prompt",
+                           process_index=0, process_count=1)
+    assert [s.kind for s in built.task_set.specs] == ["image_to_name", "description_to_name"]
 
 
 def test_default_facts_are_all_facts():

@@ -10,7 +10,7 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
 | --- | --- |
 | `data_dir` | the persona dataset (the generator's --out_dir, or a version folder) |
 | `tokenizer_dir` | a tokenizer folder; '' = the dataset's own (`<dataset>/tokenizer`) |
-| `tasks` | a list of task entries: a kind string, or a dict / ConfigDict with `kind`, `personas` ((start, stop), stop -1 = to the end), `split` ('train' / 'heldout' / 'all'), `facts`, `name` (see `tasks.TaskSpec.from_config`); the task id is the position in this list |
+| `tasks` | a list of task entries, each a dict / ConfigDict with `kind`, `personas` ((start, stop), stop -1 = to the end), `split` ('train' / 'heldout' / 'all'), `facts`, `name`, or the same as a string, "image_to_fact split=heldout personas=0:100 facts=pet,hobby" (freezable; see `tasks.TaskSpec.from_config`); the task id is the position in this list |
 | `batch_size` | examples per batch *on this host* |
 | `max_length` | train mode: sequence length L (prompt + answer; a longer example is an error, never truncated); prompt mode: the prompt length Lp |
 | `max_answer_length` | prompt mode: the answer length La (0 = max_length) |
@@ -68,7 +68,6 @@ import dataclasses
 import io
 import math
 import threading
-from pathlib import Path
 
 import grain
 import ml_collections
@@ -86,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data_dir = ""
     config.tokenizer_dir = ""
-    config.tasks = [ml_collections.ConfigDict({"kind": "image_to_name", "split": "train"})]
+    config.tasks = ("image_to_name split=train", "description_to_name split=train")
     config.batch_size = 32
     config.max_length = 128
     config.max_answer_length = 0
@@ -459,10 +458,3 @@ def checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
 
     return (grain_checkpoint.CheckpointRestore(iterator) if restore
             else grain_checkpoint.CheckpointSave(iterator))
-
-
-def tokenizer_path(config: ml_collections.ConfigDict) -> Path:
-    """The tokenizer folder the pipeline uses for `config`."""
-    if config.tokenizer_dir:
-        return Path(config.tokenizer_dir)
-    return source.open_dataset(config.data_dir).tokenizer_dir

@@ -175,12 +175,15 @@ class TaskSpec:
 
     @classmethod
     def from_config(cls, entry: Any) -> "TaskSpec":
-        """From a config entry: a kind string, or a dict / ConfigDict with the fields
-        `kind`, optional `personas` ((start, stop); stop None or -1 = to the end), `split`
-        (default 'train'; not for name_to_fact), `facts` (tuple or comma-separated string;
-        default all, for fact kinds only) and `name`."""
+        """From a config entry: a dict / ConfigDict with the fields `kind`, optional
+        `personas` ((start, stop); stop None or -1 = to the end), `split` (default 'train'; not
+        for name_to_fact), `facts` (tuple or comma-separated string; default all, for fact
+        kinds only) and `name`; or the same as a string, `"kind key=value ..."`, e.g.
+        `"image_to_fact split=heldout personas=0:100 facts=pet,hobby"` (`personas=100:` runs
+        to the end). Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
+        """
         if isinstance(entry, str):
-            entry = {"kind": entry}
+            entry = _parse_entry(entry)
         elif not isinstance(entry, Mapping):
             entry = dict(entry.items())  # A ConfigDict.
         entry = dict(entry)
@@ -206,6 +209,27 @@ class TaskSpec:
     @property
     def label(self) -> str:
         return self.name or (f"{self.kind}/{self.split}" if self.split else self.kind)
+
+
+def _parse_entry(text: str) -> dict:
+    kind, *fields = text.split()
+    entry = {"kind": kind}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise ValueError(f"Invalid task {text!r}: {field!r} is not key=value")
+        if key == "personas":
+            start, sep, stop = value.partition(":")
+            try:
+                entry[key] = (int(start or 0), int(stop) if stop else None)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ValueError(f"Invalid task {text!r}: personas={value!r}: expected "
+                                 f"start:stop (stop may be empty: to the end)")
+        else:
+            entry[key] = value
+    return entry
 
 
 @dataclasses.dataclass(frozen=True)
