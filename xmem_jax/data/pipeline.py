@@ -6,23 +6,30 @@
 
 Config (a `ml_collections.ConfigDict` section, `default_config()`):
 
-| field | meaning |
-| --- | --- |
-| `data_dir` | the persona dataset (the generator's --out_dir, or a version folder) |
-| `tokenizer_dir` | a tokenizer folder; '' = the dataset's own (`<dataset>/tokenizer`) |
-| `tasks` | a list of task entries, each a dict / ConfigDict with `kind`, `personas` ((start, stop), stop -1 = to the end), `split` ('train' / 'heldout' / 'all'), `facts`, `name`, or the same as a string, "image_to_fact split=heldout personas=0:100 facts=pet,hobby" (freezable; see `tasks.TaskSpec.from_config`); the task id is the position in this list |
-| `batch_size` | examples per batch *on this host* |
-| `max_length` | train mode: sequence length L (prompt + answer; a longer example is an error, never truncated); prompt mode: the prompt length Lp |
-| `max_answer_length` | prompt mode: the answer length La (0 = max_length) |
-| `image_size` | the model's image size S: views are resized (bilinear) to S x S |
-| `num_image_tokens` | image soft tokens per image, from the model (tiny: 16; Gemma 3: 256) |
-| `seed` | the shuffle seed (each epoch is shuffled differently) |
-| `shuffle` | shuffle the examples (False: task, persona, view / description, fact order) |
-| `num_epochs` | passes over the examples; None = repeat forever (training) |
-| `worker_count` | Grain worker processes (`mp_prefetch`); 0 = none |
-| `num_threads` | Grain read threads in this process (`grain.ReadOptions`) |
-| `prefetch_buffer_size` | elements Grain's read threads prefetch |
-| `record_cache_mb` | parsed persona records kept per process (LRU; 0 = none): a record holds all of a persona's views and descriptions and serves many examples |
+    data_dir              the persona dataset (the generator's --out_dir, or a version folder)
+    tokenizer_dir         a tokenizer folder; '' = the dataset's own (`<dataset>/tokenizer`)
+    tasks                 a list of task entries; the task id is the position in it. Each is a
+                          dict / ConfigDict with `kind`, `personas` ((start, stop), stop -1 = to
+                          the end), `split` ('train' / 'heldout' / 'all'), `facts`, `name`, or
+                          the same as a string (keeps the config freezable):
+                          "image_to_fact split=heldout personas=0:100 facts=pet,hobby"
+                          (see `tasks.TaskSpec.from_config`)
+    batch_size            examples per batch *on this host*
+    max_length            train mode: the sequence length L (prompt + answer; a longer example
+                          is an error, never truncated); prompt mode: the prompt length Lp
+    max_answer_length     prompt mode: the answer length La (0 = max_length)
+    image_size            the model's image size S: views are resized (bilinear) to S x S
+    num_image_tokens      image soft tokens per image, from the model (tiny 16, Gemma 3 256)
+    seed                  the shuffle seed (each epoch is shuffled differently)
+    shuffle               shuffle the examples (False: task, persona, view / description, fact)
+    num_epochs            passes over the examples; None = repeat forever (training)
+    worker_count          Grain worker processes (`mp_prefetch`); 0 = none
+    num_threads           Grain read threads in this process (`grain.ReadOptions`)
+    prefetch_buffer_size  elements those threads prefetch
+    record_cache_mb       parsed persona records kept per process, least recently used out
+                          (0 = none): a record holds all of a persona's views and descriptions
+                          and serves many examples, so rereading it per example would cost more
+                          than the rest of the example
 
 Batches (numpy; B = batch_size; persona_id / task_id / example_id are -1 on padding rows):
 

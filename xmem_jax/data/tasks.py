@@ -2,14 +2,13 @@
 
 A *task* asks one kind of question about a range of personas:
 
-| kind                   | input                       | answer                 | one example per               |
-| ---------------------- | --------------------------- | ---------------------- | ----------------------------- |
-| `image_to_name`        | a view                      | the name               | (persona, view)               |
-| `description_to_name`  | a description               | the name               | (persona, description)        |
-| `name_to_fact`         | the name, in the question   | a fact value           | (persona, fact)               |
-| `image_to_fact`        | a view                      | a fact value           | (persona, view, fact)         |
-| `description_to_fact`  | a description               | a fact value           | (persona, description, fact)  |
-| `image_to_description` | a view ("Describe ...")     | a training description | (persona, view, training desc)|
+    kind                  input                      answer                   one example per
+    image_to_name         a view                     the name                 persona, view
+    description_to_name   a description              the name                 persona, description
+    name_to_fact          the name (in the question) a fact value             persona, fact
+    image_to_fact         a view                     a fact value             persona, view, fact
+    description_to_fact   a description              a fact value             persona, desc., fact
+    image_to_description  a view ("Describe ...")    a training description   persona, view, desc.
 
 `split` picks the views / descriptions shown: 'train' (not held out), 'heldout' or 'all'
 (`name_to_fact` shows neither and takes no split). Captioning answers are always *training*
@@ -462,7 +461,8 @@ class Formatter:
         if kind == "image_to_name":
             prompt, answer = self._image_prompts[None], persona.name
         elif kind == "image_to_fact":
-            prompt, answer = self._image_prompts[ref.fact], self._fact_answer(record.facts[ref.fact])
+            prompt = self._image_prompts[ref.fact]
+            answer = self._fact_answer(record.facts[ref.fact])
         elif kind == "image_to_description":
             prompt = self._image_prompts["caption"]
             answer = np.concatenate([persona.descriptions[ref.description], self._eot])
