@@ -26,10 +26,11 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
     worker_count          Grain worker processes (`mp_prefetch`); 0 = none
     num_threads           Grain read threads in this process (`grain.ReadOptions`)
     prefetch_buffer_size  elements those threads prefetch
-    record_cache_mb       parsed persona records kept per process, least recently used out
-                          (0 = none): a record holds all of a persona's views and descriptions
-                          and serves many examples, so rereading it per example would cost more
-                          than the rest of the example
+    record_cache_mb       parsed persona records (and their views, decoded and resized, as
+                          used) kept per process, least recently used out (0 = none): a record
+                          holds all of a persona's views and descriptions and serves many
+                          examples, in every epoch, so rereading it, or redecoding a view, per
+                          example would cost more than the rest of the example
 
 Batches (numpy; B = batch_size; persona_id / task_id / example_id are -1 on padding rows):
 
@@ -116,14 +117,26 @@ class _Record:
     """A persona record read lazily from its tf.train.Example (what `tasks.Formatter` uses).
 
     `source.PersonaRecord.parse` builds every field; an example needs one image and a few
-    texts, and most texts are tokenized once per persona and cached by the formatter.
+    texts, and most texts are tokenized once per persona and cached by the formatter. Views
+    are decoded (and resized) once per record: a cached record serves them to every example,
+    in every epoch.
     """
 
-    __slots__ = ("_feature", "persona_id")
+    __slots__ = ("_feature", "persona_id", "_decoded")
 
     def __init__(self, serialized: bytes):
         self._feature = tf_example_pb2.Example.FromString(serialized).features.feature
         self.persona_id = int(self._feature["persona_id"].int64_list.value[0])
+        self._decoded: dict[tuple[int, int], np.ndarray] = {}
+
+    def image(self, view: int, image_size: int) -> np.ndarray:
+        """View `view` as read-only uint8 [S, S, 3] (`decode_image`), decoded once."""
+        image = self._decoded.get((view, image_size))
+        if image is None:
+            image = decode_image(self.images[view], image_size)
+            image.setflags(write=False)
+            self._decoded[view, image_size] = image
+        return image
 
     @property
     def name(self) -> str:
@@ -192,16 +205,18 @@ def host_indices(num_examples: int, process_index: int, process_count: int
 
 
 class _RecordCache:
-    """Parsed persona records, least recently used first out, up to `max_bytes` of records.
+    """Parsed persona records, least recently used first out, up to `max_bytes` of records
+    (counting each as its serialized size plus all its views decoded).
 
     One record holds all of a persona's views and descriptions, and a persona recurs in many
     examples (views x facts x tasks), so rereading and reparsing it per example would cost
     more than everything else an example needs. Thread-safe; each worker process has its own.
     """
 
-    def __init__(self, records, max_bytes: int):
+    def __init__(self, records, max_bytes: int, decoded_bytes: int):
         self.records = records
         self.max_bytes = max_bytes
+        self.decoded_bytes = decoded_bytes  # What a record's decoded views may add to it.
         self._init()
 
     def _init(self):
@@ -211,7 +226,8 @@ class _RecordCache:
         self._lock = threading.Lock()
 
     def __getstate__(self):  # Workers start with an empty cache (and a lock of their own).
-        return {"records": self.records, "max_bytes": self.max_bytes}
+        return {"records": self.records, "max_bytes": self.max_bytes,
+                "decoded_bytes": self.decoded_bytes}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -229,8 +245,9 @@ class _RecordCache:
         record = _Record(serialized)
         with self._lock:
             if persona not in self._entries:
-                self._entries[persona] = (record, len(serialized))
-                self._bytes += len(serialized)
+                size = len(serialized) + self.decoded_bytes
+                self._entries[persona] = (record, size)
+                self._bytes += size
                 while self._bytes > self.max_bytes and len(self._entries) > 1:
                     self._bytes -= self._entries.popitem(last=False)[1][1]
         return record
@@ -255,8 +272,11 @@ class _Load(grain.transforms.Map):
         if index >= len(self.task_set):
             return self._padding
         ref = self.task_set.locate(index)
-        record = self.records[ref.persona]
-        example = self.formatter.format(ref, record)
+        # Text-only examples need no record once their persona's tokens are cached.
+        example = self.formatter.format_without_record(ref)
+        if example is None:
+            record = self.records[ref.persona]
+            example = self.formatter.format(ref, record)
         prompt, answer = example.prompt, example.answer
         if self.max_answer is None:
             if len(prompt) + len(answer) > self.max_prompt:
@@ -270,7 +290,7 @@ class _Load(grain.transforms.Map):
             if len(answer) > self.max_answer:
                 self._too_long(index, ref, f"the answer is {len(answer)} tokens",
                                "max_answer_length", self.max_answer)
-        image = None if example.image is None else decode_image(example.image, self.image_size)
+        image = None if example.image is None else record.image(ref.view, self.image_size)
         return prompt, answer, image, example.persona_id, example.task_id, index
 
     def _too_long(self, index, ref, what, field, limit):
@@ -431,7 +451,8 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
         ds = ds.shuffle(seed=int(config.seed))
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
-    cache = _RecordCache(dataset.records, int(config.get("record_cache_mb", 256) * 2**20))
+    cache = _RecordCache(dataset.records, int(config.get("record_cache_mb", 256) * 2**20),
+                         decoded_bytes=tasks.Layout.of(dataset).num_views * image_size**2 * 3)
     ds = ds.map(_Load(cache, task_set, formatter, image_size, max_length,
                       None if mode == "train" else max_answer))
     ds = ds.batch(batch_size, drop_remainder=mode == "train",

@@ -360,9 +360,15 @@ class Formatted:
 
 @dataclasses.dataclass
 class _PersonaTokens:
-    name: np.ndarray  # The name alone (an answer).
+    """What formatting needs of a persona but its images, tokenized: built once per persona."""
+
+    persona_id: int
+    name: np.ndarray  # The name alone (an answer), with <end_of_turn>.
     subject: np.ndarray  # " " + name (inside a question).
     descriptions: list[np.ndarray]
+    facts: dict[str, np.ndarray]  # Fact answers, with <end_of_turn>.
+    view_heldout: tuple[bool, ...]
+    description_heldout: tuple[bool, ...]
 
 
 class Formatter:
@@ -408,6 +414,7 @@ class Formatter:
             self._fact_after[fact] = ids(after, *tail) if after else self._tail
         self._eot = np.asarray([self.end_of_turn_id], np.int32)
         self._answers: dict[str, np.ndarray] = {}  # Fact values, with <end_of_turn>.
+        self._facts = tuple(dict.fromkeys(f for spec in self.specs for f in spec.facts))
         self._personas: dict[int, _PersonaTokens] = {}
 
     def encode(self, text: str) -> list[int]:
@@ -419,16 +426,21 @@ class Formatter:
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _persona(self, record) -> _PersonaTokens:
-        cached = self._personas.get(record.persona_id)
+    def _persona(self, index: int, record) -> _PersonaTokens:
+        cached = self._personas.get(index)
         if cached is None:
             texts = [record.name, " " + record.name, *(d.strip() for d in record.descriptions)]
             encoded = [np.asarray(e, np.int32) for e in self.encode_batch(texts)]
-            cached = _PersonaTokens(name=np.concatenate([encoded[0], self._eot]),
-                                    subject=encoded[1], descriptions=encoded[2:])
+            cached = _PersonaTokens(
+                persona_id=int(record.persona_id),
+                name=np.concatenate([encoded[0], self._eot]), subject=encoded[1],
+                descriptions=encoded[2:],
+                facts={f: self._fact_answer(record.facts[f]) for f in self._facts},
+                view_heldout=tuple(bool(h) for h in record.view_heldout),
+                description_heldout=tuple(bool(h) for h in record.description_heldout))
             if len(self._personas) >= self.max_cached_personas:
                 self._personas.clear()  # Bounded memory; a cleared entry is rebuilt once.
-            self._personas[record.persona_id] = cached
+            self._personas[index] = cached
         return cached
 
     def _fact_answer(self, value: str) -> np.ndarray:
@@ -438,31 +450,42 @@ class Formatter:
             self._answers[value] = ids
         return ids
 
-    def _check_split(self, ref: ExampleRef, record) -> None:
+    def _check_split(self, ref: ExampleRef, persona: _PersonaTokens) -> None:
         spec = self.specs[ref.task_id]
-        flags, index, what = ((record.view_heldout, ref.view, "view") if spec.kind in IMAGE_KINDS
-                              else (record.description_heldout, ref.description, "description"))
+        flags, index, what = (
+            (persona.view_heldout, ref.view, "view") if spec.kind in IMAGE_KINDS
+            else (persona.description_heldout, ref.description, "description"))
         held = flags[index]
         if (spec.split == "train" and held) or (spec.split == "heldout" and not held):
             raise ValueError(
-                f"Task {spec.label!r}: {what} {index} of persona {record.persona_id} is "
+                f"Task {spec.label!r}: {what} {index} of persona {persona.persona_id} is "
                 f"{'held out' if held else 'a training one'} in the dataset, unlike its "
                 f"generator config says; the dataset is inconsistent: regenerate it")
-        if spec.kind == "image_to_description" and record.description_heldout[ref.description]:
+        if spec.kind == "image_to_description" and persona.description_heldout[ref.description]:
             raise ValueError(f"Task {spec.label!r}: description {ref.description} of persona "
-                             f"{record.persona_id} is held out; the dataset is inconsistent")
+                             f"{persona.persona_id} is held out; the dataset is inconsistent")
 
     def format(self, ref: ExampleRef, record) -> Formatted:
+        """Formats `ref`, whose persona's record is `record` (dataset[ref.persona])."""
+        return self._format(ref, self._persona(ref.persona, record), record)
+
+    def format_without_record(self, ref: ExampleRef) -> Formatted | None:
+        """Formats a text-only example from the cached tokens of its persona, or returns None
+        when they are not cached yet (format it with its record then) or it needs an image."""
+        persona = self._personas.get(ref.persona)
+        if persona is None or self.specs[ref.task_id].kind in IMAGE_KINDS:
+            return None
+        return self._format(ref, persona, None)
+
+    def _format(self, ref: ExampleRef, persona: _PersonaTokens, record) -> Formatted:
         kind = self.specs[ref.task_id].kind
         if kind != "name_to_fact":
-            self._check_split(ref, record)
-        persona = self._persona(record)
+            self._check_split(ref, persona)
         image = None
         if kind == "image_to_name":
             prompt, answer = self._image_prompts[None], persona.name
         elif kind == "image_to_fact":
-            prompt = self._image_prompts[ref.fact]
-            answer = self._fact_answer(record.facts[ref.fact])
+            prompt, answer = self._image_prompts[ref.fact], persona.facts[ref.fact]
         elif kind == "image_to_description":
             prompt = self._image_prompts["caption"]
             answer = np.concatenate([persona.descriptions[ref.description], self._eot])
@@ -473,15 +496,15 @@ class Formatter:
         elif kind == "description_to_fact":
             prompt = np.concatenate([self._text_head, persona.descriptions[ref.description],
                                      self._after[ref.fact]])
-            answer = self._fact_answer(record.facts[ref.fact])
+            answer = persona.facts[ref.fact]
         else:  # name_to_fact
             prompt = np.concatenate([self._fact_before[ref.fact], persona.subject,
                                      self._fact_after[ref.fact]])
-            answer = self._fact_answer(record.facts[ref.fact])
+            answer = persona.facts[ref.fact]
         if kind in IMAGE_KINDS:
             image = record.images[ref.view]
         return Formatted(prompt=prompt, answer=answer, image=image,
-                         persona_id=record.persona_id, task_id=ref.task_id)
+                         persona_id=persona.persona_id, task_id=ref.task_id)
 
     # -- Text forms, for checks against transformers' chat template and processor. ------------
 
