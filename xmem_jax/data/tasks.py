@@ -30,8 +30,8 @@ after the model's `<end_of_turn>` is not part of the answer ids: generation stop
 `<end_of_turn>`, and nothing follows it in a training sequence.
 
 Tokenization is cached, never per example: fixed pieces (prompt scaffolding, questions, fact
-values) are tokenized once at construction; a persona's name and descriptions once per persona
-(`_PersonaTokens`). Pieces are joined where every tokenizer in use splits anyway (at newlines
+values) are tokenized once at construction; a persona's name, descriptions and facts once per
+persona (`_PersonaTokens`). Pieces are joined where every tokenizer in use splits anyway (at newlines
 and before a space-led word); `Formatter.check` compares the joined ids with the tokenizer run on
 the whole text and the pipeline runs it on each task's first examples, so a tokenizer that merged
 across a join would fail loudly instead of training on ids it would never produce.
@@ -372,7 +372,12 @@ class _PersonaTokens:
 
 
 class Formatter:
-    """Turns (ExampleRef, PersonaRecord) into token ids, with every distinct text cached."""
+    """Turns (ExampleRef, PersonaRecord) into token ids, with every distinct text cached.
+
+    Per persona (keyed by its dataset index), the tokens of its name, descriptions and fact
+    answers and its held-out flags are kept (up to `max_cached_personas`), so a text-only
+    example of a persona seen before needs no record (`format_without_record`).
+    """
 
     def __init__(self, tokenizer, specs: Sequence[TaskSpec], num_image_tokens: int,
                  max_cached_personas: int = 1 << 17):
