@@ -35,6 +35,7 @@ from xmem_jax.data import schema
 from xmem_jax.data.tokenizer import train_tokenizer
 
 _CONFIG_FILE = "generator_config.json"
+_PROMPT_WEIGHT = 200  # How often the corpus repeats each fixed prompt text.
 
 
 def _encode_png(image: np.ndarray) -> bytes:
@@ -132,7 +133,11 @@ def _write_shard(spec, renderer, batch_size, work_dir: Path, num_shards: int, sh
 
 
 def tokenizer_corpus(spec: GeneratorSpec) -> Iterator[str]:
-    """The generator's vocabulary: every name part, phrase, fact and question it can emit."""
+    """The generator's vocabulary: every name part, phrase, fact and question it can emit.
+
+    BPE merges the most frequent pairs first, so the fixed prompt words, which every example
+    repeats, are weighted up to become single tokens; whole names appear as they do in answers.
+    """
     from xmem_jax.data import tasks  # The prompts the pipeline wraps around the data.
 
     yield from names.first_names()
@@ -141,13 +146,14 @@ def tokenizer_corpus(spec: GeneratorSpec) -> Iterator[str]:
         for phrases in values.values():
             yield from phrases
     for question, values in attributes.FACTS.values():
-        yield question
         yield from values
-    yield from tasks.prompt_texts()
+    for _ in range(_PROMPT_WEIGHT):
+        yield from tasks.prompt_texts()
     rng = np.random.default_rng([spec.seed, 7])  # Sample sentences, for whole-word merges.
     for index in range(min(spec.num_personas, 500)):
-        attrs = make_persona(spec, index).attributes
-        yield descriptions.describe_once(rng, attrs, spec.attributes)
+        persona = make_persona(spec, index)
+        yield persona.name
+        yield descriptions.describe_once(rng, persona.attributes, spec.attributes)
 
 
 def _finalize(config, spec: GeneratorSpec, renderer, work_dir: Path, final_dir: Path) -> None:
