@@ -113,7 +113,7 @@ def _write_shard(spec, renderer, batch_size, work_dir: Path, num_shards: int, sh
     path = Path(_file_template(work_dir).sharded_filepath(shard_index=shard, num_shards=num_shards))
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     indices = shard_range(spec.num_personas, num_shards, shard)
-    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")  # PNGs do not compress.
     num_bytes = 0
     progress = tqdm(total=len(indices), desc=f"shard {shard + 1}/{num_shards}", unit="persona")
     for start in range(indices.start, indices.stop, batch_size):
