@@ -1,0 +1,452 @@
+"""The training loop: a sharded, jitted train step fed from per-host numpy batches, with
+metrics, periodic evaluation, NaN stops and checkpoint resume.
+
+    result = trainer.train(config, workdir, model_fn, iter(pipeline), eval_fn, eval_every=500)
+
+One step is one optimizer update on a global batch of `config.batch_size` examples (all hosts),
+split into `optim.grad_accum_steps` micro-batches whose gradients are summed inside the jitted
+step, so the loss, gradient and learning rate logged for step s are those of update s whatever
+the accumulation. Each host feeds its own rows (`batch_size / process_count`); the batch is
+sharded over the mesh axes that the rules table gives 'activation_batch' (data and fsdp).
+
+Config (`default_config()`):
+
+| field | meaning |
+| --- | --- |
+| `num_steps` | optimizer steps to train for (the schedule decays over them) |
+| `batch_size` | global examples per optimizer step, over all hosts and micro-batches |
+| `mesh.data`, `mesh.fsdp`, `mesh.tensor` | mesh axis sizes; one may be -1 (= the remaining devices) |
+| `log_every` | write a metrics row every this many steps (and at the last step) |
+| `progress_bar` | show a tqdm bar on process 0 |
+| `optim` | see `xmem_jax.train.optim` |
+| `checkpoint` | see `xmem_jax.train.checkpoints` |
+
+Workdir layout: `checkpoints/<step>/` (Orbax) and `metrics.jsonl` (one JSON object a line, with
+`kind` 'train' or 'eval' and `step`). A rerun with the same workdir resumes from the newest
+checkpoint, data stream included, and drops metric rows logged after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from xmem_jax.train import checkpoints, losses, optim, sharding
+
+# Batch entries the train step reads; the rest (ids, has_image) stay on the host.
+MODEL_INPUTS = ("tokens", "input_mask", "loss_mask", "images")
+
+Batch = Mapping[str, np.ndarray]
+EvalFn = Callable[[nnx.Module, int], Mapping[str, Any] | None]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.num_steps = 1000
+    config.batch_size = 32
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.log_every = 10
+    config.progress_bar = True
+    config.optim = optim.default_config()
+    config.checkpoint = checkpoints.default_config()
+    return config
+
+
+class PreemptedError(RuntimeError):
+    """Training stopped at a preemption after saving a checkpoint; rerun to resume."""
+
+
+class TrainState(nnx.Module):
+    """The model and its optimizer (moments and step count) as one nnx tree, so one abstract
+    state with shardings describes how to create, shard, checkpoint and restore all of it."""
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation,
+                 wrt: nnx.filterlib.Filter):
+        self.model = model
+        self.optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def train_state_fn(config: ml_collections.ConfigDict, model_fn: Callable[[], nnx.Module],
+                   ) -> Callable[[], TrainState]:
+    """Builds the model with its optimizer: the constructor `sharding.abstract_model` and
+    `sharding.create_sharded_model` take."""
+    tx = optim.make_optimizer(config.optim, int(config.num_steps))
+    wrt = optim.trainable_filter(config.optim)
+    return lambda: TrainState(model_fn(), tx, wrt)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: nnx.Module  # The trained model (its arrays sharded on the mesh).
+    step: int
+    metrics: dict[str, float]  # The last step's train metrics; empty if no step ran.
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and batches.
+
+
+def mesh_from_config(mesh_config: ml_collections.ConfigDict,
+                     devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh`; one axis may be -1 (the rest)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = {axis: int(mesh_config[axis]) for axis in sharding.MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"Invalid mesh config {sizes}: sizes must be positive, at most one -1")
+    if free:
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if len(devices) % fixed:
+            raise ValueError(f"Mesh config {sizes}: {len(devices)} devices do not split into "
+                             f"groups of {fixed}")
+        sizes[free[0]] = len(devices) // fixed
+    return sharding.make_mesh(**sizes, devices=devices)
+
+
+def batch_partition(rules: sharding.LogicalRules = sharding.LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """How batch arrays are split: their leading dim over the mesh axes of 'activation_batch'."""
+    return PartitionSpec(dict(rules)["activation_batch"])
+
+
+def batch_shards(mesh: jax.sharding.Mesh,
+                 rules: sharding.LogicalRules = sharding.LOGICAL_AXIS_RULES) -> int:
+    axes = batch_partition(rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[axis] for axis in axes)
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, grad_accum_steps: int = 1,
+                     process_count: int | None = None) -> None:
+    """Raises a ValueError unless every micro-batch splits evenly over the batch devices and
+    every host feeds the same number of rows."""
+    process_count = jax.process_count() if process_count is None else process_count
+    shards = batch_shards(mesh)
+    unit = shards * grad_accum_steps
+    if batch_size < 1 or batch_size % unit:
+        layout = " x ".join(f"{axis}={mesh.shape[axis]}" for axis in sharding.MESH_AXES)
+        suggestion = max(unit, round(batch_size / unit) * unit)
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by grad_accum_steps={grad_accum_steps} x "
+            f"the {shards} devices that split the batch (mesh {layout}; batch over "
+            f"{batch_partition()[0]}): every micro-batch must split evenly. Use a multiple of "
+            f"{unit}, e.g. {suggestion}.")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} "
+                         "hosts, which each feed batch_size / hosts rows")
+
+
+def make_global_batch(local_batch: Batch, batch_sharding: NamedSharding, batch_size: int,
+                      ) -> dict[str, jax.Array]:
+    """This host's numpy rows -> global arrays of `batch_size` rows, sharded on the mesh.
+
+    Each host passes only its own rows (`jax.make_array_from_process_local_data`), so the same
+    code runs on one machine and on a pod.
+    """
+    missing = [key for key in MODEL_INPUTS if key != "images" and key not in local_batch]
+    if missing:
+        raise KeyError(f"Train batch lacks {missing}; it has {sorted(local_batch)}")
+    batch = {}
+    for key in MODEL_INPUTS:
+        if key not in local_batch:
+            continue
+        local = np.asarray(local_batch[key])
+        if local.shape[0] * jax.process_count() != batch_size:
+            raise ValueError(
+                f"Batch entry {key!r} has {local.shape[0]} rows on each of "
+                f"{jax.process_count()} hosts, but batch_size={batch_size} needs "
+                f"{batch_size // jax.process_count()} per host: make the input pipeline's "
+                "per-host batch size batch_size / process_count")
+        batch[key] = jax.make_array_from_process_local_data(
+            batch_sharding, local, (batch_size, *local.shape[1:]))
+    return batch
+
+
+def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [num, B / num, ...], micro-batch j holding rows j, j + num, j + 2 num, ...
+
+    Strided, not contiguous: each device's block of rows contributes equally to every
+    micro-batch, so the split moves no data between devices.
+    """
+    spec = PartitionSpec(None, *batch_partition())
+    return {key: jax.lax.with_sharding_constraint(
+        x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), spec)
+        for key, x in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step.
+
+
+def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                    state_shardings: nnx.State, mesh: jax.sharding.Mesh):
+    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings.
+
+    The state (a `TrainState`'s `nnx.State`) is donated and comes back with the same shardings;
+    the batch is split over the batch axes; metrics (loss, grad_norm, learning_rate, loss_tokens,
+    tokens) come back replicated. Trace it inside `sharding.use_mesh(mesh)`.
+    """
+    accum = int(config.optim.grad_accum_steps)
+    wrt = optim.trainable_filter(config.optim)
+    schedule = optim.learning_rate_schedule(config.optim, config.num_steps)
+
+    def train_step(state: nnx.State, batch: dict[str, jax.Array]):
+        train_state = nnx.merge(graphdef, state)
+        model_def, trainable, frozen = nnx.split(train_state.model, wrt, ...)
+        # Plain arrays, re-wrapped inside the gradient: Variables made outside it would leak
+        # the outer trace into the layer scans.
+        frozen = nnx.as_pure(frozen)
+        has_vision = train_state.model.vision_tower is not None
+
+        def loss_sums(trainable, micro_batch):
+            model = nnx.merge(model_def, trainable, frozen)
+            images = micro_batch.get("images") if has_vision else None
+            logits = model(micro_batch["tokens"], images, micro_batch["input_mask"].astype(bool))
+            return losses.next_token_loss_sums(logits, micro_batch["tokens"],
+                                               micro_batch["loss_mask"])
+
+        grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+        if accum == 1:
+            (loss_sum, count), grads = grad_fn(trainable, batch)
+        else:
+            def accumulate(totals, micro_batch):
+                (loss_sum, count), grads = grad_fn(trainable, micro_batch)
+                grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+                return jax.tree.map(jnp.add, totals, (loss_sum, count, grads)), None
+
+            zeros = (jnp.zeros([]), jnp.zeros([]),
+                     jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros,
+                                                       split_micro_batches(batch, accum))
+        denominator = jnp.where(count > 0, count, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        metrics = {
+            "loss": loss_sum / denominator,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(train_state.optimizer.step[...]),
+            "loss_tokens": count,
+            "tokens": jnp.sum(batch["input_mask"]),
+        }
+        train_state.optimizer.update(train_state.model, grads)
+        return nnx.state(train_state), metrics
+
+    batch_sharding = NamedSharding(mesh, batch_partition())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+
+class MetricsLog:
+    """Metric rows to `<workdir>/metrics.jsonl` (process 0 only).
+
+    On resume from `step`, rows logged after it (by the run that was cut off) are dropped, so the
+    file describes exactly one history. Local files are appended to; object stores (gs://...),
+    which cannot append, get the whole file rewritten.
+    """
+
+    def __init__(self, path: epath.Path, resume_step: int):
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        self._appendable = "://" not in str(path)
+        self._lines: list[str] = []
+        if self.enabled and path.exists():
+            lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
+            self._lines = [line for line in lines if json.loads(line)["step"] <= resume_step]
+            if len(self._lines) != len(lines):
+                path.write_text("".join(self._lines))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(row, default=_to_json) + "\n"
+        if self._appendable:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set on SIGTERM (single-host runs; pods rely on Orbax's preemption sync point,
+    which keeps the hosts in step). The previous handler comes back afterwards."""
+    flag = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+          model_fn: Callable[[], nnx.Module], train_iter: Iterator[Batch],
+          eval_fn: EvalFn | None = None, eval_every: int = 0,
+          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+    """Trains `model_fn()` on `train_iter` for `config.num_steps` optimizer steps.
+
+    Args:
+      config: see `default_config()`.
+      workdir: checkpoints and metrics go here; if it holds a checkpoint, training resumes from
+        the newest readable one (and the iterator, if it has get_state / set_state, is moved to
+        where that checkpoint left it).
+      model_fn: builds the model deterministically (e.g. `lambda: VLM(cfg, rngs=nnx.Rngs(0))`);
+        it runs abstractly and under `jit`, so it must not depend on outside arrays.
+      train_iter: this host's batches (see `MODEL_INPUTS`), each with
+        `batch_size / process_count` rows, e.g. `iter(pipeline)` from `xmem_jax.data.pipeline`.
+      eval_fn: called as `eval_fn(model, step)` every `eval_every` steps and after the last one,
+        inside the mesh context; a returned mapping is logged as an 'eval' row. The model's
+        arrays are reused by the next step, so it must not be kept.
+      mesh: overrides `config.mesh`.
+
+    Raises:
+      FloatingPointError: a step's loss or gradient norm is NaN/Inf; the state is not saved,
+        so the newest checkpoint stays the last good one.
+      PreemptedError: SIGTERM (or a pod preemption notice) arrived; a checkpoint was saved.
+    """
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_from_config(config.mesh) if mesh is None else mesh
+    num_steps, batch_size = int(config.num_steps), int(config.batch_size)
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be at least 1")
+    check_batch_size(batch_size, mesh, int(config.optim.grad_accum_steps))
+
+    init_fn = train_state_fn(config, model_fn)
+    graphdef, abstract_state = sharding.abstract_model(init_fn, mesh)
+    logging.info("Model: %s", optim.describe_trainable(
+        nnx.merge(graphdef, abstract_state).model, config.optim))
+    state_shardings = sharding.state_shardings(abstract_state)
+
+    checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    try:
+        restored = checkpointer.restore(abstract_state, train_iter)
+        if restored is None:
+            state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
+        else:
+            state = restored[1]
+            logging.info("Resumed from %s at step %d", checkpointer.directory, restored[0])
+        step = int(nnx.merge(graphdef, state).optimizer.step[...])
+        return _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
+                    train_iter, eval_fn, eval_every)
+    finally:
+        checkpointer.wait_until_finished()  # Saves already started complete, even on errors.
+        checkpointer.close()
+
+
+def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
+         train_iter, eval_fn, eval_every) -> TrainResult:
+    num_steps, batch_size = int(config.num_steps), int(config.batch_size)
+    log_every = max(int(config.log_every), 1)
+    train_step = make_train_step(graphdef, config, state_shardings, mesh)
+    batch_sharding = NamedSharding(mesh, batch_partition())
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", step)
+    bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step",
+                    disable=not config.progress_bar or jax.process_index() != 0)
+    window = {"start": time.perf_counter(), "tokens": 0.0, "steps": 0}
+    last: dict[str, float] = {}
+
+    def record(step: int, device_metrics: dict[str, jax.Array], write: bool) -> None:
+        """Fetches one step's metrics, stops on NaN/Inf, and logs them."""
+        metrics = {k: v.item() for k, v in jax.device_get(device_metrics).items()}
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            raise FloatingPointError(
+                f"Step {step}: loss={metrics['loss']}, grad_norm={metrics['grad_norm']} is not "
+                f"finite; training stopped without saving this state. The last good checkpoint "
+                f"is step {checkpointer.latest_step} in {checkpointer.directory} (a rerun "
+                "resumes there). Check the input batches or lower optim.learning_rate.")
+        window["tokens"] += metrics["tokens"]
+        window["steps"] += 1
+        last.clear()
+        last.update(metrics)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                        refresh=False)
+        if write:
+            seconds = time.perf_counter() - window["start"]
+            row = {"kind": "train", "step": step, **metrics,
+                   "tokens_per_s": window["tokens"] / seconds,
+                   "steps_per_s": window["steps"] / seconds}
+            metrics_log.write(row)
+            logging.info("step %d: loss %.4f, grad_norm %.3f, lr %.3e, %.0f tokens/s", step,
+                         metrics["loss"], metrics["grad_norm"], metrics["learning_rate"],
+                         row["tokens_per_s"])
+            window.update(start=time.perf_counter(), tokens=0.0, steps=0)
+
+    pending = None  # The last step's metrics, checked while the next step runs.
+    try:
+        with sharding.use_mesh(mesh), _sigterm_flag() as sigterm:
+            while step < num_steps:
+                try:
+                    local_batch = next(train_iter)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"train_iter ran out after step {step} of num_steps={num_steps}; "
+                        "give the pipeline more epochs (num_epochs=None repeats forever)"
+                    ) from None
+                batch = make_global_batch(local_batch, batch_sharding, batch_size)
+                state, metrics = train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    record(*pending, write=pending[0] % log_every == 0)
+                pending = (step, metrics)
+
+                preempted = sigterm.is_set() or checkpointer.reached_preemption(step)
+                do_eval = eval_fn is not None and (
+                    step == num_steps or (eval_every and step % eval_every == 0))
+                do_save = preempted or step == num_steps or checkpointer.should_save(step)
+                if do_eval or do_save or step == num_steps:
+                    record(*pending, write=step % log_every == 0 or step == num_steps)
+                    pending = None
+                if do_save:
+                    checkpointer.save(step, state, train_iter)
+                if do_eval:
+                    results = eval_fn(nnx.merge(graphdef, state).model, step)
+                    if results:
+                        metrics_log.write({"kind": "eval", "step": step, **results})
+                if preempted:
+                    checkpointer.wait_until_finished()
+                    raise PreemptedError(f"Preempted at step {step}; checkpoint saved in "
+                                         f"{checkpointer.directory}. Rerun to resume.")
+            if pending is not None:
+                record(*pending, write=True)
+    finally:
+        bar.close()
+    return TrainResult(model=nnx.merge(graphdef, state).model, step=step, metrics=dict(last))
