@@ -271,7 +271,9 @@ class MetricsLog:
         self._lines: list[str] = []
         if self.enabled and path.exists():
             lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
-            self._lines = [line for line in lines if json.loads(line)["step"] <= resume_step]
+            # A fresh start (step 0) keeps nothing, not even an old step-0 evaluation.
+            self._lines = [line for line in lines
+                           if 0 < resume_step and json.loads(line)["step"] <= resume_step]
             if len(self._lines) != len(lines):
                 path.write_text("".join(self._lines))
 
@@ -319,7 +321,8 @@ def _sigterm_flag() -> Iterator[threading.Event]:
 def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
           model_fn: Callable[[], nnx.Module], train_iter: Iterator[Batch],
           eval_fn: EvalFn | None = None, eval_every: int = 0,
-          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+          mesh: jax.sharding.Mesh | None = None,
+          initial_state: nnx.State | None = None) -> TrainResult:
     """Trains `model_fn()` on `train_iter` for `config.num_steps` optimizer steps.
 
     Args:
@@ -331,10 +334,14 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         it runs abstractly and under `jit`, so it must not depend on outside arrays.
       train_iter: this host's batches (see `MODEL_INPUTS`), each with
         `batch_size / process_count` rows, e.g. `iter(pipeline)` from `xmem_jax.data.pipeline`.
-      eval_fn: called as `eval_fn(model, step)` every `eval_every` steps and after the last one,
+      eval_fn: called as `eval_fn(model, step)` before the first step, every `eval_every` steps
+        and after the last one,
         inside the mesh context; a returned mapping is logged as an 'eval' row. The model's
         arrays are reused by the next step, so it must not be kept.
       mesh: overrides `config.mesh`.
+      initial_state: model weights to start from (e.g. a pretrained model's `nnx.state`)
+        instead of `model_fn`'s initialisation, when there is no checkpoint to resume; they
+        are placed on the model's shardings. The optimizer starts fresh.
 
     Raises:
       FloatingPointError: a step's loss or gradient norm is NaN/Inf; the state is not saved,
@@ -360,6 +367,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         restored = checkpointer.restore(abstract_state, train_iter)
         if restored is None:
             state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
+            if initial_state is not None:
+                state["model"] = jax.device_put(initial_state, state_shardings["model"])
         else:
             state = restored[1]
             logging.info("Resumed from %s at step %d", checkpointer.directory, restored[0])
@@ -413,6 +422,10 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
     pending = None  # The last step's metrics, checked while the next step runs.
     try:
         with sharding.use_mesh(mesh), _sigterm_flag() as sigterm:
+            if eval_fn is not None and step == 0:  # Where the curves start.
+                results = eval_fn(nnx.merge(graphdef, state).model, 0)
+                if results:
+                    metrics_log.write({"kind": "eval", "step": 0, **results})
             while step < num_steps:
                 try:
                     local_batch = next(train_iter)
