@@ -1,0 +1,177 @@
+"""The core study: fine-tune a VLM on personas in ONE modality, score recall in BOTH.
+
+    dataset (cached) -> base model on world personas (cached) -> fine-tune on study personas
+    in `train_modality`, scoring held-out images and descriptions every `eval_every` steps
+    -> results.json, report.md, curves.png   [-> the same from a random init: the control]
+
+Caches live under `config.cache_dir`, keyed by a hash of everything that determines them, so
+runs that share a dataset or a base model build it once. Every training phase checkpoints to
+its own directory and resumes when rerun; recall curves are read back from the metrics log, so
+a killed and resumed run reports the same curves as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+
+from data_gen import dataset as data_writer
+from xmem_jax.data import pipeline
+from xmem_jax.data.tokenizer import IMAGE_TOKEN
+from xmem_jax.model.config import VLMConfig, get_model_config
+from xmem_jax.model.vlm import VLM
+from xmem_jax.report.study import MODALITIES, write_report
+from xmem_jax.score import recall
+from xmem_jax.train import trainer
+
+QUERY_KIND = {"image": "image_to_name", "description": "description_to_name"}
+
+
+def config_hash(*parts) -> str:
+    text = json.dumps([p.to_dict() if hasattr(p, "to_dict") else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    def fail(field, value, why):
+        raise ValueError(f"Invalid study config: {field}={value!r}: {why}")
+
+    if config.train_modality not in MODALITIES:
+        fail("train_modality", config.train_modality, f"known: {', '.join(MODALITIES)}")
+    world, study = tuple(config.world_personas), tuple(config.study_personas)
+    for field, (start, stop) in (("world_personas", world), ("study_personas", study)):
+        if not 0 <= start < stop <= config.data.num_personas:
+            fail(field, (start, stop), f"must be a range inside [0, data.num_personas="
+                                       f"{config.data.num_personas}]")
+    if world[0] < study[1] and study[0] < world[1]:
+        fail("study_personas", study, f"overlaps world_personas={world}: the base model must "
+                                      "never see a study persona")
+
+
+def ensure_dataset(config: ml_collections.ConfigDict) -> Path:
+    out_dir = Path(config.cache_dir) / "data" / config_hash(config.data)
+    path = data_writer.generate(config.data, out_dir)
+    if path is None:
+        raise RuntimeError(f"Dataset in {out_dir} is still missing shards")
+    return path
+
+
+def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entries,
+                    batch_size: int, *, train: bool) -> ml_collections.ConfigDict:
+    section = pipeline.default_config()
+    section.data_dir = str(data_dir)
+    section.tasks = tuple(task_entries)
+    section.batch_size = batch_size
+    section.max_length = int(config.max_length)
+    section.image_size = model_config.vision.image_size
+    section.num_image_tokens = model_config.mm_tokens_per_image
+    section.seed = int(config.seed)
+    section.shuffle = train
+    section.num_epochs = None if train else 1
+    return section
+
+
+def model_config_for(config, tokenizer) -> VLMConfig:
+    model_config = get_model_config(config.model,
+                                    image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    if len(tokenizer) > model_config.text.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model {config.model!r} "
+                         f"embeds {model_config.text.vocab_size}")
+    return model_config
+
+
+def _range(personas) -> str:
+    return f"personas={personas[0]}:{personas[1]}"
+
+
+def eval_tasks(config) -> dict[str, str]:
+    return {m: f"{QUERY_KIND[m]} split=heldout {_range(config.study_personas)}"
+            for m in MODALITIES}
+
+
+def curves_from_log(workdir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{"step": r["step"], **{m: r[m] for m in MODALITIES}} for r in rows
+            if r["kind"] == "eval"]
+
+
+def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir: Path,
+                       initial_state: nnx.State | None) -> list[dict]:
+    """Fine-tunes on the study personas in `train_modality`; returns the recall curves."""
+    task = f"{QUERY_KIND[config.train_modality]} split=train {_range(config.study_personas)}"
+    train_pipeline = pipeline.build(pipeline_config(
+        config, data_dir, model_config, [task], config.finetune.batch_size, train=True))
+    scorer = recall.Scorer(
+        {m: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
+                            train=False)
+         for m, entry in eval_tasks(config).items()})
+    trainer.train(config.finetune, workdir, lambda: VLM(model_config, rngs=nnx.Rngs(config.seed)),
+                  iter(train_pipeline), eval_fn=scorer, eval_every=int(config.eval_every),
+                  initial_state=initial_state)
+    return curves_from_log(workdir)
+
+
+def train_base(config, data_dir: Path, model_config: VLMConfig) -> nnx.State:
+    """The base model: world personas in both modalities (cached by its config)."""
+    key = config_hash(config.data, config.model, config.base, config.base_tasks,
+                      config.world_personas, config.max_length, config.seed)
+    workdir = Path(config.cache_dir) / "base" / key
+    entries = [f"{entry} {_range(config.world_personas)}" for entry in config.base_tasks]
+    train_pipeline = pipeline.build(pipeline_config(
+        config, data_dir, model_config, entries, config.base.batch_size, train=True))
+    result = trainer.train(config.base, workdir,
+                           lambda: VLM(model_config, rngs=nnx.Rngs(config.seed)),
+                           iter(train_pipeline))
+    return nnx.state(result.model)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+    check_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    start = time.perf_counter()
+    data_dir = ensure_dataset(config)
+    timings["dataset"] = time.perf_counter() - start
+
+    probe = pipeline.build(pipeline_config(config, data_dir, get_model_config(config.model),
+                                           [eval_tasks(config)["image"]], 1, train=False),
+                           mode="prompt")
+    model_config = model_config_for(config, probe.tokenizer)
+
+    print("Base model: world personas in both modalities (cached)", flush=True)
+    start = time.perf_counter()
+    base_state = train_base(config, data_dir, model_config)
+    timings["base"] = time.perf_counter() - start
+
+    print(f"Fine-tuning on the study personas' {config.train_modality}s", flush=True)
+    start = time.perf_counter()
+    curves = finetune_and_score(config, data_dir, model_config, workdir / "finetune", base_state)
+    timings["finetune"] = time.perf_counter() - start
+    num_study = config.study_personas[1] - config.study_personas[0]
+    results = {
+        "train_modality": config.train_modality,
+        "recall": {m: curves[-1][m] for m in MODALITIES},
+        "chance": {"exact_match": 0.0, "choice_acc": 1.0 / num_study,
+                   "mean_rank": (num_study + 1) / 2},
+        "curves": curves,
+        "num_study_personas": num_study,
+        "command": command,
+        "config": config.to_dict(),
+    }
+    if config.control:
+        print("Control: the same fine-tuning from a random initialisation", flush=True)
+        start = time.perf_counter()
+        control = finetune_and_score(config, data_dir, model_config, workdir / "control", None)
+        timings["control"] = time.perf_counter() - start
+        results["control"] = {"recall": {m: control[-1][m] for m in MODALITIES},
+                              "curves": control}
+    results["timings"] = timings
+    write_report(results, workdir)
+    return results
