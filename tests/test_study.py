@@ -1,0 +1,52 @@
+"""The main job end to end on the :quick config, and its config checks."""
+
+import json
+
+import pytest
+
+from configs import default
+from xmem_jax.experiments import study
+
+
+def quick_config(tmp_path, **overrides):
+    config = default.get_config("quick")
+    config.cache_dir = str(tmp_path / "cache")
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train_modality": "audio"}, "train_modality='audio'"),
+    ({"study_personas": (30, 60)}, "overlaps world_personas"),
+    ({"study_personas": (40, 70)}, "study_personas=.*inside"),
+])
+def test_invalid_study_configs_fail_clearly(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        study.run(quick_config(tmp_path, **overrides), tmp_path / "run", "test")
+
+
+def test_unknown_config_arg():
+    with pytest.raises(ValueError, match="Unknown config arg 'huge'"):
+        default.get_config("huge")
+
+
+@pytest.mark.slow
+def test_quick_study_writes_results_report_and_curves(tmp_path):
+    config = quick_config(tmp_path)
+    results = study.run(config, tmp_path / "run", "test")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["train_modality"] == "image"
+    for modality in ("image", "description"):
+        for metric in ("exact_match", "choice_acc"):
+            assert 0.0 <= saved["recall"][modality][metric] <= 1.0
+    assert saved["chance"] == {"exact_match": 0.0, "choice_acc": 1 / 20, "mean_rank": 10.5}
+    steps = [point["step"] for point in saved["curves"]]
+    assert steps == [0, 10, 20]  # Before fine-tuning, every eval_every steps, and at the end.
+    assert [p["step"] for p in saved["control"]["curves"]] == steps
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    assert "control: random init" in (tmp_path / "run" / "report.md").read_text()
+    assert results["recall"] == saved["recall"]
+    # A rerun reuses the cached dataset and base model and the finished fine-tuning runs.
+    again = study.run(config, tmp_path / "run", "test")
+    assert again["recall"] == results["recall"]
+    assert again["timings"]["base"] < results["timings"]["base"]
