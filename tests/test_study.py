@@ -50,3 +50,15 @@ def test_quick_study_writes_results_report_and_curves(tmp_path):
     again = study.run(config, tmp_path / "run", "test")
     assert again["recall"] == results["recall"]
     assert again["timings"]["base"] < results["timings"]["base"]
+
+
+def test_relative_cache_and_workdir_paths(tmp_path, monkeypatch):
+    """Orbax rejects relative paths; the default cache_dir (runs/cache) is one."""
+    monkeypatch.chdir(tmp_path)
+    config = quick_config(tmp_path, cache_dir="runs/cache", control=False)
+    config.base.num_steps = 2
+    config.base.optim.warmup_steps = 1
+    config.finetune.num_steps = 1
+    config.finetune.optim.warmup_steps = 0
+    results = study.run(config, "runs/quick", "test")
+    assert [p["step"] for p in results["curves"]] == [0, 1]

@@ -29,6 +29,7 @@ Config (`config.checkpoint`, `default_config()`):
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -102,7 +103,8 @@ class Checkpointer:
     """Saves and restores (train state, data iterator) pairs under one directory."""
 
     def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict):
-        self.directory = epath.Path(directory)
+        directory = str(directory)  # Orbax needs absolute local paths; gs://... stays as it is.
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self._config = config
         self._manager = self._open()
 
