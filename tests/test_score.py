@@ -1,22 +1,36 @@
-"""Recall scoring: cached decoding and candidate likelihoods agree with the plain forward pass."""
+"""Recall scoring: cached greedy decoding and candidate likelihoods agree with the plain forward
+pass; bucketing, stopping, normalisation, candidates, chance levels, padding rows, sharding and
+a model trained to know the answers."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from xmem_jax.data import pipeline
 from xmem_jax.model.config import get_model_config
 from xmem_jax.model.vlm import VLM
-from xmem_jax.score import recall
+from xmem_jax.score import decoding, recall
+from xmem_jax.train import sharding
+
+TINY = get_model_config("tiny")
+# A sliding window shorter than prompt + answer: cached decoding of right-padded prompts of
+# different lengths is only exact if the window counts positions the way the full pass does.
+CONFIG = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, sliding_window=8))
+EOT = 5  # <end_of_turn> in the project tokenizer (SPECIAL_TOKENS order).
 
 
-def tiny_model(seed=0):
-    config = dataclasses.replace(get_model_config("tiny"), mm_tokens_per_image=16)
-    return VLM(config, rngs=nnx.Rngs(seed))
+def build_model(config=CONFIG, seed=0):
+    return nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(seed)))()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model()
 
 
 @nnx.jit
@@ -24,100 +38,252 @@ def _forward(model, tokens, images, input_mask):
     return model(tokens, images, input_mask)
 
 
-def full_logits(model, sequence, image, length=32):
-    """Logits [len(sequence), V] of one right-padded row: one compiled shape for every call."""
+def full_log_probs(model, sequence, image, length=48):
+    """Log-probs [len(sequence), V] of one row by the uncached forward pass (one compiled
+    shape for every call: the row is right-padded to `length`)."""
     tokens = np.zeros((1, length), np.int32)
     tokens[0, :len(sequence)] = sequence
     mask = np.arange(length)[None] < len(sequence)
-    return _forward(model, tokens, image[None], mask)[0, :len(sequence)]
+    return jax.nn.log_softmax(_forward(model, tokens, image[None], mask)[0, :len(sequence)])
 
 
-def prompts(batch=3, length=24, seed=0):
-    """Right-padded prompts of different lengths, with an image block in each."""
+def prompts(lengths=(20, 24, 13), width=24, seed=0):
+    """Right-padded prompts of different lengths: <bos>, an image block, random text."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(9, 1000, (batch, length)).astype(np.int32)
-    tokens[:, 2:18] = 8  # Image soft-token placeholders.
-    prompt_length = np.array([20, 24, 22][:batch], np.int32)
-    for row, n in enumerate(prompt_length):
+    tokens = rng.integers(9, 1000, (len(lengths), width)).astype(np.int32)
+    tokens[:, 0] = 2
+    tokens[:, 1:17] = 8  # Image soft-token placeholders.
+    for row, n in enumerate(lengths):
         tokens[row, n:] = 0
-    images = rng.uniform(-1, 1, (batch, 32, 32, 3)).astype(np.float32)
-    return tokens, prompt_length, images
+    images = rng.uniform(-1, 1, (len(lengths), 32, 32, 3)).astype(np.float32)
+    return tokens, np.asarray(lengths, np.int32), images
 
 
-def test_greedy_decode_matches_argmax_of_full_forward():
-    model = tiny_model()
-    tokens, lengths, images = prompts()
-    generated = np.asarray(recall.greedy_decode(model, tokens, lengths, images, num_tokens=4))
+def greedy_reference(model, tokens, lengths, images, steps):
+    """Step-by-step argmax of the full forward pass, per row."""
+    out = []
     for row in range(len(tokens)):
         sequence = list(tokens[row, :lengths[row]])
-        for t in range(4):
-            logits = full_logits(model, sequence, images[row])
-            sequence.append(int(jnp.argmax(logits[-1])))
-        assert generated[row].tolist() == sequence[-4:]
+        for _ in range(steps):
+            sequence.append(int(jnp.argmax(full_log_probs(model, sequence, images[row])[-1])))
+        out.append(sequence[-steps:])
+    return np.array(out)
 
 
-def test_candidate_log_likelihoods_match_full_forward():
-    model = tiny_model(1)
-    tokens, lengths, images = prompts(batch=2)
-    candidates = np.array([[11, 12, 13], [14, 15, 0], [16, 0, 0]], np.int32)
-    candidate_length = np.array([3, 2, 1], np.int32)
-    scores = np.asarray(recall.candidate_log_likelihoods(
-        model, tokens, lengths, images, candidates, candidate_length))
-    assert scores.shape == (2, 3)
-    for row in range(2):
-        for c in range(3):
-            answer = list(candidates[c, :candidate_length[c]])
-            sequence = list(tokens[row, :lengths[row]]) + answer
-            log_probs = jax.nn.log_softmax(full_logits(model, sequence, images[row]))
+def test_bucket_length():
+    assert [decoding.bucket_length(n) for n in (1, 16, 17, 100, 129, 300)] == \
+        [16, 16, 32, 112, 256, 512]
+    assert decoding.bucket_length(50, buckets=(32, 64)) == 64
+    assert decoding.bucket_length(70, buckets=(32, 64)) == 80  # Past the set: multiples of 16.
+
+
+def test_greedy_decode_matches_argmax_of_full_forward(model):
+    tokens, lengths, images = prompts()
+    generated, length = decoding.greedy_decode(model, tokens, lengths, images, max_new_tokens=6,
+                                               stop_ids=(EOT,))
+    expected = greedy_reference(model, tokens, lengths, images, 6)
+    assert not (expected == EOT).any()  # So no row stops early.
+    np.testing.assert_array_equal(generated, expected)
+    np.testing.assert_array_equal(length, [6, 6, 6])
+
+
+def test_generation_stops_per_row_at_a_stop_token(model):
+    tokens, lengths, images = prompts()
+    free, _ = decoding.greedy_decode(model, tokens, lengths, images, max_new_tokens=6,
+                                     stop_ids=(EOT,))
+    free = np.asarray(free)
+    stop = int(free[0, -1])  # Row 0 stops at this token's first occurrence, the others may.
+    generated, length = decoding.greedy_decode(model, tokens, lengths, images, max_new_tokens=6,
+                                               stop_ids=(EOT, stop), pad_id=0)
+    generated = np.asarray(generated)
+    for row in range(len(tokens)):
+        hits = np.flatnonzero(free[row] == stop)
+        n = hits[0] + 1 if len(hits) else 6
+        assert length[row] == n
+        np.testing.assert_array_equal(generated[row, :n], free[row, :n])
+        assert (generated[row, n:] == 0).all()
+    assert length.min() < 6
+
+
+def test_candidate_log_likelihoods_match_full_forward(model):
+    tokens, lengths, images = prompts()
+    # Per-row candidate sets, C = 5 with 3 per chunk (two chunks, one padded), Lc = 4.
+    rng = np.random.default_rng(1)
+    candidates = rng.integers(9, 1000, (3, 5, 4)).astype(np.int32)
+    candidate_length = np.array([[4, 2, 1, 3, 4], [1, 1, 2, 4, 3], [3, 3, 0, 2, 1]], np.int32)
+    scores = np.asarray(decoding.candidate_log_likelihoods(
+        model, tokens, lengths, images, candidates, candidate_length, chunk_tokens=9))
+    assert scores.shape == (3, 5)
+    for row in range(3):
+        for c in range(5):
+            n = candidate_length[row, c]
+            if n == 0:
+                assert scores[row, c] == -np.inf
+                continue
+            answer = list(candidates[row, c, :n])
+            log_probs = full_log_probs(model, list(tokens[row, :lengths[row]]) + answer,
+                                       images[row])
             start = lengths[row] - 1
             expected = sum(float(log_probs[start + i, a]) for i, a in enumerate(answer))
             np.testing.assert_allclose(scores[row, c], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_bucketing_and_chunking_do_not_change_results(model):
+    tokens, lengths, images = prompts()
+    candidates = np.random.default_rng(2).integers(9, 1000, (4, 3)).astype(np.int32)
+    candidate_length = np.array([3, 2, 3, 1], np.int32)
+    kwargs = dict(max_new_tokens=5, stop_ids=(EOT,), candidates=candidates,
+                  candidate_length=candidate_length)
+    exact = decoding.score_batch(model, tokens, lengths, images, buckets=None, **kwargs)
+    for options in (dict(), dict(buckets=(64,), chunk_tokens=2)):
+        other = decoding.score_batch(model, tokens, lengths, images, **options, **kwargs)
+        np.testing.assert_array_equal(other["generated"], exact["generated"])
+        np.testing.assert_array_equal(other["generated_length"], exact["generated_length"])
+        np.testing.assert_allclose(other["candidate_log_likelihoods"],
+                                   exact["candidate_log_likelihoods"], atol=1e-4)
+
+
 def test_normalize():
     assert recall.normalize("Vabel  Peloth<end_of_turn>") == "vabel peloth"
     assert recall.normalize(" vabel, PELOTH.") == "vabel peloth"
-    assert recall.normalize("Vabel Pelot") != recall.normalize("Vabel Peloth")
+    assert recall.normalize("Vabel Peloth<end_of_turn>junk after the turn") == "vabel peloth"
+    assert recall.exact_match("Vabel-Peloth!", "vabel peloth<end_of_turn>")
+    assert not recall.exact_match("Vabel Pelot", "Vabel Peloth")
+    assert not recall.exact_match("Vabel Peloth Smith", "Vabel Peloth")
+
+
+def data_config(persona_dataset_dir, tasks, batch_size=5):
+    config = pipeline.default_config()
+    config.data_dir = str(persona_dataset_dir)
+    config.tasks = tuple(tasks)
+    config.batch_size = batch_size
+    config.max_length = 48
+    config.image_size = 32
+    return config
 
 
 @pytest.fixture(scope="module")
 def query_set(persona_dataset_dir):
-    config = pipeline.default_config()
-    config.data_dir = str(persona_dataset_dir)
-    config.tasks = ("image_to_name split=heldout personas=0:12",)
-    config.batch_size = 5  # 12 queries: the last batch has 3 padding rows.
-    config.max_length = 48
-    config.image_size = 32
-    config.shuffle = False
-    config.num_epochs = 1
-    return recall.QuerySet(config)
+    # 12 personas, one held-out view each: batches of 5 leave 3 padding rows in the last.
+    return recall.QuerySet.from_config(data_config(
+        persona_dataset_dir, ["image_to_name split=heldout personas=0:12"]))
 
 
-def test_query_set_candidates_and_chance(query_set):
-    assert len(query_set.answers) == 12  # One name per persona.
-    assert query_set.chance == {"exact_match": 0.0, "choice_acc": 1 / 12, "mean_rank": 6.5}
+def test_query_set_candidates_chance_and_padding(query_set):
+    assert len(query_set.groups) == 1 and len(query_set.groups[0]) == 12  # Every name.
     assert sum(int(b["valid"].sum()) for b in query_set.batches) == 12
     assert sum(len(b["valid"]) for b in query_set.batches) == 15
+    assert query_set.chance() == {"exact_match": 0.0, "choice_acc": 1 / 12, "mean_rank": 6.5}
+    names = query_set.tokenizer.batch_decode(list(query_set.groups[0].index))
+    assert all(n.endswith("<end_of_turn>") for n in names) and len(set(names)) == 12
 
 
-def test_scores_count_only_valid_rows_and_rank_within_bounds(query_set):
-    metrics = recall.score_queries(tiny_model(), query_set)
+def test_fact_candidates_are_every_value_of_the_fact(persona_dataset_dir):
+    from data_gen.attributes import FACTS
+
+    queries = recall.QuerySet.from_config(data_config(
+        persona_dataset_dir, ["name_to_fact personas=0:4 facts=occupation,pet"]))
+    sizes = {len(g) for g in queries.groups}
+    assert sizes == {len(FACTS["occupation"][1]), len(FACTS["pet"][1])}
+    chance = queries.chance()
+    expected = np.mean([1 / len(FACTS[f][1]) for f in ("occupation", "pet")])
+    assert chance["choice_acc"] == pytest.approx(expected)
+
+
+def test_padding_rows_are_excluded_and_metrics_bounded(model, query_set):
+    results = recall.score(model, query_set)
+    metrics = results["image_to_name/heldout"]
     assert metrics["num_examples"] == 12
+    assert metrics["chance"] == {"exact_match": 0.0, "choice_acc": 1 / 12, "mean_rank": 6.5}
     assert 1 <= metrics["mean_rank"] <= 12
     assert 0 <= metrics["choice_acc"] <= 1 and 0 <= metrics["exact_match"] <= 1
 
 
-def test_a_model_that_knows_the_answers_scores_perfectly(query_set, monkeypatch):
-    """Rig the likelihoods so the right name wins: accuracy 1, mean rank 1."""
-    truth = iter([query_set.answer_index(b, r) for b in query_set.batches
-                  for r in np.flatnonzero(b["valid"])])
+def test_rigged_scores_give_perfect_and_worst_metrics(model, query_set, monkeypatch):
+    """Metric bookkeeping: likelihoods that put the answer first, then last; padding rows (which
+    would get no answer) may hold anything."""
+    def rigged(best):
+        feeds = zip(query_set.target, query_set.batches)
 
-    def rigged(model, prompt_tokens, prompt_length, images, candidates, candidate_length):
-        scores = np.full((len(prompt_tokens), len(candidates)), -5.0)
-        for row in range(len(scores)):  # Chunks of 5 = batches: padding rows come last.
-            scores[row, next(truth, 0)] = 0.0
-        return scores
+        def score_batch(model, prompt_tokens, prompt_length, images=None, **kwargs):
+            target, batch = next(feeds)
+            num = kwargs["candidates"].shape[1]
+            scores = np.where(np.arange(num)[None] == target[:, None], 0.0, -5.0)
+            answers = np.where(np.arange(batch["answer_tokens"].shape[1])[None]
+                               < batch["answer_length"][:, None], batch["answer_tokens"], 0)
+            return {"candidate_log_likelihoods": scores if best else -scores,
+                    "generated": answers if best else answers[:, ::-1],
+                    "generated_length": batch["answer_length"]}
+        return score_batch
 
-    monkeypatch.setattr(recall, "candidate_log_likelihoods", rigged)
-    metrics = recall.score_queries(tiny_model(), query_set, choice_chunk=5)
-    assert metrics["choice_acc"] == 1.0 and metrics["mean_rank"] == 1.0
+    monkeypatch.setattr(decoding, "score_batch", rigged(True))
+    metrics = recall.score(model, query_set)["image_to_name/heldout"]
+    assert (metrics["exact_match"], metrics["choice_acc"], metrics["mean_rank"]) == (1, 1, 1)
+    monkeypatch.setattr(decoding, "score_batch", rigged(False))
+    metrics = recall.score(model, query_set)["image_to_name/heldout"]
+    assert (metrics["exact_match"], metrics["choice_acc"], metrics["mean_rank"]) == (0, 0, 12)
+
+
+def test_a_model_trained_on_the_answers_scores_perfectly(model, persona_dataset_dir):
+    """A few dozen Adam steps on 3 personas' image -> name examples; scored on the same examples:
+    greedy names match exactly and every query picks its own name."""
+    config = data_config(persona_dataset_dir, ["image_to_name split=train personas=0:3"],
+                         batch_size=9)
+    config.shuffle = False
+    batch = next(iter(pipeline.build(config)))
+    model = nnx.clone(model)  # Trained in place: leave the shared one as it is.
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        def loss_fn(model):
+            logits = model(batch["tokens"], batch["images"], batch["input_mask"] > 0)
+            log_probs = jax.nn.log_softmax(logits[:, :-1])
+            nll = -jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
+            mask = batch["loss_mask"][:, 1:]
+            return jnp.sum(nll * mask) / jnp.sum(mask)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(20):
+        loss = train_step(model, optimizer, batch)
+    assert float(loss) < 0.05
+    config.batch_size = 4  # 9 queries: 3 batches, 3 padding rows.
+    metrics = recall.score(model, config)["image_to_name/train"]
+    assert metrics == {"exact_match": 1.0, "choice_acc": 1.0, "mean_rank": 1.0,
+                       "num_examples": 9,
+                       "chance": {"exact_match": 0.0, "choice_acc": 1 / 3, "mean_rank": 2.0}}
+
+
+def test_score_tasks_from_a_config(model, persona_dataset_dir):
+    config = data_config(persona_dataset_dir, [], batch_size=8)
+    config.max_length = 160
+    results = recall.score(model, config, {
+        "image": "image_to_name split=heldout personas=0:6",
+        "description": "description_to_name split=heldout personas=0:6"})
+    assert set(results) == {"image", "description"}
+    for metrics in results.values():
+        assert metrics["num_examples"] == 6
+        assert metrics["chance"]["choice_acc"] == pytest.approx(1 / 6)
+
+
+def test_scores_on_a_mesh_match_one_device(model, query_set):
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    graphdef, state = nnx.split(model)
+    with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        shardings = nnx.get_named_sharding(state, mesh)
+    sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
+    assert recall.model_mesh(sharded) is mesh
+    single = recall.score(model, query_set)["image_to_name/heldout"]
+    on_mesh = recall.score(sharded, query_set)["image_to_name/heldout"]  # 5 rows padded to 8.
+    assert on_mesh.pop("mean_rank") == pytest.approx(single.pop("mean_rank"))
+    assert on_mesh == single
+
+
+def test_scorer_hook(model, persona_dataset_dir):
+    configs = {"image": data_config(persona_dataset_dir,
+                                    ["image_to_name split=heldout personas=0:4"], batch_size=4)}
+    results = recall.Scorer(configs)(model, step=0)
+    assert set(results) == {"image"} and results["image"]["num_examples"] == 4

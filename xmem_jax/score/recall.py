@@ -1,152 +1,414 @@
 """Recall scoring, jitted and batched: greedy exact match and candidate choice.
 
-For a set of queries (prompt-mode batches of the input pipeline):
-  * exact match: greedy decoding with the KV cache, compared with the reference answer after
-    normalisation (case, punctuation, spaces);
-  * choice: the log-likelihood of every candidate answer (the distinct answers of the query set,
-    e.g. every study persona's name) given the prompt, summed over the candidate's tokens (not
-    length-normalised: names differ little in length and the sum is the model's probability of
-    the whole answer); accuracy of the argmax and the mean rank of the right answer (1 = best).
+For each query (a prompt-mode batch row of the input pipeline):
 
-Both share one prefill per query: candidates are scored by decoding their tokens from copies of
-the prompt's cache, so a query with C candidates costs one prompt pass plus C short decodes
-rather than C full passes.
+  * exact match: greedy decoding with the KV cache (`decoding.score_batch`), detokenized and
+    compared with the reference answer after `normalize` (lowercase, punctuation and spacing
+    dropped, the closing `<end_of_turn>` dropped);
+  * choice: the log-likelihood of EVERY candidate answer given the prompt, summed over the
+    candidate's tokens (its `<end_of_turn>` included) and NOT length-normalised: it is the
+    model's probability of the whole answer, and the candidates of one query (names, values of
+    one fact) differ little in length. The argmax is the model's choice; the right answer's
+    rank (1 = best; ties, which need identical likelihoods, count in its favour) gives the
+    mean rank. Candidates: for `*_to_name` every name of the task's personas, for fact tasks
+    every value of the query's fact (`data_gen.attributes.FACTS`), for captioning every training
+    description of the task's personas; duplicates are merged.
+
+Both come from one prefill per query. Candidates are scored by packing them side by side after
+the prompt in the cache, K at a time (see `decoding`). Measured on this repo's 2-core CPU, tiny
+model, 64 queries x 12 names (`benchmarks/recall.py --choice_methods`): the packed chunks beat
+copying the prompt's cache per candidate and decoding the candidates token by token, and both
+beat the full forward pass over every [prompt; candidate] pair, which re-encodes the prompt and
+its image C times (see the README's scoring section for the figures).
+
+Chance levels: accuracy 1/C and mean rank (C + 1)/2, averaged over the queries (C can differ
+between facts); exact match 0.
+
+Sharding: with a mesh (given, or the one the model's parameters live on), batches are placed
+with their batch axis over the mesh axes of 'activation_batch' (('data', 'fsdp')), padded with
+invalid rows to a multiple of their size; each host scores its own rows and the metric sums are
+added up over hosts. Without one, everything runs on the default device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 import re
 import string
-from typing import Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from data_gen.attributes import FACTS
 from xmem_jax.data import pipeline
-from xmem_jax.data.tokenizer import END_OF_TURN
+from xmem_jax.data import tasks as task_lib
+from xmem_jax.data.tokenizer import END_OF_TURN, EOS
+from xmem_jax.score import decoding
+from xmem_jax.train import sharding
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+_BATCH_KEYS = ("prompt_tokens", "prompt_length", "answer_tokens", "answer_length", "images",
+               "has_image", "persona_id", "task_id", "example_id", "valid")
 
 
 def normalize(text: str) -> str:
-    return " ".join(_PUNCTUATION.sub(" ", text.replace(END_OF_TURN, "")).lower().split())
+    """Lowercase, `<end_of_turn>` and punctuation dropped, whitespace collapsed."""
+    text = text.split(END_OF_TURN)[0]
+    return " ".join(_PUNCTUATION.sub(" ", text).lower().split())
 
 
-def _repeat_cache(cache, times: int):
-    """Each row's cache `times` times over: [B, ...] -> [B * times, ...] (row-major)."""
-    return type(cache)(
-        k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1),
-        kv_mask=jnp.repeat(cache.kv_mask, times, axis=0), end_index=cache.end_index,
-        next_position=jnp.repeat(cache.next_position, times, axis=0))
+def exact_match(generated: str, reference: str) -> bool:
+    return normalize(generated) == normalize(reference)
 
 
-def _prefill(model, prompt_tokens, prompt_length, images, extra_slots: int):
-    input_mask = jnp.arange(prompt_tokens.shape[1])[None] < prompt_length[:, None]
-    images = images if model.config.vision is not None else None
-    logits, cache = model.prefill(prompt_tokens, images, input_mask,
-                                  cache_size=prompt_tokens.shape[1] + extra_slots)
-    last = jnp.take_along_axis(logits, (prompt_length - 1)[:, None, None], axis=1)[:, 0]
-    return jax.nn.log_softmax(last), cache
+@dataclasses.dataclass
+class CandidateGroup:
+    """The candidate answers of some queries: padded ids [C, Lc] and their lengths [C]."""
 
+    tokens: np.ndarray
+    lengths: np.ndarray
+    index: dict[tuple[int, ...], int]  # Answer ids (<end_of_turn> included) -> candidate row.
 
-@nnx.jit(static_argnames=("num_tokens",))
-def greedy_decode(model, prompt_tokens, prompt_length, images, *, num_tokens: int):
-    """[B, num_tokens] greedy continuations (after <end_of_turn>, tokens are meaningless)."""
-    log_probs, cache = _prefill(model, prompt_tokens, prompt_length, images, num_tokens)
-    token = jnp.argmax(log_probs, axis=-1)
-    out = [token]
-    for _ in range(num_tokens - 1):  # Short answers: unrolled steps compile once per length.
-        logits, cache = model.decode_step(token, cache)
-        token = jnp.argmax(logits, axis=-1)
-        out.append(token)
-    return jnp.stack(out, axis=1)
+    @classmethod
+    def of(cls, answers: Iterable[Sequence[int]]) -> "CandidateGroup":
+        index = {}
+        for answer in answers:
+            index.setdefault(tuple(int(t) for t in answer), len(index))
+        if not index:
+            raise ValueError("A candidate group needs at least one answer")
+        length = max(len(a) for a in index)
+        tokens = np.zeros((len(index), length), np.int32)
+        for answer, row in index.items():
+            tokens[row, :len(answer)] = answer
+        return cls(tokens, np.array([len(a) for a in index], np.int32), index)
 
-
-@nnx.jit
-def candidate_log_likelihoods(model, prompt_tokens, prompt_length, images, candidates,
-                              candidate_length):
-    """[B, C] sum of log p(candidate tokens | prompt); candidates [C, La] padded."""
-    num_candidates, length = candidates.shape
-    log_probs, cache = _prefill(model, prompt_tokens, prompt_length, images, length)
-    batch = prompt_tokens.shape[0]
-    total = log_probs[:, candidates[:, 0]]  # [B, C]
-    cache = _repeat_cache(cache, num_candidates)
-    tokens = jnp.tile(candidates, (batch, 1))  # Row b * C + c is candidate c of query b.
-    lengths = jnp.tile(candidate_length, batch)
-    for t in range(length - 1):
-        logits, cache = model.decode_step(tokens[:, t], cache)
-        step = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, t + 1:t + 2], axis=1)
-        total += jnp.where(t + 1 < lengths, step[:, 0], 0.0).reshape(batch, num_candidates)
-    return total
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 class QuerySet:
-    """The prompt-mode batches of one task, loaded once, with their candidate answers."""
+    """Prompt-mode batches, loaded once, with each valid row's candidate group and target.
 
-    def __init__(self, pipeline_config: ml_collections.ConfigDict):
-        built = pipeline.build(pipeline_config, mode="prompt")
-        self.tokenizer = built.tokenizer
-        self.batches = [{k: np.asarray(v) for k, v in b.items()} for b in built.dataset]
-        answers = {}
-        for batch in self.batches:
-            for row in np.flatnonzero(batch["valid"]):
-                answer = batch["answer_tokens"][row, :batch["answer_length"][row]]
-                answers.setdefault(tuple(answer.tolist()), len(answers))
-        self.answers = list(answers)
-        length = max(len(a) for a in self.answers)
-        self.candidates = np.zeros((len(self.answers), length), np.int32)
-        for i, answer in enumerate(self.answers):
-            self.candidates[i, :len(answer)] = answer
-        self.candidate_length = np.array([len(a) for a in self.answers], np.int32)
-        self._index = answers
+    `QuerySet.from_config(pipeline_config)` builds the pipeline (prompt mode, one pass, no
+    shuffle) and derives candidates from the dataset (see the module doc); the constructor
+    takes batches directly, with `groups[task_id]` the candidates of that task (default: the
+    distinct answers of its rows in `batches`).
+    """
 
-    @property
-    def chance(self) -> dict[str, float]:
-        count = len(self.answers)
-        return {"exact_match": 0.0, "choice_acc": 1.0 / count, "mean_rank": (count + 1) / 2}
+    def __init__(self, batches: Iterable[Mapping[str, Any]], tokenizer, *,
+                 labels: Sequence[str] | None = None,
+                 groups: Mapping[Any, CandidateGroup] | None = None,
+                 group_of=None, pad_id: int | None = None):
+        self.tokenizer = tokenizer
+        self.batches = [{k: np.asarray(b[k]) for k in _BATCH_KEYS if k in b} for b in batches]
+        if not self.batches:
+            raise ValueError("No batches to score")
+        vocab = tokenizer.get_vocab()
+        self.stop_ids = tuple(vocab[t] for t in (END_OF_TURN, EOS) if t in vocab)
+        self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
+        task_ids = sorted({int(t) for b in self.batches for t in b["task_id"][b["valid"]]})
+        self.labels = (list(labels) if labels is not None
+                       else [f"task{i}" for i in range(max(task_ids, default=-1) + 1)])
+        group_of = group_of or (lambda batch, row: int(batch["task_id"][row]))
+        rows = [(b, r, group_of(batch, r)) for b, batch in enumerate(self.batches)
+                for r in np.flatnonzero(batch["valid"])]
+        if groups is None:
+            groups = {}
+            for key in dict.fromkeys(g for _, _, g in rows):
+                groups[key] = CandidateGroup.of(self._answer(self.batches[b], r)
+                                                for b, r, g in rows if g == key)
+        keys = list(groups)
+        self.groups = [groups[k] for k in keys]
+        # Per batch: each row's group (-1 for padding rows) and its answer's candidate row.
+        self.group_index = [np.full(len(b["valid"]), -1, np.int32) for b in self.batches]
+        self.target = [np.full(len(b["valid"]), -1, np.int32) for b in self.batches]
+        position = {k: i for i, k in enumerate(keys)}
+        for b, r, key in rows:
+            if key not in position:
+                raise ValueError(f"No candidate group {key!r} for batch {b} row {r}")
+            group = groups[key]
+            answer = self._answer(self.batches[b], r)
+            if answer not in group.index:
+                raise ValueError(f"The answer {self.tokenizer.decode(answer)!r} of batch {b} row "
+                                 f"{r} is not among its {len(group)} candidates ({key!r})")
+            self.group_index[b][r] = position[key]
+            self.target[b][r] = group.index[answer]
+        # All groups padded to one [G, Cmax, Lc] table (rows of length 0 score -inf).
+        num = max(len(g) for g in self.groups)
+        length = max(g.tokens.shape[1] for g in self.groups)
+        self.candidate_tokens = np.zeros((len(self.groups), num, length), np.int32)
+        self.candidate_lengths = np.zeros((len(self.groups), num), np.int32)
+        for i, g in enumerate(self.groups):
+            self.candidate_tokens[i, :len(g), :g.tokens.shape[1]] = g.tokens
+            self.candidate_lengths[i, :len(g)] = g.lengths
+        self.max_answer_length = max(length, max(int(b["answer_length"].max())
+                                                 for b in self.batches))
 
-    def answer_index(self, batch: Mapping[str, np.ndarray], row: int) -> int:
-        answer = batch["answer_tokens"][row, :batch["answer_length"][row]]
-        return self._index[tuple(answer.tolist())]
+    @staticmethod
+    def _answer(batch, row) -> tuple[int, ...]:
+        return tuple(int(t) for t in batch["answer_tokens"][row, :batch["answer_length"][row]])
+
+    @classmethod
+    def from_config(cls, pipeline_config: ml_collections.ConfigDict) -> "QuerySet":
+        config = ml_collections.ConfigDict(pipeline_config.to_dict())
+        config.shuffle = False
+        config.num_epochs = 1
+        return cls.from_pipeline(pipeline.build(config, mode="prompt"))
+
+    @classmethod
+    def from_pipeline(cls, built: pipeline.Pipeline) -> "QuerySet":
+        """From a prompt-mode pipeline running one pass (every example once)."""
+        if built.mode != "prompt":
+            raise ValueError(f"Recall scoring needs a prompt-mode pipeline, got {built.mode!r}")
+        task_set, formatter = built.task_set, built.formatter
+        groups = dataset_candidate_groups(task_set, formatter, built.persona_dataset)
+
+        def group_of(batch, row):
+            ref = task_set.locate(int(batch["example_id"][row]))
+            return (ref.task_id, ref.fact if task_set.specs[ref.task_id].kind in
+                    task_lib.FACT_KINDS else None)
+
+        return cls(built.dataset, built.tokenizer, labels=[spec.label for spec in task_set.specs],
+                   groups=groups, group_of=group_of, pad_id=formatter.pad_id)
+
+    def chance(self, task_id: int | None = None) -> dict[str, float]:
+        """Chance levels over the valid rows (of one task, or all)."""
+        sizes = [len(self.groups[g]) for gi in self.group_index for g in gi[gi >= 0]]
+        if task_id is not None:
+            sizes = [len(self.groups[g]) for b, gi in zip(self.batches, self.group_index)
+                     for g in gi[(gi >= 0) & (b["task_id"] == task_id)]]
+        return {"exact_match": 0.0, "choice_acc": float(np.mean([1 / c for c in sizes])),
+                "mean_rank": float(np.mean([(c + 1) / 2 for c in sizes]))}
 
 
-def score_queries(model: nnx.Module, queries: QuerySet, choice_chunk: int = 8) -> dict:
-    """{"exact_match", "choice_acc", "mean_rank", "num_examples"} over the valid queries."""
-    exact, correct, ranks = [], [], []
-    num_tokens = queries.candidates.shape[1]
-    for batch in queries.batches:
-        inputs = [batch[k] for k in ("prompt_tokens", "prompt_length", "images")]
-        generated = np.asarray(greedy_decode(model, *inputs, num_tokens=num_tokens))
-        valid = np.flatnonzero(batch["valid"])
-        for row in valid:
-            reference = batch["answer_tokens"][row, :batch["answer_length"][row]]
-            exact.append(normalize(queries.tokenizer.decode(generated[row]).split(END_OF_TURN)[0])
-                         == normalize(queries.tokenizer.decode(reference)))
-        for start in range(0, len(batch["valid"]), choice_chunk):
-            rows = slice(start, start + choice_chunk)
-            scores = np.asarray(candidate_log_likelihoods(
-                model, *[x[rows] for x in inputs], queries.candidates, queries.candidate_length))
-            for offset, row_scores in enumerate(scores):
-                row = start + offset
-                if not batch["valid"][row]:
-                    continue
-                target = queries.answer_index(batch, row)
-                rank = 1 + int(np.sum(row_scores > row_scores[target]))
-                ranks.append(rank)
-                correct.append(rank == 1)
-    return {"exact_match": float(np.mean(exact)), "choice_acc": float(np.mean(correct)),
-            "mean_rank": float(np.mean(ranks)), "num_examples": len(ranks)}
+def dataset_candidate_groups(task_set: task_lib.TaskSet, formatter: task_lib.Formatter, dataset
+                             ) -> dict[tuple[int, str | None], CandidateGroup]:
+    """Per (task id, fact): every fact value; per (task id, None): every distinct answer of
+    the task's examples (names, or captioning's training descriptions) over its personas."""
+    groups = {}
+    eot = [formatter.end_of_turn_id]
+    for task_id, spec in enumerate(task_set.specs):
+        if spec.kind in task_lib.FACT_KINDS:
+            for fact in spec.facts:
+                values = FACTS[fact][1]
+                groups[task_id, fact] = CandidateGroup.of(
+                    ids + eot for ids in formatter.encode_batch(list(values)))
+            continue
+        answers, record, persona = [], None, None
+        start = task_set.offsets[task_id]
+        for index in range(start, start + task_set.task_length(task_id)):
+            ref = task_set.locate(index)
+            if ref.persona != persona:
+                persona, record = ref.persona, dataset[ref.persona]
+            answers.append(formatter.format(ref, record).answer)
+        groups[task_id, None] = CandidateGroup.of(answers)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring.
+
+
+def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
+    """The mesh the model's parameters are sharded on, if any."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        leaf_sharding = getattr(leaf, "sharding", None)
+        if isinstance(leaf_sharding, jax.sharding.NamedSharding):
+            return leaf_sharding.mesh
+    return None
+
+
+def _batch_axes() -> tuple[str, ...]:
+    axes = dict(sharding.LOGICAL_AXIS_RULES)["activation_batch"]
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+class _Placement:
+    """Host rows -> device arrays (batch-sharded on a mesh) and back to this host's rows."""
+
+    def __init__(self, mesh: jax.sharding.Mesh | None):
+        self.mesh = mesh
+        if mesh is None:
+            self.shards, self.sharding = 1, None
+            return
+        axes = tuple(a for a in _batch_axes() if a in mesh.shape)
+        self.spec = jax.sharding.PartitionSpec(axes)
+        self.sharding = jax.sharding.NamedSharding(mesh, self.spec)
+        # Rows per host must split evenly over this host's share of the batch shards.
+        self.shards = math.prod(mesh.shape[a] for a in axes) // jax.process_count()
+
+    def put(self, x: np.ndarray):
+        if self.sharding is None:
+            return jax.numpy.asarray(x)
+        return jax.make_array_from_process_local_data(self.sharding, x)
+
+    def get(self, x) -> np.ndarray:
+        if self.sharding is None or jax.process_count() == 1:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.global_array_to_host_local_array(
+            x, self.mesh, self.spec))
+
+    def agree(self, width: int, any_image: bool) -> tuple[int, bool]:
+        """The prompt width and whether to encode images: the same on every host."""
+        if jax.process_count() == 1:
+            return width, any_image
+        from jax.experimental import multihost_utils
+        both = np.asarray(multihost_utils.process_allgather(np.array([width, any_image])))
+        return int(both[:, 0].max()), bool(both[:, 1].any())
+
+    def context(self):
+        if self.mesh is None or not jax.sharding.get_abstract_mesh().empty:
+            return contextlib.nullcontext()
+        return sharding.use_mesh(self.mesh)
+
+
+def _pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
+    if len(x) == rows:
+        return x
+    pad = np.full((rows - len(x), *x.shape[1:]), fill, x.dtype)
+    return np.concatenate([x, pad])
+
+
+def score_query_set(model: nnx.Module, queries: QuerySet, *,
+                    mesh: jax.sharding.Mesh | None = None, generate: bool = True,
+                    choice: bool = True, max_new_tokens: int | None = None,
+                    buckets: Sequence[int] | None = decoding.DEFAULT_BUCKETS,
+                    chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS) -> dict[str, dict]:
+    """Per task label: {"exact_match", "choice_acc", "mean_rank", "num_examples", "chance"}.
+
+    `max_new_tokens` defaults to the longest answer or candidate (<end_of_turn> included) plus
+    2, room for trailing punctuation that `normalize` drops. Only valid rows count.
+    """
+    if max_new_tokens is None:
+        max_new_tokens = queries.max_answer_length + 2
+    place = _Placement(mesh if mesh is not None else model_mesh(model))
+    num_tasks = len(queries.labels)
+    # Per task: examples, exact matches, correct choices, rank sum, chance acc / rank sums.
+    sums = np.zeros((num_tasks, 6), np.float64)
+    with place.context():
+        for batch, group_index, target in zip(queries.batches, queries.group_index,
+                                              queries.target):
+            valid = batch["valid"]
+            rows = place.shards * math.ceil(len(valid) / place.shards)
+            width, any_image = place.agree(
+                decoding.prompt_width(batch["prompt_length"], buckets),
+                bool(batch.get("has_image", np.ones(1, bool)).any()))
+            kwargs = {}
+            if generate:
+                kwargs.update(max_new_tokens=max_new_tokens, stop_ids=queries.stop_ids)
+            if choice:
+                groups = np.maximum(_pad_rows(group_index, rows, -1), 0)
+                kwargs.update(candidates=place.put(queries.candidate_tokens[groups]),
+                              candidate_length=place.put(queries.candidate_lengths[groups]))
+            tokens = decoding.fit_width(batch["prompt_tokens"], width, queries.pad_id)
+            out = decoding.score_batch(
+                model, place.put(_pad_rows(tokens, rows, queries.pad_id)),
+                place.put(_pad_rows(batch["prompt_length"], rows, 1)),
+                place.put(_pad_rows(batch["images"], rows)) if any_image else None,
+                pad_id=queries.pad_id, width=width, chunk_tokens=chunk_tokens, **kwargs)
+            out = {k: place.get(v)[:len(valid)] for k, v in out.items()}
+            _accumulate(sums, queries, batch, group_index, target, out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
+    results = {}
+    for task_id, label in enumerate(queries.labels):
+        n, exact, correct, rank, chance_acc, chance_rank = (float(x) for x in sums[task_id])
+        if n == 0:
+            continue
+        results[label] = {
+            "exact_match": exact / n if generate else None,
+            "choice_acc": correct / n if choice else None,
+            "mean_rank": rank / n if choice else None,
+            "num_examples": int(n),
+            "chance": {"exact_match": 0.0, "choice_acc": chance_acc / n,
+                       "mean_rank": chance_rank / n},
+        }
+    return results
+
+
+def _accumulate(sums, queries: QuerySet, batch, group_index, target, out) -> None:
+    valid_rows = np.flatnonzero(batch["valid"])
+    if not len(valid_rows):
+        return
+    texts = references = None
+    if "generated" in out:
+        generated = [out["generated"][r, :out["generated_length"][r]] for r in valid_rows]
+        texts = queries.tokenizer.batch_decode(generated)
+        references = queries.tokenizer.batch_decode(
+            [batch["answer_tokens"][r, :batch["answer_length"][r]] for r in valid_rows])
+    for i, row in enumerate(valid_rows):
+        task = int(batch["task_id"][row])
+        size = len(queries.groups[group_index[row]])
+        sums[task, 0] += 1
+        sums[task, 4] += 1 / size
+        sums[task, 5] += (size + 1) / 2
+        if texts is not None:
+            sums[task, 1] += exact_match(texts[i], references[i])
+        if "candidate_log_likelihoods" in out:
+            scores = out["candidate_log_likelihoods"][row, :size]
+            rank = 1 + int(np.sum(scores > scores[target[row]]))
+            sums[task, 2] += rank == 1
+            sums[task, 3] += rank
+
+
+def score(model: nnx.Module, data, tasks: Sequence[Any] | Mapping[str, Any] | None = None, *,
+          tokenizer=None, **kwargs) -> dict[str, dict]:
+    """Scores recall on several tasks; returns {task label or name: metrics} (see
+    `score_query_set` for the metrics and keyword arguments: mesh, generate, choice, ...).
+
+    `data` is one of:
+      * a pipeline config (`pipeline.default_config()` style): each task of `tasks` (entries as
+        in the config's `tasks`, or a mapping name -> entry), default the config's own, is
+        scored from its own one-pass prompt-mode pipeline, so its prompts bucket on their own
+        (an image task's short prompts never pad to a description task's long ones);
+      * a `QuerySet`, or a mapping name -> QuerySet;
+      * an iterable of prompt-mode batches, with `tokenizer`; `tasks` then names the task ids.
+    """
+    if isinstance(data, ml_collections.ConfigDict):
+        entries = tuple(data.tasks) if tasks is None else tasks
+        if isinstance(entries, str):
+            entries = (entries,)
+        named = entries.items() if isinstance(entries, Mapping) else [(None, e) for e in entries]
+        results = {}
+        for name, entry in named:
+            config = ml_collections.ConfigDict(data.to_dict())
+            config.tasks = (entry,)
+            scored = score_query_set(model, QuerySet.from_config(config), **kwargs)
+            results.update(scored if name is None else {name: _single(scored, name)})
+        return results
+    if isinstance(data, QuerySet):
+        return score_query_set(model, data, **kwargs)
+    if isinstance(data, Mapping) and all(isinstance(v, QuerySet) for v in data.values()):
+        return {name: _single(score_query_set(model, q, **kwargs), name)
+                for name, q in data.items()}
+    if tokenizer is None:
+        raise ValueError("Scoring raw batches needs their tokenizer")
+    return score_query_set(model, QuerySet(data, tokenizer, labels=tasks), **kwargs)
+
+
+def _single(results: dict[str, dict], name: str) -> dict:
+    if len(results) != 1:
+        raise ValueError(f"Query set {name!r} holds {len(results)} tasks; score it on its own")
+    return next(iter(results.values()))
 
 
 class Scorer:
-    """`scorer(model, step) -> {name: metrics}`: the trainer's periodic evaluation hook."""
+    """`scorer(model, step) -> {name: metrics}`: the trainer's periodic evaluation hook.
 
-    def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict]):
-        self.query_sets = {name: QuerySet(c) for name, c in pipeline_configs.items()}
+    Each pipeline config holds one task; its queries and candidates are loaded once.
+    """
+
+    def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict], **kwargs):
+        self.query_sets = {name: QuerySet.from_config(c) for name, c in pipeline_configs.items()}
+        self.kwargs = kwargs
 
     def __call__(self, model: nnx.Module, step: int) -> dict:
         del step
-        return {name: score_queries(model, queries) for name, queries in self.query_sets.items()}
+        return score(model, self.query_sets, **self.kwargs)
