@@ -72,7 +72,7 @@ def greedy_reference(model, tokens, lengths, images, steps):
 
 def test_bucket_length():
     assert [decoding.bucket_length(n) for n in (1, 16, 17, 100, 129, 300)] == \
-        [16, 16, 32, 112, 256, 512]
+        [8, 16, 24, 104, 192, 384]
     assert decoding.bucket_length(50, buckets=(32, 64)) == 64
     assert decoding.bucket_length(70, buckets=(32, 64)) == 80  # Past the set: multiples of 16.
 
@@ -107,12 +107,15 @@ def test_generation_stops_per_row_at_a_stop_token(model):
 
 def test_candidate_log_likelihoods_match_full_forward(model):
     tokens, lengths, images = prompts()
-    # Per-row candidate sets, C = 5 with 3 per chunk (two chunks, one padded), Lc = 4.
+    # Per-row candidate sets with shared prefixes (fed once per chunk), a one-token candidate
+    # (scored by the prompt pass alone) and a padding one; chunks of 5 tokens split them.
     rng = np.random.default_rng(1)
     candidates = rng.integers(9, 1000, (3, 5, 4)).astype(np.int32)
-    candidate_length = np.array([[4, 2, 1, 3, 4], [1, 1, 2, 4, 3], [3, 3, 0, 2, 1]], np.int32)
+    candidates[:, 1, :2] = candidates[:, 0, :2]
+    candidates[:, 3, :1] = candidates[:, 0, :1]
+    candidate_length = np.array([[4, 4, 1, 3, 4], [2, 3, 2, 4, 3], [3, 3, 0, 2, 1]], np.int32)
     scores = np.asarray(decoding.candidate_log_likelihoods(
-        model, tokens, lengths, images, candidates, candidate_length, chunk_tokens=9))
+        model, tokens, lengths, images, candidates, candidate_length, chunk_tokens=5))
     assert scores.shape == (3, 5)
     for row in range(3):
         for c in range(5):
@@ -126,6 +129,22 @@ def test_candidate_log_likelihoods_match_full_forward(model):
             start = lengths[row] - 1
             expected = sum(float(log_probs[start + i, a]) for i, a in enumerate(answer))
             np.testing.assert_allclose(scores[row, c], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_candidates_feed_shared_prefixes_once():
+    eot = 5
+    names = [[11, 12, 13, eot], [11, 12, 14, eot], [20, eot], [11, 15, eot], [30]]
+    tokens = np.zeros((5, 4), np.int32)
+    for i, name in enumerate(names):
+        tokens[i, :len(name)] = name
+    lengths = np.array([len(n) for n in names], np.int32)
+    packed = decoding.PackedCandidates.build([(tokens, lengths)], chunk_tokens=8)
+    # Fed: the trie of every name but its last token: 11, 11 12, 11 12 13, 11 12 14, 11 15, 20.
+    assert packed.tokens.shape[1:] == (1, 6)
+    assert sorted(packed.tokens[0, 0].tolist()) == [11, 12, 13, 14, 15, 20]
+    assert sorted(packed.member[0, 0].tolist()) == [0, 1, 2, 3]  # 30 needs no feeding.
+    small = decoding.PackedCandidates.build([(tokens, lengths)], chunk_tokens=3)
+    assert small.tokens.shape[1] > 1 and small.tokens.shape[2] == 3  # Whole names per chunk.
 
 
 def test_bucketing_and_chunking_do_not_change_results(model):
@@ -207,7 +226,7 @@ def test_rigged_scores_give_perfect_and_worst_metrics(model, query_set, monkeypa
 
         def score_batch(model, prompt_tokens, prompt_length, images=None, **kwargs):
             target, batch = next(feeds)
-            num = kwargs["candidates"].shape[1]
+            num = kwargs["candidates"].num_candidates
             scores = np.where(np.arange(num)[None] == target[:, None], 0.0, -5.0)
             answers = np.where(np.arange(batch["answer_tokens"].shape[1])[None]
                                < batch["answer_length"][:, None], batch["answer_tokens"], 0)

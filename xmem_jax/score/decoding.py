@@ -9,7 +9,7 @@ its prompt and its continuation (its window would reach fewer tokens than the un
 pass's). RoPE positions count real tokens only (`vlm.positions_from_mask`), so left padding
 changes nothing else.
 
-W comes from a small fixed set (`bucket_length`: multiples of 16 up to 128, then powers of two),
+W comes from a small fixed set (`bucket_length`: multiples of 8 up to 128, then 192, 256, 384, ...),
 so a stream of batches compiles once per bucket used, not once per longest prompt.
 
   * `greedy_decode`: one prefill, then a `jax.lax.while_loop` of cached decode steps that stops
@@ -17,17 +17,19 @@ so a stream of batches compiles once per bucket used, not once per longest promp
     `max_new_tokens`; returns the ids [B, max_new_tokens] (pad after the stop token) and the
     lengths (stop token included).
   * `candidate_log_likelihoods`: sum_i log p(candidate_i | prompt, candidate_<i) for C candidate
-    answers per query, from ONE prefill of the prompt. The candidates are packed side by side
-    after the prompt in the cache ("tree attention"): chunks of K candidates are fed as one
-    extension of K x (Lc - 1) tokens, each token attending to the prompt and to the earlier
-    tokens of its own candidate only, at the RoPE positions it would have right after the
-    prompt. So the prompt (and its image) is encoded once per query, not once per candidate,
-    and its cache is never copied per candidate; see `recall` for the measured alternatives.
+    answers per query, from ONE prefill of the prompt. The candidates are packed after the
+    prompt in the cache (`PackedCandidates`): sorted, cut into chunks of about
+    `DEFAULT_CHUNK_TOKENS` tokens, shared prefixes fed once per chunk (a trie), each token
+    attending to the prompt and its own ancestors only, at the RoPE positions it would have
+    right after the prompt. So the prompt (and its image) is encoded once per query, not once
+    per candidate, its cache is never copied per candidate, and no padding is fed; see
+    `recall` for the measured alternatives.
   * `score_batch`: both from one shared prefill.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -40,12 +42,17 @@ from flax import nnx
 from xmem_jax.model.gemma import AttentionMasks, Cache, attention_masks, empty_kv
 from xmem_jax.model.vlm import VLM, positions_from_mask
 
-# Prompt widths: multiples of 16 up to 128, then powers of two (at most ~2x padding beyond 128).
-DEFAULT_BUCKETS: tuple[int, ...] = tuple(range(16, 129, 16)) + tuple(2**k for k in range(8, 16))
+# Prompt widths: multiples of 8 up to 128, then powers of two and 1.5x them (192, 256, 384, ...):
+# at most 7 tokens of padding below 128, at most a third beyond. The prompt pass dominates
+# generation time, so the padding costs nearly proportionally (36-token image prompts: +11%
+# at width 40, +33% at 48).
+DEFAULT_BUCKETS: tuple[int, ...] = tuple(range(8, 129, 8)) + tuple(
+    w for k in range(7, 16) for w in (2**k + 2**(k - 1), 2**(k + 1)))
 
-# Candidate tokens fed per chunk (K x (Lc - 1)): large enough to fill the matmuls, small
-# enough that the packed block-causal attention (quadratic in the chunk) stays cheap.
-DEFAULT_CHUNK_TOKENS = 128
+# Candidate tokens fed per chunk: enough rows to fill the matmuls, few enough that the chunk's
+# attention (every token against every slot of the chunk, mostly masked) stays cheap; 32 was
+# fastest on CPU for 64 queries x 64 names (24: +4%, 96: +50%, 384: +170%).
+DEFAULT_CHUNK_TOKENS = 32
 
 
 def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
@@ -120,78 +127,167 @@ def _greedy_loop(model: VLM, first_log_probs: jax.Array, cache: Cache, max_new_t
     return out, length
 
 
-def _candidate_masks(kv_mask: jax.Array, width: int, chunk: int, feed: int, cache_size: int,
-                     sliding_window: int) -> AttentionMasks:
-    """Masks [B, chunk * feed, cache_size] for `chunk` candidates of `feed` tokens packed after a
-    left-aligned prompt of `width` slots: each token sees the prompt and its own candidate's
-    earlier tokens; windows count positions (as if the candidate followed the prompt alone)."""
-    n = chunk * feed
-    q_cand, q_step = np.divmod(np.arange(n), feed)
-    slots = np.arange(cache_size)
-    in_prompt = slots < width
-    k_cand, k_step = np.divmod(slots - width, feed)
-    in_chunk = (slots >= width) & (slots < width + n)
-    same = in_chunk[None] & (k_cand[None] == q_cand[:, None]) & (k_step[None] <= q_step[:, None])
-    # Distance in positions: prompt slot s is (width - s) positions before the candidate.
-    distance = np.where(in_prompt[None], width + q_step[:, None] - slots[None],
-                        q_step[:, None] - k_step[None])
-    window = jnp.asarray(distance < sliding_window)
-    global_ = (jnp.asarray(in_prompt)[None, None] & kv_mask[:, None, :]) | jnp.asarray(same)[None]
-    return AttentionMasks(global_=global_, local=global_ & window[None])
+@dataclasses.dataclass(frozen=True)
+class PackedCandidates:
+    """The candidate answers of G groups, packed for `score_batch` (host numpy arrays).
+
+    Each group's candidates are sorted and cut into chunks of at most N fed tokens; inside a
+    chunk, shared prefixes are fed once (a trie: names sharing a first name share its tokens),
+    each node attending to the prompt and to its ancestors at the positions it would have right
+    after the prompt. A candidate of length n is fed its first n - 1 tokens; its first token's
+    log-probability comes from the prompt pass. `first` / `length` keep the candidates' order.
+    """
+
+    first: np.ndarray  # [G, C] int32: each candidate's first token.
+    length: np.ndarray  # [G, C] int32: its length; 0 marks a padding candidate (scores -inf).
+    tokens: np.ndarray  # [G, K, N] int32: the trie nodes fed in each chunk (0 = padding node).
+    depth: np.ndarray  # [G, K, N] int32: a node's position after the prompt (0 = first token).
+    ancestor: np.ndarray  # [G, K, N, N] bool: [i, j] iff node j is node i or an ancestor.
+    member: np.ndarray  # [G, K, M] int32: the candidates scored in a chunk (C = none).
+    nodes: np.ndarray  # [G, K, M, F] int32: the node whose output predicts token f + 1.
+    targets: np.ndarray  # [G, K, M, F] int32: token f + 1.
+    counted: np.ndarray  # [G, K, M, F] bool: f + 1 < length.
+
+    @classmethod
+    def build(cls, groups: Sequence[tuple[np.ndarray, np.ndarray]],
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> "PackedCandidates":
+        """From (tokens [C_g, Lc_g], lengths [C_g]) per group (a chunk holds at least one
+        candidate, so it grows past `chunk_tokens` for a longer candidate)."""
+        packed = [_pack_group(np.asarray(t), np.asarray(n), chunk_tokens) for t, n in groups]
+        sizes = [max([len(x) for p in packed for x in p[key]] + [1])
+                 for key in ("nodes", "members")]
+        num_nodes, num_members = sizes
+        num_chunks = max(len(p["nodes"]) for p in packed)
+        feed = max([len(c) - 1 for p in packed for c in p["cands"]] + [1])
+        num = max(len(p["cands"]) for p in packed)
+        g = len(packed)
+        out = dict(first=np.zeros((g, num), np.int32), length=np.zeros((g, num), np.int32),
+                   tokens=np.zeros((g, num_chunks, num_nodes), np.int32),
+                   depth=np.zeros((g, num_chunks, num_nodes), np.int32),
+                   ancestor=np.zeros((g, num_chunks, num_nodes, num_nodes), bool),
+                   member=np.full((g, num_chunks, num_members), num, np.int32),
+                   nodes=np.zeros((g, num_chunks, num_members, feed), np.int32),
+                   targets=np.zeros((g, num_chunks, num_members, feed), np.int32),
+                   counted=np.zeros((g, num_chunks, num_members, feed), bool))
+        for i, p in enumerate(packed):
+            for c, cand in enumerate(p["cands"]):
+                out["length"][i, c] = len(cand)
+                out["first"][i, c] = cand[0] if cand else 0
+            for k, (nodes, members) in enumerate(zip(p["nodes"], p["members"])):
+                index = {prefix: j for j, prefix in enumerate(nodes)}
+                for j, prefix in enumerate(nodes):
+                    out["tokens"][i, k, j] = prefix[-1]
+                    out["depth"][i, k, j] = len(prefix) - 1
+                    for d in range(1, len(prefix) + 1):
+                        out["ancestor"][i, k, j, index[prefix[:d]]] = True
+                for m, c in enumerate(members):
+                    cand = p["cands"][c]
+                    out["member"][i, k, m] = c
+                    for f in range(len(cand) - 1):
+                        out["nodes"][i, k, m, f] = index[cand[:f + 1]]
+                        out["targets"][i, k, m, f] = cand[f + 1]
+                        out["counted"][i, k, m, f] = True
+        return cls(**out)
+
+    @property
+    def num_candidates(self) -> int:
+        return self.first.shape[1]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.tokens.shape[2]
+
+
+def _pack_group(tokens: np.ndarray, lengths: np.ndarray, chunk_tokens: int) -> dict:
+    cands = [tuple(int(t) for t in tokens[c, :lengths[c]]) for c in range(len(lengths))]
+    limit = max([chunk_tokens] + [len(c) - 1 for c in cands])
+    chunks, members = [], []
+    nodes: dict[tuple[int, ...], None] = {}
+    current: list[int] = []
+    for c in sorted(range(len(cands)), key=lambda c: cands[c]):
+        feed = cands[c][:-1]
+        if not feed:
+            continue  # Its only token is scored from the prompt pass.
+        new = [feed[:d] for d in range(1, len(feed) + 1) if feed[:d] not in nodes]
+        if current and len(nodes) + len(new) > limit:
+            chunks.append(list(nodes))
+            members.append(current)
+            nodes, current = {}, []
+            new = [feed[:d] for d in range(1, len(feed) + 1)]
+        nodes.update(dict.fromkeys(new))
+        current.append(c)
+    if current:
+        chunks.append(list(nodes))
+        members.append(current)
+    return {"cands": cands, "nodes": chunks, "members": members}
 
 
 def _candidate_loop(model: VLM, first_log_probs: jax.Array, cache: Cache, width: int,
-                    candidates: jax.Array, candidate_length: jax.Array, chunk: int
-                    ) -> jax.Array:
-    """[B, C] log-likelihoods; candidates [B, C, Lc] with C a multiple of `chunk`."""
-    batch, num, length = candidates.shape
-    first = jnp.take_along_axis(first_log_probs, candidates[:, :, 0], axis=1)  # [B, C]
-    total = first
-    if length > 1:
-        feed = length - 1
-        num_chunks = num // chunk
-        masks = _candidate_masks(cache.kv_mask, width, chunk, feed, cache.size,
-                                 model.config.text.sliding_window)
-        positions = cache.next_position[:, None] + jnp.tile(jnp.arange(feed), chunk)[None]
-        inputs = candidates[:, :, :-1].reshape(batch, num_chunks, chunk * feed)
-        targets = candidates[:, :, 1:].reshape(batch, num_chunks, chunk * feed)
+                    packed: dict[str, jax.Array], group: jax.Array) -> jax.Array:
+    """[B, C] log-likelihoods of row b's group `group[b]` of packed candidates."""
+    rows = {k: v[group] for k, v in packed.items()}  # Each row's group: [B, ...].
+    total = jnp.take_along_axis(first_log_probs, rows["first"], axis=1)
+    batch, num = total.shape
+    _, num_chunks, size = rows["tokens"].shape
+    if num_chunks and rows["nodes"].shape[-1]:
+        window = model.config.text.sliding_window
+        slots = jnp.arange(cache.size)
+        prompt_keys = (slots < width)[None, None] & cache.kv_mask[:, None, :]  # [B, 1, S]
+        prompt_distance = width - slots  # Positions from a prompt key to the first fed token.
         graphdef, state = nnx.split(model)
 
-        def one_chunk(state, xs):  # The state rides in the carry (a module can't be closed over).
-            tokens, target = xs  # [B, chunk * feed] each.
-            lm = nnx.merge(graphdef, state)
-            x, _ = lm.embed_inputs(tokens, None)
-            hidden, _ = lm.language_model(x, positions, masks, (cache.k, cache.v),
-                                          cache_index=width)
-            logits = lm.language_model.logits(hidden)
-            picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-            return state, picked - jax.nn.logsumexp(logits, axis=-1)
+        def one_chunk(state, chunk):  # The state rides in the carry (a module can't be closed
+            lm = nnx.merge(graphdef, state)  # over inside a loop).
+            depth = chunk["depth"]  # [B, N]
+            in_chunk = jnp.pad(chunk["ancestor"], ((0, 0), (0, 0),
+                                                  (width, cache.size - width - size)))
+            global_ = prompt_keys | in_chunk  # [B, N, S]
+            key_depth = jnp.pad(depth, ((0, 0), (width, cache.size - width - size)))
+            distance = jnp.where((slots < width)[None, None],
+                                 prompt_distance[None, None] + depth[:, :, None],
+                                 depth[:, :, None] - key_depth[:, None, :])
+            masks = AttentionMasks(global_=global_, local=global_ & (distance < window))
+            x, _ = lm.embed_inputs(chunk["tokens"], None)
+            hidden, _ = lm.language_model(x, cache.next_position[:, None] + depth, masks,
+                                          (cache.k, cache.v), cache_index=width)
+            logits = lm.language_model.logits(hidden)  # [B, N, V]
+            vocab = logits.shape[-1]
+            nodes = chunk["nodes"].reshape(batch, -1)  # [B, M * F]
+            picked = jnp.take_along_axis(logits.reshape(batch, -1),
+                                         nodes * vocab + chunk["targets"].reshape(batch, -1),
+                                         axis=1)
+            log_probs = picked - jnp.take_along_axis(jax.nn.logsumexp(logits, axis=-1), nodes,
+                                                     axis=1)
+            log_probs = jnp.where(chunk["counted"].reshape(batch, -1), log_probs, 0.0)
+            return state, log_probs.reshape(chunk["counted"].shape).sum(-1)  # [B, M]
 
-        _, step = jax.lax.scan(one_chunk, state, (inputs.swapaxes(0, 1), targets.swapaxes(0, 1)))
-        step = step.swapaxes(0, 1).reshape(batch, num, feed)  # log p(token i + 1 | ..., i).
-        counted = jnp.arange(1, length)[None, None] < candidate_length[..., None]
-        total = total + jnp.sum(jnp.where(counted, step, 0.0), axis=-1)
-    return jnp.where(candidate_length > 0, total, -jnp.inf)
+        keys = ("tokens", "depth", "ancestor", "member", "nodes", "targets", "counted")
+        chunks = {k: jnp.moveaxis(rows[k], 1, 0) for k in keys}  # Chunks first, for the scan.
+        _, sums = jax.lax.scan(one_chunk, state, chunks)  # [K, B, M]
+        # Scatter each chunk's sums to its candidates (index `num` collects empty slots).
+        extra = jnp.zeros((batch, num + 1), sums.dtype).at[
+            jnp.arange(batch)[:, None], rows["member"].reshape(batch, -1)].add(
+            sums.transpose(1, 0, 2).reshape(batch, -1))
+        total = total + extra[:, :num]
+    return jnp.where(rows["length"] > 0, total, -jnp.inf)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "stop_ids", "pad_id", "chunk"))
-def _score(model, tokens, prompt_length, images, candidates, candidate_length, *,
-           max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int, chunk: int):
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "stop_ids", "pad_id"))
+def _score(model, tokens, prompt_length, images, packed, group, *, max_new_tokens: int,
+           stop_ids: tuple[int, ...], pad_id: int):
     width = tokens.shape[1]
     tokens, input_mask = left_align(tokens, prompt_length, pad_id)
-    extra = 0
-    if max_new_tokens:
-        extra = max_new_tokens
-    if candidates is not None and candidates.shape[2] > 1:
-        extra = max(extra, chunk * (candidates.shape[2] - 1))
+    extra = max_new_tokens
+    if packed is not None:
+        extra = max(extra, packed["tokens"].shape[2])
     first, cache = prefill(model, tokens, input_mask, images, width + extra)
     out = {}
     if max_new_tokens:
         out["generated"], out["generated_length"] = _greedy_loop(
             model, first, cache, max_new_tokens, stop_ids, pad_id)
-    if candidates is not None:
-        out["candidate_log_likelihoods"] = _candidate_loop(
-            model, first, cache, width, candidates, candidate_length, chunk)
+    if packed is not None:
+        out["candidate_log_likelihoods"] = _candidate_loop(model, first, cache, width, packed,
+                                                           group)
     return out
 
 
@@ -212,7 +308,7 @@ def prompt_width(prompt_length, buckets: Sequence[int] | None = DEFAULT_BUCKETS)
 
 def score_batch(model: VLM, prompt_tokens, prompt_length, images=None, *,
                 max_new_tokens: int = 0, stop_ids: Sequence[int] = (), candidates=None,
-                candidate_length=None, pad_id: int = 0,
+                candidate_length=None, candidate_group=None, pad_id: int = 0,
                 buckets: Sequence[int] | None = DEFAULT_BUCKETS, width: int | None = None,
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, jax.Array]:
     """Greedy generation and/or candidate log-likelihoods from one prefill per query.
@@ -224,13 +320,15 @@ def score_batch(model: VLM, prompt_tokens, prompt_length, images=None, *,
       images: [B, S, S, 3] or None (text-only prompts skip the vision tower).
       max_new_tokens: greedy tokens to generate (0: no generation).
       stop_ids: token ids that end a row's generation (e.g. <end_of_turn>, <eos>).
-      candidates: [C, Lc] or [B, C, Lc] int32 candidate answers (padded), or None.
-      candidate_length: [C] or [B, C] int32; rows of length 0 score -inf.
+      candidates: [C, Lc] (every row's) or [B, C, Lc] (each row's) int32 candidate answers,
+        padded, with `candidate_length` [C] / [B, C] (0: a padding candidate, scored -inf);
+        or a `PackedCandidates` of G groups with `candidate_group` [B] (row b scores group
+        candidate_group[b]); or None.
       pad_id: the padding id written after a stop token and into padding slots.
       buckets: prompt widths to pad to (None: the batch's longest prompt).
       width: the prompt width to use instead (>= every prompt_length; skips reading
         prompt_length back to the host, e.g. when it is a sharded array).
-      chunk_tokens: candidate tokens per packed chunk (see the module doc).
+      chunk_tokens: candidate tokens fed per packed chunk (see `PackedCandidates`).
 
     Returns:
       "generated" [B, max_new_tokens] int32 and "generated_length" [B] int32 (tokens up to and
@@ -240,30 +338,24 @@ def score_batch(model: VLM, prompt_tokens, prompt_length, images=None, *,
     if width is None:
         width = prompt_width(prompt_length, buckets)
     tokens = fit_width(prompt_tokens, width, pad_id)
+    packed = group = None
     if candidates is not None:
-        batch = tokens.shape[0]
-        candidates = jnp.asarray(candidates, jnp.int32)
-        candidate_length = jnp.asarray(candidate_length, jnp.int32)
-        if candidates.ndim == 2:
-            candidates = jnp.broadcast_to(candidates[None], (batch, *candidates.shape))
-            candidate_length = jnp.broadcast_to(candidate_length[None],
-                                                (batch, *candidate_length.shape))
-        num, length = candidates.shape[1:]
-        chunk = max(1, min(num, chunk_tokens // max(1, length - 1)))
-        padded = chunk * math.ceil(num / chunk)
-        if padded != num:
-            candidates = jnp.pad(candidates, ((0, 0), (0, padded - num), (0, 0)))
-            candidate_length = jnp.pad(candidate_length, ((0, 0), (0, padded - num)))
-    else:
-        chunk = 1
+        if isinstance(candidates, PackedCandidates):
+            packed, group = candidates, candidate_group
+        else:
+            candidates, lengths = np.asarray(candidates), np.asarray(candidate_length)
+            if candidates.ndim == 2:
+                packed = PackedCandidates.build([(candidates, lengths)], chunk_tokens)
+                group = np.zeros(tokens.shape[0], np.int32)
+            else:
+                packed = PackedCandidates.build(list(zip(candidates, lengths)), chunk_tokens)
+                group = np.arange(tokens.shape[0], dtype=np.int32)
+        packed = dataclasses.asdict(packed)
     if max_new_tokens and not stop_ids:
         raise ValueError("Greedy decoding needs stop_ids (e.g. the <end_of_turn> id)")
-    out = _score(model, tokens, prompt_length, images, candidates, candidate_length,
-                 max_new_tokens=int(max_new_tokens), stop_ids=tuple(int(s) for s in stop_ids),
-                 pad_id=int(pad_id), chunk=chunk)
-    if candidates is not None and padded != num:
-        out["candidate_log_likelihoods"] = out["candidate_log_likelihoods"][:, :num]
-    return out
+    return _score(model, tokens, prompt_length, images, packed, group,
+                  max_new_tokens=int(max_new_tokens), stop_ids=tuple(int(s) for s in stop_ids),
+                  pad_id=int(pad_id))
 
 
 def greedy_decode(model: VLM, prompt_tokens, prompt_length, images=None, *,

@@ -14,12 +14,12 @@ For each query (a prompt-mode batch row of the input pipeline):
     every value of the query's fact (`data_gen.attributes.FACTS`), for captioning every training
     description of the task's personas; duplicates are merged.
 
-Both come from one prefill per query. Candidates are scored by packing them side by side after
-the prompt in the cache, K at a time (see `decoding`). Measured on this repo's 2-core CPU, tiny
-model, 64 queries x 12 names (`benchmarks/recall.py --choice_methods`): the packed chunks beat
-copying the prompt's cache per candidate and decoding the candidates token by token, and both
-beat the full forward pass over every [prompt; candidate] pair, which re-encodes the prompt and
-its image C times (see the README's scoring section for the figures).
+Both come from one prefill per query; the candidates are fed after it as per-chunk tries
+(`decoding.PackedCandidates`). Measured with `python benchmarks/recall.py --choice_methods=1`
+(2-core CPU, one thread, tiny model, 64 queries x 64 names of <= 7 tokens): packed tries
+0.42 s; copying the prompt's cache per candidate and decoding the candidates token by token
+2.0 s (the copies, and one short step per token); the plain forward pass over every
+[prompt; candidate] pair 5.6 s (re-encodes the prompt and its image C times).
 
 Chance levels: accuracy 1/C and mean rank (C + 1)/2, averaged over the queries (C can differ
 between facts); exact match 0.
@@ -138,16 +138,17 @@ class QuerySet:
                                  f"{r} is not among its {len(group)} candidates ({key!r})")
             self.group_index[b][r] = position[key]
             self.target[b][r] = group.index[answer]
-        # All groups padded to one [G, Cmax, Lc] table (rows of length 0 score -inf).
-        num = max(len(g) for g in self.groups)
-        length = max(g.tokens.shape[1] for g in self.groups)
-        self.candidate_tokens = np.zeros((len(self.groups), num, length), np.int32)
-        self.candidate_lengths = np.zeros((len(self.groups), num), np.int32)
-        for i, g in enumerate(self.groups):
-            self.candidate_tokens[i, :len(g), :g.tokens.shape[1]] = g.tokens
-            self.candidate_lengths[i, :len(g)] = g.lengths
-        self.max_answer_length = max(length, max(int(b["answer_length"].max())
-                                                 for b in self.batches))
+        self.max_answer_length = max([g.tokens.shape[1] for g in self.groups]
+                                     + [int(b["answer_length"].max()) for b in self.batches])
+        self._packed = {}
+
+    def packed(self, chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS
+               ) -> decoding.PackedCandidates:
+        """The candidate groups packed for scoring (built once per chunk size)."""
+        if chunk_tokens not in self._packed:
+            self._packed[chunk_tokens] = decoding.PackedCandidates.build(
+                [(g.tokens, g.lengths) for g in self.groups], chunk_tokens)
+        return self._packed[chunk_tokens]
 
     @staticmethod
     def _answer(batch, row) -> tuple[int, ...]:
@@ -279,14 +280,21 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *,
                     mesh: jax.sharding.Mesh | None = None, generate: bool = True,
                     choice: bool = True, max_new_tokens: int | None = None,
                     buckets: Sequence[int] | None = decoding.DEFAULT_BUCKETS,
+                    exact_widths: int = 4,
                     chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS) -> dict[str, dict]:
     """Per task label: {"exact_match", "choice_acc", "mean_rank", "num_examples", "chance"}.
 
     `max_new_tokens` defaults to the longest answer or candidate (<end_of_turn> included) plus
-    2, room for trailing punctuation that `normalize` drops. Only valid rows count.
+    2, room for trailing punctuation that `normalize` drops. Only valid rows count. Prompt
+    widths: when the batches' longest prompts take at most `exact_widths` distinct values (an
+    image task's prompts all have one length), each batch runs at its own longest prompt (no
+    padding, at most that many compilations); otherwise at its bucket (`buckets`).
     """
     if max_new_tokens is None:
         max_new_tokens = queries.max_answer_length + 2
+    longest = {int(b["prompt_length"].max()) for b in queries.batches}
+    if len(longest) <= exact_widths:
+        buckets = None
     place = _Placement(mesh if mesh is not None else model_mesh(model))
     num_tasks = len(queries.labels)
     # Per task: examples, exact matches, correct choices, rank sum, chance acc / rank sums.
@@ -304,8 +312,8 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *,
                 kwargs.update(max_new_tokens=max_new_tokens, stop_ids=queries.stop_ids)
             if choice:
                 groups = np.maximum(_pad_rows(group_index, rows, -1), 0)
-                kwargs.update(candidates=place.put(queries.candidate_tokens[groups]),
-                              candidate_length=place.put(queries.candidate_lengths[groups]))
+                kwargs.update(candidates=queries.packed(chunk_tokens),
+                              candidate_group=place.put(groups))
             tokens = decoding.fit_width(batch["prompt_tokens"], width, queries.pad_id)
             out = decoding.score_batch(
                 model, place.put(_pad_rows(tokens, rows, queries.pad_id)),

@@ -1,0 +1,430 @@
+"""Times our jitted, batched recall scoring (greedy generation of names) against transformers'
+`generate` on the same architecture and weights in PyTorch, on CPU, in one run.
+
+    python benchmarks/recall.py                  # 64 prompts, both sides on 1 thread
+    python benchmarks/recall.py --threads=0      # both sides on their default thread pools
+
+The prompts are real held-out image -> name queries: a small persona dataset is generated in a
+temporary directory (one held-out view per persona) and formatted by the input pipeline
+(prompt mode, Gemma 3 chat template, 16 image soft tokens). Both sides do the same job: greedy
+names for every prompt (same images, max_new_tokens, stop ids <end_of_turn> / <eos>), then
+detokenize, normalise and exact-match against the references:
+
+  ours          `recall.score(..., choice=False)`: one prefill, a `jax.lax.while_loop` of cached
+                decode steps (early exit when every row has stopped), after compilation;
+  transformers  `Gemma3ForConditionalGeneration.generate` (greedy, default dynamic cache,
+                left-padded batch, SDPA attention) + the same host-side exact match; built from
+                a `Gemma3Config` matching the preset and loaded with OUR weights, so both emit
+                the same tokens (checked and printed: a random model's logits rarely tie).
+
+Generation alone (`decoding.greedy_decode` vs `generate`) is timed too. Repeats are interleaved
+and medians compared. Threads: `--threads=1` (default) pins both sides to one thread (XLA's
+single-threaded CPU runtime, `torch.set_num_threads(1)`): equal resources, and stable on a
+shared machine. `--threads=0` leaves both libraries their defaults (XLA: every core; torch:
+os.cpu_count() threads): on a loaded machine PyTorch's spinning OpenMP threads can then slow it
+down by 10x or more, which says little about either implementation, so read such a figure
+with the printed load average. `--score` also times the full `recall.score` (greedy exact match
+and candidate choice over every name); `--choice_methods` times three ways to compute every
+candidate's log-likelihood. The last line is `speedup_vs_transformers: X` (transformers' time
+/ ours, for the scoring job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _threads_flag(argv) -> int:
+    """--threads, read before JAX is imported (XLA reads its flags once, at import)."""
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(r"--threads(?:=(\d+))?", arg)
+        if match:
+            return int(match.group(1) if match.group(1) else argv[i + 1])
+    return 1
+
+
+if _threads_flag(sys.argv[1:]) == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               "false intra_op_parallelism_threads=1").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
+from xmem_jax.data import pipeline  # noqa: E402
+from xmem_jax.data.tokenizer import END_OF_TURN, EOS, IMAGE_TOKEN  # noqa: E402
+from xmem_jax.model import VLM, VLMConfig, get_model_config  # noqa: E402
+from xmem_jax.score import decoding, recall  # noqa: E402
+
+
+def make_dataset(out_dir: str, num_personas: int, image_size: int) -> str:
+    from configs.data import procedural
+    from data_gen import dataset
+
+    config = procedural.get_config()
+    config.num_personas = num_personas
+    config.num_views = 4
+    config.num_heldout_views = 1
+    config.num_descriptions = 4
+    config.num_heldout_descriptions = 1
+    config.image_size = image_size
+    config.contact_sheet_personas = 2
+    config.tokenizer_vocab_size = 1024
+    return str(dataset.generate(config, out_dir))
+
+
+def hf_config(config: VLMConfig, boi: int, eoi: int):
+    """A transformers `Gemma3Config` with our preset's sizes."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text, vision = config.text, config.vision
+    global_rope = {"rope_type": "default", "rope_theta": text.rope_global_base}
+    if text.rope_global_scale != 1.0:
+        global_rope = {"rope_type": "linear", "rope_theta": text.rope_global_base,
+                       "factor": text.rope_global_scale}
+    text_config = Gemma3TextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.embed_dim, intermediate_size=text.mlp_dim,
+        num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
+        num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim,
+        query_pre_attn_scalar=text.query_pre_attn_scalar, sliding_window=text.sliding_window,
+        layer_types=["full_attention" if g else "sliding_attention" for g in text.global_layers],
+        rope_parameters={"sliding_attention": {"rope_type": "default",
+                                               "rope_theta": text.rope_local_base},
+                         "full_attention": global_rope},
+        final_logit_softcapping=text.final_logit_softcap, rms_norm_eps=text.rms_norm_eps,
+        max_position_embeddings=512, hidden_activation="gelu_pytorch_tanh", pad_token_id=0,
+        bos_token_id=2, eos_token_id=1)
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision.width, intermediate_size=vision.mlp_dim,
+        num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads,
+        image_size=vision.image_size, patch_size=vision.patch_size,
+        layer_norm_eps=vision.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False)
+    return Gemma3Config(text_config=text_config, vision_config=vision_config,
+                        mm_tokens_per_image=config.mm_tokens_per_image,
+                        image_token_index=config.image_token_id, boi_token_index=boi,
+                        eoi_token_index=eoi)
+
+
+def hf_state_dict(model: VLM) -> dict[str, np.ndarray]:
+    """Our parameters under transformers 5's `Gemma3ForConditionalGeneration` names (the
+    inverse of the mappings in the `vlm`, `gemma` and `siglip` docstrings)."""
+    flat = {"/".join(map(str, p)): np.asarray(v[...], np.float32)
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    vt, lm = "model.vision_tower.", "model.language_model."
+    out[vt + "embeddings.patch_embedding.weight"] = \
+        flat["vision_tower/embeddings/patch_embedding/kernel"].transpose(3, 2, 0, 1)
+    out[vt + "embeddings.patch_embedding.bias"] = \
+        flat["vision_tower/embeddings/patch_embedding/bias"]
+    out[vt + "embeddings.position_embedding.weight"] = \
+        flat["vision_tower/embeddings/position_embedding"]
+    for ours, theirs in (("post_layernorm/scale", "post_layernorm.weight"),
+                         ("post_layernorm/bias", "post_layernorm.bias")):
+        out[vt + theirs] = flat["vision_tower/" + ours]
+    depth = flat["vision_tower/encoder/layers/mlp/fc1/kernel"].shape[0]
+    for i in range(depth):
+        get = lambda name: flat[f"vision_tower/encoder/layers/{name}"][i]  # noqa: E731
+        pre = f"{vt}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            kernel = get(f"self_attn/{proj}/kernel")
+            out[pre + f"self_attn.{proj}.weight"] = kernel.reshape(kernel.shape[0], -1).T
+            out[pre + f"self_attn.{proj}.bias"] = get(f"self_attn/{proj}/bias").reshape(-1)
+        kernel = get("self_attn/out_proj/kernel")
+        out[pre + "self_attn.out_proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+        out[pre + "self_attn.out_proj.bias"] = get("self_attn/out_proj/bias")
+        for norm in ("layer_norm1", "layer_norm2"):
+            out[pre + f"{norm}.weight"] = get(f"{norm}/scale")
+            out[pre + f"{norm}.bias"] = get(f"{norm}/bias")
+        for fc in ("fc1", "fc2"):
+            out[pre + f"mlp.{fc}.weight"] = get(f"mlp/{fc}/kernel").T
+            out[pre + f"mlp.{fc}.bias"] = get(f"mlp/{fc}/bias")
+    out["model.multi_modal_projector.mm_input_projection_weight"] = \
+        flat["multi_modal_projector/mm_input_projection/kernel"]
+    out["model.multi_modal_projector.mm_soft_emb_norm.weight"] = \
+        flat["multi_modal_projector/mm_soft_emb_norm/scale"]
+    out[lm + "embed_tokens.weight"] = flat["language_model/embed_tokens/embedding"]
+    out["lm_head.weight"] = flat["language_model/embed_tokens/embedding"]
+    out[lm + "norm.weight"] = flat["language_model/norm/scale"]
+    layers = flat["language_model/layers/mlp/up_proj/kernel"].shape[0]
+    for i in range(layers):
+        get = lambda name: flat[f"language_model/layers/{name}"][i]  # noqa: E731
+        pre = f"{lm}layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            kernel = get(f"self_attn/{proj}/kernel")
+            out[pre + f"self_attn.{proj}.weight"] = kernel.reshape(kernel.shape[0], -1).T
+        kernel = get("self_attn/o_proj/kernel")
+        out[pre + "self_attn.o_proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+        for norm in ("q_norm", "k_norm"):
+            out[pre + f"self_attn.{norm}.weight"] = get(f"self_attn/{norm}/scale")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[pre + f"mlp.{proj}.weight"] = get(f"mlp/{proj}/kernel").T
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            out[pre + f"{norm}.weight"] = get(f"{norm}/scale")
+    return out
+
+
+def torch_model(model: VLM, boi: int, eoi: int, attention: str):
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    hf = Gemma3ForConditionalGeneration._from_config(hf_config(model.config, boi, eoi),
+                                                     attn_implementation=attention)
+    weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+               hf_state_dict(model).items()}
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"Weight names differ: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
+def left_padded(batch: dict[str, np.ndarray], pad_id: int):
+    tokens, lengths = batch["prompt_tokens"], batch["prompt_length"]
+    width = int(lengths.max())
+    out = np.full((len(tokens), width), pad_id, np.int64)
+    mask = np.zeros((len(tokens), width), np.int64)
+    for row, n in enumerate(lengths):
+        out[row, width - n:] = tokens[row, :n]
+        mask[row, width - n:] = 1
+    return out, mask
+
+
+def until_stop(ids, stop_ids) -> list[list[int]]:
+    rows = []
+    for row in np.asarray(ids):
+        cut = [i for i, t in enumerate(row) if t in stop_ids]
+        rows.append([int(t) for t in row[:cut[0] + 1 if cut else len(row)]])
+    return rows
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -- Alternatives for candidate log-likelihoods (--choice_methods). ------------------------------
+
+
+@functools.partial(nnx.jit, static_argnames=("pad_id",))
+def repeated_cache_decode(model, tokens, lengths, images, candidates, candidate_length, *,
+                          pad_id: int):
+    """One prefill, its cache copied per candidate ([B * C] rows), then the candidates fed one
+    token per cached decode step."""
+    width, (batch, (num, length)) = tokens.shape[1], (tokens.shape[0], candidates.shape)
+    tokens, mask = decoding.left_align(tokens, lengths, pad_id)
+    first, cache = decoding.prefill(model, tokens, mask, images, width + length)
+    total = first[:, candidates[:, 0]]
+    cache = type(cache)(k=jnp.repeat(cache.k, num, axis=1), v=jnp.repeat(cache.v, num, axis=1),
+                        kv_mask=jnp.repeat(cache.kv_mask, num, axis=0), end_index=cache.end_index,
+                        next_position=jnp.repeat(cache.next_position, num, axis=0))
+    rows = jnp.tile(candidates, (batch, 1))
+    row_length = jnp.tile(candidate_length, batch)
+    for t in range(length - 1):
+        logits, cache = model.decode_step(rows[:, t], cache)
+        step = jnp.take_along_axis(jax.nn.log_softmax(logits), rows[:, t + 1:t + 2], axis=1)
+        total += jnp.where(t + 1 < row_length, step[:, 0], 0.0).reshape(batch, num)
+    return total
+
+
+@nnx.jit
+def pair_forward(model, tokens, lengths, images, candidates, candidate_length):
+    """The plain forward pass over every [prompt; candidate] pair of a few queries."""
+    batch, width = tokens.shape
+    num, length = candidates.shape
+    seq = jnp.concatenate([tokens, jnp.zeros((batch, length), tokens.dtype)], axis=1)
+    seq = jnp.repeat(seq, num, axis=0)  # [B * C, W + Lc]
+    start = jnp.repeat(lengths, num)
+    cand = jnp.tile(candidates, (batch, 1))
+    cand_len = jnp.tile(candidate_length, batch)
+    slots = jnp.arange(width + length)[None]
+    offset = slots - start[:, None]
+    in_cand = (offset >= 0) & (offset < cand_len[:, None])
+    picked = jnp.take_along_axis(cand, jnp.clip(offset, 0, length - 1), axis=1)
+    seq = jnp.where(in_cand, picked, seq)
+    mask = slots < (start + cand_len)[:, None]
+    logits = model(seq, jnp.repeat(images, num, axis=0), mask)
+    log_probs = jax.nn.log_softmax(logits[:, :-1])
+    scored = jnp.take_along_axis(log_probs, seq[:, 1:, None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(in_cand[:, 1:], scored, 0.0), axis=1)
+    return total.reshape(batch, num)
+
+
+def choice_methods(model, batch, queries: recall.QuerySet, repeats: int) -> None:
+    """Times the candidate log-likelihoods of every query against every candidate, three ways."""
+    group = queries.groups[0]
+    width = decoding.prompt_width(batch["prompt_length"])
+    tokens = decoding.fit_width(batch["prompt_tokens"], width, queries.pad_id)
+    args = (tokens, batch["prompt_length"], batch["images"])
+    cands, cand_len = group.tokens, group.lengths
+    pair_chunk = 4
+
+    def pairs():
+        return np.concatenate([np.asarray(pair_forward(
+            model, *(a[i:i + pair_chunk] for a in args), cands, cand_len))
+            for i in range(0, len(tokens), pair_chunk)])
+
+    methods = {
+        "packed chunks (ours)": lambda: np.asarray(decoding.candidate_log_likelihoods(
+            model, *args, cands, cand_len, pad_id=queries.pad_id)),
+        "repeated cache + decode": lambda: np.asarray(repeated_cache_decode(
+            model, *args, cands, cand_len, pad_id=queries.pad_id)),
+        f"full forward of pairs ({pair_chunk} queries/call)": pairs,
+    }
+    results = {name: fn() for name, fn in methods.items()}  # Compiles.
+    reference = results["packed chunks (ours)"]
+    times = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            times[name].append(timed(fn))
+    print(f"candidate log-likelihoods: {len(tokens)} queries x {len(group)} candidates "
+          f"(<= {cands.shape[1]} tokens)")
+    for name in methods:
+        diff = float(np.max(np.abs(results[name] - reference)))
+        print(f"  {name:38s} median {statistics.median(times[name]) * 1e3:8.1f} ms "
+              f"(max |diff| vs ours {diff:.1e})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--num_prompts", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=0,
+                        help="0: what recall scoring uses, the longest answer + 2.")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1: both sides single-threaded; 0: each library's default.")
+    parser.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--score", type=int, default=1,
+                        help="Also time recall.score with candidate choice over all names.")
+    parser.add_argument("--choice_methods", type=int, default=0,
+                        help="Also time three ways of scoring every candidate.")
+    args = parser.parse_args()
+    if args.threads not in (0, 1):
+        parser.error("--threads: 1 (both single-threaded) or 0 (library defaults)")
+
+    import torch
+
+    torch.set_num_threads(1 if args.threads == 1 else os.cpu_count())
+    base = get_model_config(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = make_dataset(tmp, args.num_prompts, base.vision.image_size)
+        config = pipeline.default_config()
+        config.data_dir = data_dir
+        config.tasks = ("image_to_name split=heldout",)
+        config.batch_size = args.num_prompts
+        config.max_length = 64
+        config.image_size = base.vision.image_size
+        config.num_image_tokens = base.mm_tokens_per_image
+        queries = recall.QuerySet.from_config(config)
+    batch = queries.batches[0]
+    max_new_tokens = args.max_new_tokens or queries.max_answer_length + 2
+    vocab = queries.tokenizer.get_vocab()
+    stop_ids = (vocab[END_OF_TURN], vocab[EOS])
+    config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
+    model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    lengths = batch["prompt_length"]
+    print(f"{args.config}: {num_params:,} parameters; {len(lengths)} held-out image -> name "
+          f"prompts of {lengths.min()}-{lengths.max()} tokens; max_new_tokens {max_new_tokens}; "
+          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}; threads: "
+          f"{'1 each' if args.threads == 1 else 'library defaults'} (torch "
+          f"{torch.get_num_threads()}); jax {jax.__version__}, torch {torch.__version__}")
+
+    hf = torch_model(model, vocab["<start_of_image>"], vocab["<end_of_image>"],
+                     args.torch_attention)
+    input_ids, attention_mask = left_padded(batch, queries.pad_id)
+    hf_inputs = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "token_type_ids": torch.from_numpy((input_ids == config.image_token_id).astype(np.int64)),
+        "pixel_values": torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous(),
+    }
+    references = queries.tokenizer.batch_decode(
+        [a[:n] for a, n in zip(batch["answer_tokens"], batch["answer_length"])])
+
+    def ours_generate():
+        ids, length = decoding.greedy_decode(
+            model, batch["prompt_tokens"], batch["prompt_length"], batch["images"],
+            max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=queries.pad_id,
+            buckets=None)  # As recall.score runs it: one prompt length, no padding.
+        return [list(map(int, r[:n])) for r, n in zip(np.asarray(ids), np.asarray(length))]
+
+    def ours_score():
+        return recall.score(model, queries, choice=False,
+                            max_new_tokens=max_new_tokens)["image_to_name/heldout"]["exact_match"]
+
+    def theirs_generate():
+        with torch.inference_mode():
+            out = hf.generate(**hf_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=list(stop_ids), pad_token_id=queries.pad_id,
+                              top_p=None, top_k=None)
+        return until_stop(out[:, input_ids.shape[1]:].numpy(), stop_ids)
+
+    def theirs_score():
+        texts = queries.tokenizer.batch_decode(theirs_generate())
+        return float(np.mean([recall.exact_match(t, r) for t, r in zip(texts, references)]))
+
+    # Same weights: the forward passes agree, so the generations should too.
+    with torch.inference_mode():
+        hf_logits = hf(**hf_inputs).logits[:, -1].numpy()
+    ours_logits = np.asarray(_last_logits(model, *left_padded_jax(batch, queries.pad_id)))
+    first = {"ours": timed(ours_score), "transformers": timed(theirs_score)}
+    agree = np.mean([a == b for a, b in zip(ours_generate(), theirs_generate())])
+    print(f"last-position logits, ours vs transformers: max |diff| "
+          f"{np.max(np.abs(hf_logits - ours_logits)):.1e}; generations identical on {agree:.0%} "
+          f"of prompts; exact match ours {ours_score():.3f}, transformers {theirs_score():.3f}")
+    print(f"first call (ours: trace + compile): ours {first['ours']:.2f} s, transformers "
+          f"{first['transformers']:.2f} s")
+    runs = {"ours: scoring": ours_score, "transformers: scoring": theirs_score,
+            "ours: generation": ours_generate, "transformers: generation": theirs_generate}
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # Interleaved, so load from elsewhere hits both alike.
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, median in medians.items():
+        print(f"{name:25s} median {median * 1e3:8.1f} ms per {len(lengths)} prompts (repeats "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in times[name])})")
+    print(f"generation alone: transformers / ours = "
+          f"{medians['transformers: generation'] / medians['ours: generation']:.2f}")
+    if args.score:
+        recall.score(model, queries, max_new_tokens=max_new_tokens)  # Compiles.
+        score_times = [timed(lambda: recall.score(model, queries, max_new_tokens=max_new_tokens))
+                       for _ in range(max(1, args.repeats // 2))]
+        print(f"recall.score with choice over all {len(queries.groups[0])} names (one prefill "
+              f"for both): median {statistics.median(score_times) * 1e3:.1f} ms")
+    if args.choice_methods:
+        choice_methods(model, batch, queries, max(1, args.repeats // 2))
+    print(f"speedup_vs_transformers: "
+          f"{medians['transformers: scoring'] / medians['ours: scoring']:.2f}")
+
+
+@nnx.jit
+def _last_logits(model, tokens, images, mask):
+    return model(tokens, images, mask)[:, -1]
+
+
+def left_padded_jax(batch, pad_id: int):
+    """The prompts left-padded to their longest, with images and mask, for a logits check."""
+    ids, mask = left_padded(batch, pad_id)
+    return ids.astype(np.int32), batch["images"], mask.astype(bool)
+
+
+if __name__ == "__main__":
+    main()
