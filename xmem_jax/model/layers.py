@@ -72,6 +72,7 @@ class Einsum(nnx.Module):
         self.dtype = dtype
         kernel = logical(lecun_normal, axes)(rngs.params(), tuple(shape), param_dtype)
         self.kernel = nnx.Param(kernel)
+        self.lora_a = self.lora_b = None
         bias_shape, bias_axes = tuple(shape[i] for i in kept), [axes[i] for i in kept]
         self.bias = (nnx.Param(_zeros(bias_axes)(None, bias_shape, param_dtype)) if use_bias
                      else None)
@@ -83,7 +84,12 @@ class Einsum(nnx.Module):
         lead = x.shape[:x.ndim - self.input_rank]
         if self.equation.startswith("...") and len(lead) > 1:
             x = x.reshape(-1, *x.shape[len(lead):])
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.dtype))
+        if self.lora_a is not None:  # LoRA adapters (`xmem_jax.model.lora.add_adapters`).
+            down = jnp.einsum(self.lora_down, x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.einsum(self.lora_up, down,
+                                                 self.lora_b[...].astype(self.dtype))
         y = y.reshape(*lead, *y.shape[1:]) if len(lead) > 1 else y
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -1,0 +1,306 @@
+"""Hugging Face checkpoints: tiny random transformers Gemma 3 models built in-process, saved
+with `save_pretrained`, loaded by `xmem_jax.model.hf`: logits and greedy parity, both key
+layouts, export round trip, LoRA merge, and errors that name the file or tensor."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from xmem_jax.model import hf, lora
+from xmem_jax.score import decoding
+from xmem_jax.train import sharding
+
+IMAGE, BOI, EOI = 250, 248, 249
+VOCAB = 256
+
+
+def text_config(**overrides):
+    from transformers import Gemma3TextConfig
+
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    query_pre_attn_scalar=24, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"] * 2,
+                    max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
+                    eos_token_id=1)
+    settings.update(overrides)
+    return Gemma3TextConfig(**settings)
+
+
+def vlm_config(text=None, **vision_overrides):
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=4, vision_use_head=False)
+    vision.update(vision_overrides)
+    return Gemma3Config(text_config=text or text_config(), vision_config=SiglipVisionConfig(**vision),
+                        mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=BOI,
+                        eoi_token_index=EOI)
+
+
+def random_model(config, seed=0):
+    """A transformers model with every weight random (norm scales included), float32."""
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cls = (Gemma3ForConditionalGeneration if hasattr(config, "vision_config")
+           else Gemma3ForCausalLM)
+    model = cls._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * (0.3 if "norm" in name else 0.1))
+    return model
+
+
+CONFIGS = {
+    "gqa_sliding": lambda: vlm_config(),
+    "mqa_linear_rope": lambda: vlm_config(text_config(
+        num_key_value_heads=1, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})),
+    "mha": lambda: vlm_config(text_config(num_key_value_heads=4)),
+    "text_only": lambda: text_config(),
+}
+
+
+def prompts(multimodal, batch=4, length=20, seed=0):
+    """Right-padded token rows (lengths differ), with one image each when multimodal."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((batch, length), np.int64)
+    lengths = [length, length - 5, length - 9, length - 2][:batch]
+    for b, n in enumerate(lengths):
+        row = [2] + ([BOI] + [IMAGE] * 4 + [EOI] if multimodal else [])
+        row += list(rng.integers(3, 240, n - len(row)))
+        tokens[b, :n] = row
+    mask = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
+    images = rng.uniform(-1, 1, (batch, 16, 16, 3)).astype(np.float32) if multimodal else None
+    return tokens, mask, images
+
+
+def torch_logits(model, tokens, mask, images):
+    inputs = {"input_ids": torch.from_numpy(tokens), "attention_mask": torch.from_numpy(mask)}
+    if images is not None:
+        inputs["pixel_values"] = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        inputs["token_type_ids"] = torch.from_numpy((tokens == IMAGE).astype(np.int64))
+    with torch.no_grad():
+        return model(**inputs).logits.numpy()
+
+
+def our_logits(model, tokens, mask, images):
+    return np.asarray(model(jnp.asarray(tokens, jnp.int32),
+                            None if images is None else jnp.asarray(images),
+                            jnp.asarray(mask, bool)))
+
+
+def relative_error(ours, theirs, mask):
+    valid = mask.astype(bool)
+    return np.abs(ours - theirs)[valid].max() / np.abs(theirs[valid]).max()
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def saved(request, tmp_path_factory):
+    model = random_model(CONFIGS[request.param]())
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def test_logits_and_greedy_generation_match_transformers(saved):
+    name, torch_model, path = saved
+    model = hf.load_model(path)
+    multimodal = name != "text_only"
+    assert (model.config.vision is not None) == multimodal
+    tokens, mask, images = prompts(multimodal)
+    error = relative_error(our_logits(model, tokens, mask, images),
+                           torch_logits(torch_model, tokens, mask, images), mask)
+    assert error <= 1e-4, f"{name}: relative logit error {error:.2e}"
+
+    new = 8
+    generated, _ = decoding.greedy_decode(
+        model, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask.sum(1), jnp.int32),
+        None if images is None else jnp.asarray(images), max_new_tokens=new, stop_ids=(1,),
+        buckets=None)
+    for row in range(len(tokens)):  # transformers' generate, one unpadded prompt at a time.
+        length = int(mask[row].sum())
+        inputs = {"input_ids": torch.from_numpy(tokens[row:row + 1, :length])}
+        if multimodal:
+            inputs["pixel_values"] = torch.from_numpy(
+                images[row:row + 1].transpose(0, 3, 1, 2).copy())
+            inputs["token_type_ids"] = (inputs["input_ids"] == IMAGE).long()
+        with torch.no_grad():
+            theirs = torch_model.generate(**inputs, max_new_tokens=new, do_sample=False,
+                                          eos_token_id=1, pad_token_id=0)
+        theirs = theirs[0, length:].numpy()
+        np.testing.assert_array_equal(np.asarray(generated)[row, :len(theirs)], theirs,
+                                      err_msg=f"{name} row {row}")
+
+
+def test_both_key_layouts_load_alike(saved, tmp_path):
+    name, _, path = saved
+    if name != "gqa_sliding":
+        pytest.skip("one multimodal config covers the layouts")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(path, renamed)
+    tensors = load_file(str(renamed / "model.safetensors"))
+    moved = {}
+    for key, value in tensors.items():
+        for old, new in (("language_model.model.", "model.language_model."),
+                         ("vision_tower.", "model.vision_tower.vision_model."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        moved[key] = value
+    assert not set(moved) & set(tensors)
+    save_file(moved, str(renamed / "model.safetensors"), metadata={"format": "pt"})
+    a, b = hf.load_model(path), hf.load_model(renamed)
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(va[...]), np.asarray(vb[...]), err_msg=str(pa))
+
+
+def test_loads_sharded_on_a_mesh(saved):
+    name, _, path = saved
+    if name not in ("gqa_sliding", "mqa_linear_rope"):
+        pytest.skip("two configs cover sharded loading")
+    single_kv_head = hf.load_config(path).text.num_kv_heads == 1  # Cannot split over 'tensor'.
+    shape = (1, 4, 1) if single_kv_head else (1, 2, 2)
+    mesh = sharding.make_mesh(*shape, devices=jax.devices()[:4])
+    model = hf.load_model(path, mesh)
+    single = hf.load_model(path)
+    tokens, mask, images = prompts(name != "text_only")
+    kernel = model.language_model.layers.mlp.up_proj.kernel[...]
+    assert len(kernel.sharding.device_set) > 1
+    with sharding.use_mesh(mesh):
+        sharded_logits = our_logits(model, tokens, mask, images)
+    np.testing.assert_allclose(sharded_logits, our_logits(single, tokens, mask, images),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_export_round_trip(saved, tmp_path):
+    """Loaded, changed, exported: transformers reads back our weights (identical logits)."""
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    name, _, path = saved
+    if name not in ("gqa_sliding", "text_only"):
+        pytest.skip("one config per architecture covers export")
+    multimodal = name != "text_only"
+    model = hf.load_model(path)
+    kernel = model.language_model.layers.mlp.down_proj.kernel
+    kernel[...] = kernel[...] * 1.5  # As if fine-tuned.
+    out = hf.export_model(model, tmp_path / "export")
+    cls = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
+    reloaded = cls.from_pretrained(out, attn_implementation="eager").eval()
+    tokens, mask, images = prompts(multimodal)
+    error = relative_error(our_logits(model, tokens, mask, images),
+                           torch_logits(reloaded, tokens, mask, images), mask)
+    assert error <= 1e-4, error
+    again = hf.load_model(out)
+    np.testing.assert_array_equal(np.asarray(again.language_model.layers.mlp.down_proj.kernel[...]),
+                                  np.asarray(kernel[...]))
+
+
+def test_lora_adapters_start_as_identity_and_merge_on_export(tmp_path):
+    from transformers import Gemma3ForConditionalGeneration
+
+    path = tmp_path / "model"
+    random_model(vlm_config()).save_pretrained(path)
+
+    def with_adapters(config):
+        from xmem_jax.model.vlm import VLM
+
+        model = VLM(config, rngs=nnx.Rngs(0))
+        lora.add_adapters(model, rank=4, alpha=8.0,
+                          target_regex=r"^language_model/layers/self_attn/(q|v)_proj$|fc1$")
+        return model
+
+    model = hf.load_model(path, model_fn=with_adapters)
+    plain = hf.load_model(path)
+    tokens, mask, images = prompts(True)
+    np.testing.assert_allclose(our_logits(model, tokens, mask, images),
+                               our_logits(plain, tokens, mask, images), rtol=1e-6, atol=1e-6)
+    q = model.language_model.layers.self_attn.q_proj
+    assert q.lora_a[...].shape == (4, 64, 4) and q.lora_b[...].shape == (4, 4, 4, 16)
+    rng = np.random.default_rng(0)
+    for _, module in model.iter_modules():
+        if getattr(module, "lora_b", None) is not None:
+            module.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, module.lora_b[...].shape),
+                                             jnp.float32)
+    adapted = our_logits(model, tokens, mask, images)
+    assert not np.allclose(adapted, our_logits(plain, tokens, mask, images), atol=1e-3)
+    out = hf.export_model(model, tmp_path / "merged")
+    reloaded = Gemma3ForConditionalGeneration.from_pretrained(
+        out, attn_implementation="eager").eval()
+    error = relative_error(adapted, torch_logits(reloaded, tokens, mask, images), mask)
+    assert error <= 1e-4, error
+    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
+
+
+# -- Bad input. --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "model"
+    random_model(vlm_config()).save_pretrained(path)
+    return path
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(hf.CheckpointError, match="config.json is missing"):
+        hf.load_model(tmp_path)
+
+
+def test_unsupported_architecture(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["PaliGemmaForConditionalGeneration"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.CheckpointError, match="Unsupported architecture.*PaliGemma"):
+        hf.load_model(model_dir)
+
+
+def test_missing_shard(model_dir):
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    keys = sorted(tensors)
+    (model_dir / "model.safetensors").unlink()
+    half = len(keys) // 2
+    save_file({k: tensors[k] for k in keys[:half]}, str(model_dir / "model-00001-of-00002.safetensors"))
+    index = {"weight_map": {k: ("model-00001-of-00002.safetensors" if i < half
+                                else "model-00002-of-00002.safetensors")
+                            for i, k in enumerate(keys)}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(hf.CheckpointError, match="model-00002-of-00002.safetensors"):
+        hf.load_model(model_dir)
+
+
+def test_missing_tensor(model_dir):
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match=r"lm\.layers\.1\.mlp\.up_proj\.weight"):
+        hf.load_model(model_dir)
+
+
+def test_shape_differs_from_config(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 128
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.CheckpointError, match=r"mlp\.\w+_proj\.weight' has shape"):
+        hf.load_model(model_dir)
+
+
+def test_config_round_trip_of_gemma3_presets():
+    from xmem_jax.model import get_model_config
+
+    for name in ("gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b"):
+        preset = get_model_config(name)
+        loaded = hf.config_from_hf(hf.hf_config_dict(preset), dtype=preset.dtype,
+                                   param_dtype=preset.param_dtype)
+        assert loaded == preset, name

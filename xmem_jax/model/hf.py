@@ -1,0 +1,469 @@
+"""Hugging Face Gemma 3 checkpoints <-> our Flax model: config, weights, export.
+
+    config = hf.load_config(model_dir)                  # VLMConfig from config.json
+    model = hf.load_model(model_dir, mesh)              # weights streamed onto their shards
+    hf.export_model(model, out_dir)                     # a directory transformers loads
+
+Supported `architectures` (config.json): `Gemma3ForConditionalGeneration` (Gemma 3 4B/12B/27B:
+SigLIP + Gemma 3) and `Gemma3ForCausalLM` (Gemma 3 1B, text only). PaliGemma 2 is not
+supported: its prefix-LM attention and Gemma 2 decoder would need a second decoder.
+
+Both key layouts transformers writes are read: `model.language_model.*` /
+`model.vision_tower.*` (its in-memory names) and `language_model.model.*` / `vision_tower.*`
+(what `save_pretrained` writes; older hub checkpoints add `vision_tower.vision_model.*`).
+`lm_head.weight` is tied to the embedding and never read. `WEIGHTS` is the one table of the
+mapping, used in both directions: torch Linear weights are [out, in] and ours are
+[in, ...heads] or [...heads, out], so they transpose; per-layer tensors stack along our
+leading 'layers' axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from xmem_jax.model.config import TextConfig, VisionConfig, VLMConfig
+from xmem_jax.model.vlm import VLM
+from xmem_jax.train import sharding as sharding_lib
+
+ARCHITECTURES = ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message names the file or tensor."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight table.
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One parameter of ours and its Hugging Face tensor(s).
+
+    `hf` is the canonical name (prefixes `lm.`, `vision.`, `projector.`), with `{i}` for the
+    layer when the parameter is stacked. `kind` says how the tensor maps:
+      copy      same values, reshaped to our shape (e.g. a bias [N*H] -> [N, H])
+      in_first  torch Linear [out, in] -> ours [in, ...]: `w.T.reshape(ours)`
+      out_last  torch Linear [out, in] -> ours [..., out]: `w.T.reshape(ours)`
+      conv      torch Conv2d [W, C, P, P] -> ours [P, P, C, W]
+    """
+
+    ours: str
+    hf: str
+    kind: str = "copy"
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+    def from_hf(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "conv":
+            tensor = tensor.transpose(2, 3, 1, 0)
+        elif self.kind in ("in_first", "out_last"):
+            tensor = tensor.T
+        return tensor.reshape(shape)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        if self.kind == "conv":
+            return value.transpose(3, 2, 0, 1)
+        if self.kind == "in_first":
+            return value.reshape(value.shape[0], -1).T
+        if self.kind == "out_last":
+            return value.reshape(-1, value.shape[-1]).T
+        return value.reshape(-1) if value.ndim > 1 and self.hf.endswith(".bias") else value
+
+
+def _vision_weights() -> list[Weight]:
+    layer = "vision.encoder.layers.{i}."
+    ours = "vision_tower/encoder/layers/"
+    weights = [
+        Weight("vision_tower/embeddings/patch_embedding/kernel",
+               "vision.embeddings.patch_embedding.weight", "conv"),
+        Weight("vision_tower/embeddings/patch_embedding/bias",
+               "vision.embeddings.patch_embedding.bias"),
+        Weight("vision_tower/embeddings/position_embedding",
+               "vision.embeddings.position_embedding.weight"),
+        Weight("vision_tower/post_layernorm/scale", "vision.post_layernorm.weight"),
+        Weight("vision_tower/post_layernorm/bias", "vision.post_layernorm.bias"),
+        Weight(ours + "self_attn/out_proj/kernel", layer + "self_attn.out_proj.weight",
+               "out_last"),
+        Weight(ours + "self_attn/out_proj/bias", layer + "self_attn.out_proj.bias"),
+        Weight("multi_modal_projector/mm_input_projection/kernel",
+               "projector.mm_input_projection_weight"),
+        Weight("multi_modal_projector/mm_soft_emb_norm/scale",
+               "projector.mm_soft_emb_norm.weight"),
+    ]
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        weights += [Weight(f"{ours}self_attn/{proj}/kernel", f"{layer}self_attn.{proj}.weight",
+                           "in_first"),
+                    Weight(f"{ours}self_attn/{proj}/bias", f"{layer}self_attn.{proj}.bias")]
+    for norm in ("layer_norm1", "layer_norm2"):
+        weights += [Weight(f"{ours}{norm}/scale", f"{layer}{norm}.weight"),
+                    Weight(f"{ours}{norm}/bias", f"{layer}{norm}.bias")]
+    for fc in ("fc1", "fc2"):
+        weights += [Weight(f"{ours}mlp/{fc}/kernel", f"{layer}mlp.{fc}.weight", "in_first"),
+                    Weight(f"{ours}mlp/{fc}/bias", f"{layer}mlp.{fc}.bias")]
+    return weights
+
+
+def _text_weights() -> list[Weight]:
+    layer = "lm.layers.{i}."
+    ours = "language_model/layers/"
+    weights = [
+        Weight("language_model/embed_tokens/embedding", "lm.embed_tokens.weight"),
+        Weight("language_model/norm/scale", "lm.norm.weight"),
+        Weight(ours + "self_attn/o_proj/kernel", layer + "self_attn.o_proj.weight", "out_last"),
+    ]
+    weights += [Weight(f"{ours}self_attn/{p}/kernel", f"{layer}self_attn.{p}.weight", "in_first")
+                for p in ("q_proj", "k_proj", "v_proj")]
+    weights += [Weight(f"{ours}self_attn/{n}/scale", f"{layer}self_attn.{n}.weight")
+                for n in ("q_norm", "k_norm")]
+    weights += [Weight(f"{ours}mlp/{p}/kernel", f"{layer}mlp.{p}.weight", "in_first")
+                for p in ("gate_proj", "up_proj", "down_proj")]
+    weights += [Weight(f"{ours}{n}/scale", f"{layer}{n}.weight")
+                for n in ("input_layernorm", "post_attention_layernorm",
+                          "pre_feedforward_layernorm", "post_feedforward_layernorm")]
+    return weights
+
+
+def weight_table(config: VLMConfig) -> list[Weight]:
+    """Every parameter of a `VLM(config)` (LoRA adapters aside) and its HF tensor."""
+    return _text_weights() + (_vision_weights() if config.vision is not None else [])
+
+
+# Checkpoint prefixes -> canonical ones (first match wins: longer prefixes first).
+_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision."),
+    ("vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),
+    ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("multi_modal_projector.", "projector."),
+    ("model.language_model.", "lm."),
+    ("language_model.model.", "lm."),
+    ("model.", "lm."),  # Gemma3ForCausalLM.
+)
+_TIED = re.compile(r"^(language_model\.)?lm_head\.weight$")
+
+
+def canonical_name(key: str) -> str | None:
+    """A checkpoint key in the canonical layout; None for the tied `lm_head.weight`."""
+    if _TIED.match(key):
+        return None
+    for prefix, canonical in _PREFIXES:
+        if key.startswith(prefix):
+            return canonical + key[len(prefix):]
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Config.
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a Hugging Face model directory: "
+                              f"{path.name} is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def _rope(text: dict) -> tuple[float, float, float]:
+    """(local base, global base, global linear scale) from either config.json spelling."""
+    params = text.get("rope_parameters")
+    if params and "full_attention" in params:  # transformers >= 5.
+        full, local = params["full_attention"], params.get("sliding_attention", {})
+        scale = full.get("factor", 1.0) if full.get("rope_type", "default") == "linear" else 1.0
+        return (float(local.get("rope_theta", 10_000.0)), float(full.get("rope_theta", 1e6)),
+                float(scale))
+    scaling = text.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
+        raise CheckpointError(f"Unsupported rope_scaling {scaling}: only 'linear' is")
+    return (float(text.get("rope_local_base_freq", 10_000.0)),
+            float(text.get("rope_theta", 1e6)), float(scaling.get("factor", 1.0)))
+
+
+def _sliding_window_pattern(text: dict) -> int:
+    """Our `sliding_window_pattern` p (layer i global iff (i + 1) % p == 0) for config.json's
+    layer types; an irregular pattern is an error."""
+    num_layers = int(text["num_hidden_layers"])
+    types = text.get("layer_types")
+    if types is None:
+        return int(text.get("sliding_window_pattern", text.get("_sliding_window_pattern", 6)))
+    is_global = [t == "full_attention" for t in types]
+    pattern = is_global.index(True) + 1 if any(is_global) else num_layers + 1
+    expected = [(i + 1) % pattern == 0 for i in range(num_layers)]
+    if is_global != expected:
+        raise CheckpointError(f"Unsupported layer_types {types}: only a sliding window layer "
+                              "pattern repeating every p layers (global last) is")
+    return pattern
+
+
+def config_from_hf(hf: dict, **overrides) -> VLMConfig:
+    """A `VLMConfig` from a config.json dict; `overrides` set VLMConfig fields (dtype, ...)."""
+    architectures = hf.get("architectures") or []
+    if not architectures or architectures[0] not in ARCHITECTURES:
+        raise CheckpointError(f"Unsupported architecture {architectures or None} in "
+                              f"config.json; supported: {', '.join(ARCHITECTURES)}")
+    multimodal = architectures[0] == "Gemma3ForConditionalGeneration"
+    text = hf["text_config"] if multimodal else hf
+    local_base, global_base, global_scale = _rope(text)
+    try:
+        text_config = TextConfig(
+            vocab_size=int(text["vocab_size"]), embed_dim=int(text["hidden_size"]),
+            mlp_dim=int(text["intermediate_size"]), num_layers=int(text["num_hidden_layers"]),
+            num_heads=int(text["num_attention_heads"]),
+            num_kv_heads=int(text["num_key_value_heads"]), head_dim=int(text["head_dim"]),
+            query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
+            sliding_window=int(text["sliding_window"]),
+            sliding_window_pattern=_sliding_window_pattern(text),
+            rope_local_base=local_base, rope_global_base=global_base,
+            rope_global_scale=global_scale,
+            final_logit_softcap=text.get("final_logit_softcapping"),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)))
+        vision_config = None
+        if multimodal:
+            vision = hf["vision_config"]
+            vision_config = VisionConfig(
+                image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+                width=int(vision["hidden_size"]), depth=int(vision["num_hidden_layers"]),
+                mlp_dim=int(vision["intermediate_size"]),
+                num_heads=int(vision["num_attention_heads"]),
+                layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)))
+        extra = {}
+        if multimodal:
+            extra = {"mm_tokens_per_image": int(hf.get("mm_tokens_per_image", 256)),
+                     "image_token_id": int(hf.get("image_token_index",
+                                                  hf.get("image_token_id", 262_144)))}
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
+    return VLMConfig(text=text_config, vision=vision_config, **extra, **overrides)
+
+
+def load_config(model_dir: str | Path, **overrides) -> VLMConfig:
+    """The `VLMConfig` of a Hugging Face model directory (its config.json)."""
+    return config_from_hf(_read_json(Path(model_dir) / "config.json"), **overrides)
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def hf_config_dict(config: VLMConfig) -> dict:
+    """config.json for a `VLMConfig` (the inverse of `config_from_hf`), via transformers'
+    own config classes so their defaults and version field are filled in."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text, vision = config.text, config.vision
+    global_rope = {"rope_type": "default", "rope_theta": text.rope_global_base}
+    if text.rope_global_scale != 1.0:
+        global_rope = {"rope_type": "linear", "rope_theta": text.rope_global_base,
+                       "factor": text.rope_global_scale}
+    text_config = Gemma3TextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.embed_dim, intermediate_size=text.mlp_dim,
+        num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
+        num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim,
+        query_pre_attn_scalar=_int_if_whole(text.query_pre_attn_scalar),
+        sliding_window=text.sliding_window,
+        layer_types=["full_attention" if g else "sliding_attention" for g in text.global_layers],
+        rope_parameters={"sliding_attention": {"rope_type": "default",
+                                               "rope_theta": text.rope_local_base},
+                         "full_attention": global_rope},
+        final_logit_softcapping=text.final_logit_softcap, rms_norm_eps=text.rms_norm_eps,
+        hidden_activation="gelu_pytorch_tanh")
+    if vision is None:
+        text_config.architectures = ["Gemma3ForCausalLM"]
+        return text_config.to_dict()
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision.width, intermediate_size=vision.mlp_dim,
+        num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads,
+        image_size=vision.image_size, patch_size=vision.patch_size,
+        layer_norm_eps=vision.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False)
+    hf = Gemma3Config(text_config=text_config, vision_config=vision_config,
+                      mm_tokens_per_image=config.mm_tokens_per_image,
+                      image_token_index=config.image_token_id)
+    hf.architectures = ["Gemma3ForConditionalGeneration"]
+    return hf.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+class _Tensors:
+    """Name -> tensor reader over a directory's safetensors files (one open handle each)."""
+
+    def __init__(self, model_dir: Path):
+        index_path = model_dir / "model.safetensors.index.json"
+        if index_path.exists():
+            weight_map = _read_json(index_path).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (model_dir / f).exists()]
+            if missing:
+                raise CheckpointError(f"{model_dir}: shards listed in {index_path.name} are "
+                                      f"missing: {', '.join(missing)}")
+        else:
+            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{model_dir} holds no *.safetensors weights")
+        self.handles = {}
+        self.location: dict[str, str] = {}  # Canonical name -> file.
+        self.raw_key: dict[str, str] = {}  # Canonical name -> the key in that file.
+        for name in files:
+            try:
+                handle = safe_open(str(model_dir / name), framework="np")
+            except Exception as e:  # safetensors raises its own error types.
+                raise CheckpointError(f"{model_dir / name} is not a readable safetensors "
+                                      f"file: {e}") from None
+            self.handles[name] = handle
+            for key in handle.keys():
+                canonical = canonical_name(key)
+                if canonical is not None:
+                    self.location[canonical] = name
+                    self.raw_key[canonical] = key
+
+    def get(self, canonical: str) -> np.ndarray:
+        if canonical not in self.location:
+            raise CheckpointError(f"Tensor {canonical!r} (any of its key layouts) is in none of "
+                                  f"the checkpoint's files: {', '.join(self.handles)}")
+        return self.handles[self.location[canonical]].get_tensor(self.raw_key[canonical])
+
+
+def _host_value(weight: Weight, tensors: _Tensors, shape: tuple[int, ...], dtype
+                ) -> np.ndarray:
+    """Our parameter as one numpy array, read tensor by tensor (layers stacked)."""
+    def read(name: str, target: tuple[int, ...]) -> np.ndarray:
+        tensor = tensors.get(name)
+        if math.prod(tensor.shape) != math.prod(target):
+            raise CheckpointError(f"Tensor {name!r} has shape {tuple(tensor.shape)}; the "
+                                  f"config.json model needs {math.prod(target)} values "
+                                  f"(our {weight.ours} {target})")
+        return weight.from_hf(tensor, target).astype(dtype)
+
+    if not weight.stacked:
+        return read(weight.hf, shape)
+    out = np.empty(shape, dtype)
+    for i in range(shape[0]):
+        out[i] = read(weight.hf.format(i=i), shape[1:])
+    return out
+
+
+def load_model(model_dir: str | Path, mesh: jax.sharding.Mesh | None = None, *,
+               model_fn: Callable[[VLMConfig], nnx.Module] | None = None,
+               **config_overrides) -> nnx.Module:
+    """A `VLM` (or `model_fn(config)`, e.g. with LoRA adapters) holding the checkpoint's weights.
+
+    Shardings come from `eval_shape` of the model on `mesh` (default: one device); each
+    parameter is read from its safetensors file(s), converted and placed straight onto its
+    shards, one parameter at a time, so host memory peaks at the largest parameter. Parameters
+    the checkpoint does not have (LoRA adapters) keep their initialisation.
+    """
+    model_dir = Path(model_dir)
+    config = load_config(model_dir, **config_overrides)
+    tensors = _Tensors(model_dir)
+    mesh = mesh or sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    build = (lambda: VLM(config, rngs=nnx.Rngs(0))) if model_fn is None else (
+        lambda: model_fn(config))
+    graphdef, abstract = sharding_lib.abstract_model(build, mesh)
+    table = {w.ours: w for w in weight_table(config)}
+    flat = dict(nnx.to_flat_state(abstract))
+    missing_params = [p for p in flat if "/".join(map(str, p)) not in table
+                      and not _is_adapter(p)]
+    if missing_params:
+        raise CheckpointError(f"No checkpoint tensor is mapped to {missing_params[:3]}")
+    model = sharding_lib.create_sharded_model(build, mesh)  # Adapters and non-params.
+    state = nnx.state(model)
+    for path, leaf in nnx.to_flat_state(state):
+        weight = table.get("/".join(map(str, path)))
+        if weight is None:
+            continue
+        target = flat[path]
+        value = _host_value(weight, tensors, target.shape, np.dtype(target.dtype))
+        leaf.value = jax.make_array_from_callback(target.shape, target.sharding,
+                                                  lambda index, v=value: v[index])
+    nnx.update(model, state)
+    return model
+
+
+def _is_adapter(path) -> bool:
+    return any(str(p).startswith("lora_") for p in path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+
+# Canonical prefixes -> the layout `save_pretrained` writes.
+_EXPORT_PREFIXES = {
+    True: {"lm.": "language_model.model.", "vision.": "vision_tower.",
+           "projector.": "multi_modal_projector."},
+    False: {"lm.": "model."},
+}
+
+
+def _checkpoint_name(canonical: str, multimodal: bool) -> str:
+    for prefix, written in _EXPORT_PREFIXES[multimodal].items():
+        if canonical.startswith(prefix):
+            return written + canonical[len(prefix):]
+    raise AssertionError(canonical)
+
+
+def hf_tensors(params: dict[str, np.ndarray], config: VLMConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint key, tensor) for our flat params {'/'-joined path: array}."""
+    multimodal = config.vision is not None
+    for weight in weight_table(config):
+        value = params[weight.ours]
+        if not weight.stacked:
+            yield _checkpoint_name(weight.hf, multimodal), weight.to_hf(value)
+            continue
+        for i in range(value.shape[0]):
+            yield (_checkpoint_name(weight.hf.format(i=i), multimodal),
+                   weight.to_hf(value[i]))
+
+
+def export_model(model: nnx.Module, out_dir: str | Path, *, dtype=None,
+                 tokenizer_dir: str | Path | None = None) -> Path:
+    """Writes `model` as a Hugging Face directory (config.json, model.safetensors) that
+    transformers' `Gemma3ForConditionalGeneration` / `Gemma3ForCausalLM` load.
+
+    LoRA adapters are merged first (`lora.merged_params`). `dtype`: of the written tensors
+    (default: the parameters' own). `tokenizer_dir`: tokenizer files to copy alongside.
+    """
+    from safetensors.numpy import save_file
+
+    from xmem_jax.model import lora
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    params = lora.merged_params(model)
+    tensors = {}
+    for key, value in hf_tensors(params, config):
+        value = np.ascontiguousarray(value)
+        tensors[key] = value.astype(dtype) if dtype is not None else value
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+    if tokenizer_dir is not None:
+        import shutil
+
+        for path in Path(tokenizer_dir).iterdir():
+            if path.is_file() and (path.name.startswith(("tokenizer", "special_tokens"))
+                                   or path.name in ("processor_config.json",
+                                                    "preprocessor_config.json",
+                                                    "chat_template.jinja")):
+                shutil.copy(path, out_dir / path.name)
+    return out_dir
