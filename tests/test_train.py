@@ -186,6 +186,18 @@ def test_freeze_regex_leaves_frozen_params_unchanged():
         optim.describe_trainable(model, config.optim)
 
 
+def test_freeze_layers_leaves_the_first_decoder_layers_unchanged():
+    config = train_config()
+    config.optim.freeze_layers = 1
+    before, after, _ = run_steps(config, one_device_mesh(), [make_batch(0), make_batch(1)])
+    for name, value in params_of(after).items():
+        if name.startswith("language_model/layers/"):
+            np.testing.assert_array_equal(value[:1], before[name][:1], err_msg=name)
+            assert not np.array_equal(value[1:], before[name][1:]), f"{name} did not train"
+        else:
+            assert not np.array_equal(value, before[name]), f"{name} did not train"
+
+
 def test_grad_accumulation_matches_one_big_batch():
     """4 micro-batches of 2 rows (with different answer-token counts) = one batch of 8: the loss
     is a mean over all answer tokens, not a mean of micro-batch means."""

@@ -11,6 +11,7 @@ frozen parameters, all set by the `config.optim` section (`default_config()`):
 | `weight_decay` | decoupled (AdamW) weight decay; multiplied by the current learning rate, as in PyTorch |
 | `no_decay_regex` | parameters whose path matches (`re.search`) get no weight decay; the default spares norm scales, biases and embedding tables |
 | `freeze_regex` | parameters whose path matches are frozen: no gradient, no optimizer state, never updated ('' = train all; e.g. '^vision_tower/') |
+| `freeze_layers` | the first N decoder layers get no updates (their stacked weights, `language_model/layers/*`, are masked along the 'layers' axis); 0 = none |
 | `grad_clip_norm` | clip the gradient to this global norm (over trainable parameters); 0 = off |
 | `grad_accum_steps` | micro-batches per optimizer step; the train step splits each global batch into this many and sums their gradients (see `trainer`) |
 
@@ -49,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.weight_decay = 0.01
     config.no_decay_regex = r"(^|/)(bias|scale|embedding|position_embedding)$"
     config.freeze_regex = ""
+    config.freeze_layers = 0
     config.grad_clip_norm = 1.0
     config.grad_accum_steps = 1
     return config
@@ -72,6 +74,8 @@ def check_config(config: ml_collections.ConfigDict, num_steps: int) -> None:
         fail("weight_decay", "must be at least 0")
     if config.grad_clip_norm < 0:
         fail("grad_clip_norm", "must be at least 0 (0 = no clipping)")
+    if int(config.get("freeze_layers", 0)) < 0:
+        fail("freeze_layers", "must be at least 0")
     if int(config.grad_accum_steps) < 1:
         fail("grad_accum_steps", "must be at least 1")
     for field in ("no_decay_regex", "freeze_regex"):
@@ -119,9 +123,30 @@ def decay_mask(config: ml_collections.ConfigDict):
         lambda path, _: not no_decay.search(path_name(path)), params)
 
 
+STACKED_LAYERS = re.compile(r"^language_model/layers/")
+
+
+def freeze_leading_layers(num_layers: int) -> optax.GradientTransformation:
+    """Zeroes the updates of the first `num_layers` decoder layers.
+
+    The decoder's layers are stacked into single arrays (for `scan`), so a path regex cannot
+    pick some of them: their updates are masked along the leading 'layers' axis instead, after
+    AdamW, so neither the step nor the weight decay moves them. Their gradients are still
+    computed (the layers above need the backward pass through them anyway).
+    """
+    def mask(path, update):
+        if not STACKED_LAYERS.search(path_name(path)):
+            return update
+        keep = jax.numpy.arange(update.shape[0]) >= num_layers
+        return update * keep.reshape((-1,) + (1,) * (update.ndim - 1)).astype(update.dtype)
+
+    return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(
+        mask, updates))
+
+
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int
                    ) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with the schedule and decay mask.
+    """Clip by global norm, then AdamW with the schedule and decay mask, then the layer freeze.
 
     It applies to the trainable parameters only (`trainable_filter`); gradient accumulation
     happens before it, in the train step, so one `update` is one optimizer step.
@@ -130,9 +155,12 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int
     adamw = optax.adamw(learning_rate_schedule(config, num_steps), b1=config.b1, b2=config.b2,
                         eps=config.eps, weight_decay=config.weight_decay,
                         mask=decay_mask(config))
-    if not config.grad_clip_norm:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    chain = [adamw]
+    if config.grad_clip_norm:
+        chain.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+    if config.get("freeze_layers", 0):
+        chain.append(freeze_leading_layers(int(config.freeze_layers)))
+    return chain[0] if len(chain) == 1 else optax.chain(*chain)
 
 
 def trainable_filter(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
