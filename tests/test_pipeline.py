@@ -292,6 +292,23 @@ def test_resume_from_orbax_checkpoint(persona_dataset_dir, tmp_path):
 # -- Errors. ---------------------------------------------------------------------------------
 
 
+def test_length_bucket_trims_only_padding(persona_dataset_dir):
+    full = list(build(persona_dataset_dir, shuffle=False))
+    bucketed = list(build(persona_dataset_dir, shuffle=False, length_bucket=8))
+    assert len(full) == len(bucketed)
+    widths = set()
+    for a, b in zip(full, bucketed):
+        width = b["tokens"].shape[1]
+        widths.add(width)
+        longest = a["input_mask"].sum(1).max()
+        assert width % 8 == 0 and longest <= width < longest + 8
+        for key in ("tokens", "input_mask", "loss_mask"):
+            np.testing.assert_array_equal(a[key][:, :width], b[key], err_msg=key)
+            assert not a["input_mask"][:, width:].any()
+        np.testing.assert_array_equal(a["images"], b["images"])
+    assert len(widths) > 1  # Image and description batches differ in length.
+
+
 def test_too_long_example_is_an_error(persona_dataset_dir):
     built = build(persona_dataset_dir, max_length=12, tasks=["name_to_fact"])
     with pytest.raises(ValueError, match=r"name_to_fact.*too long: prompt \+ answer is "

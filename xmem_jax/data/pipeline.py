@@ -18,6 +18,12 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
     max_length            train mode: the sequence length L (prompt + answer; a longer example
                           is an error, never truncated); prompt mode: the prompt length Lp
     max_answer_length     prompt mode: the answer length La (0 = max_length)
+    length_bucket         train mode: pad each batch only to the next multiple of this past its
+                          longest example (at most max_length), so short tasks (image -> name,
+                          ~43 tokens) do not pay for long ones (descriptions, ~70); each width
+                          compiles the train step once. 0 = always max_length. Needs one
+                          process (hosts must agree on a global batch's width); with several it
+                          is ignored
     image_size            the model's image size S: views are resized (bilinear) to S x S
     num_image_tokens      image soft tokens per image, from the model (tiny 16, Gemma 3 256)
     seed                  the shuffle seed (each epoch is shuffled differently)
@@ -35,7 +41,7 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
 Batches (numpy; B = batch_size; persona_id / task_id / example_id are -1 on padding rows):
 
 train mode (`mode='train'`):
-    tokens      int32   [B, L]  prompt then answer ids, then <pad>
+    tokens      int32   [B, L]  prompt then answer ids, then <pad> (L: see length_bucket)
     input_mask  int32   [B, L]  1 on real tokens
     loss_mask   float32 [B, L]  1 where tokens[t] is an answer token, <end_of_turn> included
                                 (the model predicts tokens[t] from position t - 1)
@@ -97,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.max_length = 128
     config.max_answer_length = 0
+    config.length_bucket = 0
     config.image_size = 64
     config.num_image_tokens = 16
     config.seed = 0
@@ -305,8 +312,9 @@ class _Batch:
     """Pads a list of loaded examples into one batch of fixed-shape arrays."""
 
     def __init__(self, mode: str, batch_size: int, max_length: int, max_answer: int,
-                 image_size: int, pad_id: int, bos_id: int):
+                 image_size: int, pad_id: int, bos_id: int, length_bucket: int = 0):
         self.mode = mode
+        self.length_bucket = length_bucket
         self.batch_size = batch_size
         self.max_length = max_length
         self.max_answer = max_answer
@@ -323,9 +331,13 @@ class _Batch:
         images = np.zeros([b_size, size, size, 3], np.float32)
         pixels, rows = [], []
         if self.mode == "train":
-            tokens = np.full([b_size, self.max_length], self.pad_id, np.int32)
-            input_mask = np.zeros([b_size, self.max_length], np.int32)
-            loss_mask = np.zeros([b_size, self.max_length], np.float32)
+            width = self.max_length
+            if self.length_bucket:
+                longest = max(len(prompt) + len(answer) for prompt, answer, *_ in elements)
+                width = min(width, -(-longest // self.length_bucket) * self.length_bucket)
+            tokens = np.full([b_size, width], self.pad_id, np.int32)
+            input_mask = np.zeros([b_size, width], np.int32)
+            loss_mask = np.zeros([b_size, width], np.float32)
             for b, (prompt, answer, image, persona, task, index) in enumerate(elements):
                 p = len(prompt)
                 n = p + len(answer)
@@ -407,6 +419,8 @@ def _check_config(config, mode: str) -> None:
     for field in ("batch_size", "max_length", "image_size", "num_image_tokens"):
         if int(config[field]) < 1:
             fail(field, "must be at least 1")
+    if config.get("length_bucket", 0) < 0:
+        fail("length_bucket", "must be 0 (always max_length) or positive")
     if config.get("max_answer_length", 0) < 0:
         fail("max_answer_length", "must be 0 (= max_length) or positive")
     if config.num_epochs is not None and config.num_epochs < 1:
@@ -457,7 +471,9 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
                       None if mode == "train" else max_answer))
     ds = ds.batch(batch_size, drop_remainder=mode == "train",
                   batch_fn=_Batch(mode, batch_size, max_length, max_answer, image_size,
-                                  formatter.pad_id, formatter.special[tok.BOS]))
+                                  formatter.pad_id, formatter.special[tok.BOS],
+                                  int(config.get("length_bucket", 0)) if process_count == 1
+                                  else 0))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(config.get("num_threads", 1)),
         prefetch_buffer_size=int(config.get("prefetch_buffer_size", 256))))
