@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from xmem_jax.model import hf, lora
 from xmem_jax.score import decoding
-from xmem_jax.train import sharding
+from xmem_jax.train import optim, sharding
 
 IMAGE, BOI, EOI = 250, 248, 249
 VOCAB = 256
@@ -228,6 +228,12 @@ def test_lora_adapters_start_as_identity_and_merge_on_export(tmp_path):
                                our_logits(plain, tokens, mask, images), rtol=1e-6, atol=1e-6)
     q = model.language_model.layers.self_attn.q_proj
     assert q.lora_a[...].shape == (4, 64, 4) and q.lora_b[...].shape == (4, 4, 4, 16)
+    freeze = optim.default_config()
+    freeze.freeze_regex = lora.FREEZE_ALL_BUT_ADAPTERS
+    trained = {optim.path_name(p) for p, _ in nnx.to_flat_state(
+        nnx.state(model, optim.trainable_filter(freeze)))}
+    assert trained and all(name.endswith(("/lora_a", "/lora_b")) for name in trained)
+    assert len(trained) == 2 * 3  # q, v and the vision fc1.
     rng = np.random.default_rng(0)
     for _, module in model.iter_modules():
         if getattr(module, "lora_b", None) is not None:
@@ -304,3 +310,14 @@ def test_config_round_trip_of_gemma3_presets():
         loaded = hf.config_from_hf(hf.hf_config_dict(preset), dtype=preset.dtype,
                                    param_dtype=preset.param_dtype)
         assert loaded == preset, name
+
+
+def test_bfloat16_checkpoint_loads(tmp_path):
+    """Real Gemma 3 checkpoints are bfloat16, which safetensors' numpy backend cannot read."""
+    torch_model = random_model(vlm_config()).to(torch.bfloat16)
+    torch_model.save_pretrained(tmp_path / "bf16")
+    model = hf.load_model(tmp_path / "bf16", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ours = model.language_model.layers.mlp.up_proj.kernel[...]
+    assert ours.dtype == jnp.bfloat16
+    theirs = torch_model.model.language_model.layers[2].mlp.up_proj.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(np.asarray(ours[2], np.float32), theirs)

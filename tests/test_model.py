@@ -200,7 +200,8 @@ def test_remat_keeps_loss_and_gradients():
 
 
 def test_projector_average_pools_patch_grid():
-    config = dataclasses.replace(TINY, mm_tokens_per_image=4)  # 4x4 patches -> 2x2 tokens.
+    config = dataclasses.replace(  # 4x4 patches -> 2x2 tokens.
+        TINY, vision=dataclasses.replace(TINY.vision, patch_size=8), mm_tokens_per_image=4)
     projector = MultiModalProjector(config, rngs=nnx.Rngs(0))
     projector.mm_input_projection.kernel[...] = jnp.eye(config.vision.width, config.text.embed_dim)
     patches = jax.random.normal(jax.random.key(0), (1, 16, config.vision.width))

@@ -62,3 +62,45 @@ def test_relative_cache_and_workdir_paths(tmp_path, monkeypatch):
     config.finetune.optim.warmup_steps = 0
     results = study.run(config, "runs/quick", "test")
     assert [p["step"] for p in results["curves"]] == [0, 1]
+
+
+def test_pretrained_preset_needs_a_checkpoint(tmp_path):
+    config = default.get_config("gemma3_4b")
+    config.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match="model.checkpoint"):
+        study.run(config, tmp_path / "run", "test")
+
+
+@pytest.mark.slow
+def test_study_from_a_hugging_face_checkpoint_with_lora(tmp_path):
+    """A tiny random transformers Gemma 3 (sized to the dataset's tokenizer, whose files it
+    carries) stands in for a real checkpoint: no base stage, only the adapters train."""
+    import shutil
+
+    from test_hf import random_model, text_config, vlm_config
+    from xmem_jax.data import source
+    from xmem_jax.data import tokenizer as tok
+
+    config = quick_config(tmp_path, control=False)
+    config.finetune.num_steps = 4
+    config.finetune.optim.warmup_steps = 0
+    config.eval_every = 4
+    tokenizer_dir = source.open_dataset(study.ensure_dataset(config)).tokenizer_dir
+    tokenizer = tok.load_tokenizer(tokenizer_dir)
+    ids = tokenizer.convert_tokens_to_ids
+    hf_config = vlm_config(text_config(vocab_size=len(tokenizer)), image_size=32)
+    hf_config.image_token_index = ids(tok.IMAGE_TOKEN)
+    hf_config.boi_token_index, hf_config.eoi_token_index = ids("<start_of_image>"), ids(
+        "<end_of_image>")
+    checkpoint = tmp_path / "checkpoint"
+    random_model(hf_config).save_pretrained(checkpoint)
+    for path in tokenizer_dir.iterdir():
+        shutil.copy(path, checkpoint / path.name)
+    config.model.checkpoint = str(checkpoint)
+    config.model.lora.rank = 4
+    results = study.run(config, tmp_path / "run", "test")
+    assert results["base_recall"] is None
+    assert [p["step"] for p in results["curves"]] == [0, 4]
+    metrics = [json.loads(line) for line in
+               (tmp_path / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss"] > 0 for m in metrics if m["kind"] == "train")

@@ -17,12 +17,14 @@ import json
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from data_gen import dataset as data_writer
 from xmem_jax.data import pipeline
 from xmem_jax.data.tokenizer import IMAGE_TOKEN
+from xmem_jax.model import hf, lora
 from xmem_jax.model.config import VLMConfig, get_model_config
 from xmem_jax.model.vlm import VLM
 from xmem_jax.report.study import MODALITIES, write_report
@@ -49,6 +51,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not 0 <= start < stop <= config.data.num_personas:
             fail(field, (start, stop), f"must be a range inside [0, data.num_personas="
                                        f"{config.data.num_personas}]")
+    if config.model.name.startswith("gemma3") and not config.model.checkpoint:
+        fail("model.checkpoint", "", f"model {config.model.name!r} is a pretrained size: set "
+                                     "a Hugging Face directory (training it from scratch here "
+                                     "is not a study)")
+    base_eval = tuple(config.base_eval_personas)
+    if not world[0] <= base_eval[0] < base_eval[1] <= world[1]:
+        fail("base_eval_personas", base_eval, f"must be a range inside world_personas={world}")
     if world[0] < study[1] and study[0] < world[1]:
         fail("study_personas", study, f"overlaps world_personas={world}: the base model must "
                                       "never see a study persona")
@@ -66,9 +75,11 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
                     batch_size: int, *, train: bool) -> ml_collections.ConfigDict:
     section = pipeline.default_config()
     section.data_dir = str(data_dir)
+    section.tokenizer_dir = str(config.model.checkpoint)  # '' = the dataset's own.
     section.tasks = tuple(task_entries)
     section.batch_size = batch_size
     section.max_length = int(config.max_length)
+    section.length_bucket = int(config.length_bucket)
     section.image_size = model_config.vision.image_size
     section.num_image_tokens = model_config.mm_tokens_per_image
     section.seed = int(config.seed)
@@ -78,12 +89,39 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
 
 
 def model_config_for(config, tokenizer) -> VLMConfig:
-    model_config = get_model_config(config.model,
+    """The preset `model.name`, or the architecture of `model.checkpoint` (a Hugging Face
+    directory), in `model.dtype`."""
+    dtype = jnp.dtype(config.model.dtype)
+    if config.model.checkpoint:
+        return hf.load_config(config.model.checkpoint, dtype=dtype, param_dtype=dtype)
+    model_config = get_model_config(config.model.name, dtype=dtype, param_dtype=dtype,
                                     image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     if len(tokenizer) > model_config.text.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model {config.model!r} "
-                         f"embeds {model_config.text.vocab_size}")
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model "
+                         f"{config.model.name!r} embeds {model_config.text.vocab_size}")
     return model_config
+
+
+def model_fn(config, model_config: VLMConfig):
+    """Builds the model, with LoRA adapters when `model.lora.rank` > 0."""
+    adapters = config.model.lora
+
+    def build():
+        model = VLM(model_config, rngs=nnx.Rngs(config.seed))
+        if adapters.rank:
+            lora.add_adapters(model, rank=int(adapters.rank), alpha=float(adapters.alpha),
+                              target_regex=adapters.target_regex)
+        return model
+
+    return build
+
+
+def finetune_config(config) -> ml_collections.ConfigDict:
+    """`config.finetune`, training only the adapters when LoRA is on."""
+    train_config = ml_collections.ConfigDict(config.finetune.to_dict())
+    if config.model.lora.rank:
+        train_config.optim.freeze_regex = lora.FREEZE_ALL_BUT_ADAPTERS
+    return train_config
 
 
 def _range(personas) -> str:
@@ -111,24 +149,35 @@ def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir:
         {m: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
                             train=False)
          for m, entry in eval_tasks(config).items()})
-    trainer.train(config.finetune, workdir, lambda: VLM(model_config, rngs=nnx.Rngs(config.seed)),
+    trainer.train(finetune_config(config), workdir, model_fn(config, model_config),
                   iter(train_pipeline), eval_fn=scorer, eval_every=int(config.eval_every),
                   initial_state=initial_state)
     return curves_from_log(workdir)
 
 
-def train_base(config, data_dir: Path, model_config: VLMConfig) -> nnx.State:
-    """The base model: world personas in both modalities (cached by its config)."""
+def train_base(config, data_dir: Path, model_config: VLMConfig) -> tuple[nnx.State, dict]:
+    """The base model: world personas in both modalities (cached by its config), and its
+    held-out recall of `base_eval_personas` (world personas) in both modalities: if the base
+    does not recall held-out views of the personas it was trained on, fine-tuning it cannot
+    transfer either."""
     key = config_hash(config.data, config.model, config.base, config.base_tasks,
                       config.world_personas, config.max_length, config.seed)
     workdir = Path(config.cache_dir) / "base" / key
     entries = [f"{entry} {_range(config.world_personas)}" for entry in config.base_tasks]
     train_pipeline = pipeline.build(pipeline_config(
         config, data_dir, model_config, entries, config.base.batch_size, train=True))
-    result = trainer.train(config.base, workdir,
-                           lambda: VLM(model_config, rngs=nnx.Rngs(config.seed)),
+    result = trainer.train(config.base, workdir, model_fn(config, model_config),
                            iter(train_pipeline))
-    return nnx.state(result.model)
+    recall_path = workdir / "base_recall.json"
+    if not recall_path.exists():
+        personas = _range(config.base_eval_personas)
+        scorer = recall.Scorer({
+            m: pipeline_config(config, data_dir, model_config,
+                               [f"{QUERY_KIND[m]} split=heldout {personas}"],
+                               config.eval_batch_size, train=False)
+            for m in MODALITIES})
+        recall_path.write_text(json.dumps(scorer(result.model, config.base.num_steps), indent=1))
+    return nnx.state(result.model), json.loads(recall_path.read_text())
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
@@ -140,14 +189,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     data_dir = ensure_dataset(config)
     timings["dataset"] = time.perf_counter() - start
 
-    probe = pipeline.build(pipeline_config(config, data_dir, get_model_config(config.model),
+    probe = pipeline.build(pipeline_config(config, data_dir, get_model_config("tiny"),
                                            [eval_tasks(config)["image"]], 1, train=False),
                            mode="prompt")
     model_config = model_config_for(config, probe.tokenizer)
 
-    print("Base model: world personas in both modalities (cached)", flush=True)
     start = time.perf_counter()
-    base_state = train_base(config, data_dir, model_config)
+    if config.model.checkpoint:
+        print(f"Pretrained model: {config.model.checkpoint}", flush=True)
+        base_state = nnx.state(hf.load_model(config.model.checkpoint,
+                                             model_fn=lambda c: model_fn(config, model_config)()))
+        base_recall = None
+    else:
+        print("Base model: world personas in both modalities (cached)", flush=True)
+        base_state, base_recall = train_base(config, data_dir, model_config)
     timings["base"] = time.perf_counter() - start
 
     print(f"Fine-tuning on the study personas' {config.train_modality}s", flush=True)
@@ -162,6 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
                    "mean_rank": (num_study + 1) / 2},
         "curves": curves,
         "num_study_personas": num_study,
+        "base_recall": base_recall,
         "command": command,
         "config": config.to_dict(),
     }

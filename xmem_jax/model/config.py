@@ -118,9 +118,10 @@ class VLMConfig:
 
 
 def tiny() -> VLMConfig:
-    """~1.4M parameters; trains from scratch on a laptop CPU."""
+    """~1.41M parameters; trains from scratch on a laptop CPU. Patch 4 on 32 px (64 patches pooled
+    to 16 tokens): held-out views are recognised far better than with patch 8 (README)."""
     return VLMConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=128, depth=2, mlp_dim=256,
+        vision=VisionConfig(image_size=32, patch_size=4, width=128, depth=2, mlp_dim=256,
                             num_heads=4),
         text=TextConfig(vocab_size=1024, embed_dim=128, mlp_dim=512, num_layers=4, num_heads=4,
                         num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,

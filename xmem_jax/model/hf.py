@@ -11,7 +11,7 @@ supported: its prefix-LM attention and Gemma 2 decoder would need a second decod
 Both key layouts transformers writes are read: `model.language_model.*` /
 `model.vision_tower.*` (its in-memory names) and `language_model.model.*` / `vision_tower.*`
 (what `save_pretrained` writes; older hub checkpoints add `vision_tower.vision_model.*`).
-`lm_head.weight` is tied to the embedding and never read. `WEIGHTS` is the one table of the
+`lm_head.weight` is tied to the embedding and never read. `weight_table` is the one table of the
 mapping, used in both directions: torch Linear weights are [out, in] and ours are
 [in, ...heads] or [...heads, out], so they transpose; per-layer tensors stack along our
 leading 'layers' axis.
@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -309,6 +307,7 @@ class _Tensors:
     """Name -> tensor reader over a directory's safetensors files (one open handle each)."""
 
     def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
         index_path = model_dir / "model.safetensors.index.json"
         if index_path.exists():
             weight_map = _read_json(index_path).get("weight_map", {})
@@ -341,7 +340,25 @@ class _Tensors:
         if canonical not in self.location:
             raise CheckpointError(f"Tensor {canonical!r} (any of its key layouts) is in none of "
                                   f"the checkpoint's files: {', '.join(self.handles)}")
-        return self.handles[self.location[canonical]].get_tensor(self.raw_key[canonical])
+        name, key = self.location[canonical], self.raw_key[canonical]
+        if self.handles[name].get_slice(key).get_dtype() == "BF16":
+            return self._bfloat16(name, key)
+        return self.handles[name].get_tensor(key)
+
+    def _bfloat16(self, name: str, key: str) -> np.ndarray:
+        """safetensors' numpy backend has no bfloat16 (real Gemma 3 checkpoints are): read the
+        bytes from the file's header offsets (the documented layout: u64 header length, JSON
+        header, data) as ml_dtypes.bfloat16, memory-mapped."""
+        import ml_dtypes
+
+        path = self.model_dir / name
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(header_length))[key]
+        begin, end = entry["data_offsets"]
+        data = np.memmap(path, np.uint8, "r", offset=8 + header_length + begin,
+                         shape=(end - begin,))
+        return np.asarray(data.view(ml_dtypes.bfloat16).reshape(entry["shape"]))
 
 
 def _host_value(weight: Weight, tensors: _Tensors, shape: tuple[int, ...], dtype

@@ -6,7 +6,7 @@ Each matched `Einsum` (kernel W, contracted input dims I, kept output dims O) ga
 `lora_a` [..., I, r] (random) and `lora_b` [..., r, O] (zeros, so the model is unchanged at
 first) as `nnx.LoRAParam`s, with the same leading 'layers' axis as W when the layers are
 stacked; its output becomes x W + (alpha / r) (x A) B. Training only the adapters is the
-optimizer's `trainable = 'lora'` (see `xmem_jax.train.optim`); `merged_params` folds them into
+optimizer's `freeze_regex = FREEZE_ALL_BUT_ADAPTERS`; `merged_params` folds them into
 W (for export).
 """
 
@@ -29,6 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Module paths ('/'-joined) that get adapters: the decoder's attention and MLP projections.
     config.target_regex = r"^language_model/layers/(self_attn|mlp)/\w+_proj$"
     return config
+
+
+# An optimizer `freeze_regex` that freezes every parameter but the adapters.
+FREEZE_ALL_BUT_ADAPTERS = r"^(?!.*/lora_[ab]$)"
 
 
 def _operands(equation: str) -> tuple[str, str, str]:

@@ -51,7 +51,7 @@ def estimate(model: str, mesh_shape: tuple[int, int, int], batch_size: int, seq_
     train_config.optim.warmup_steps = 0
     freeze = []
     if lora_rank:
-        freeze.append(r"^(?!.*/lora_[ab]$)")  # Everything but the adapters.
+        freeze.append(lora.FREEZE_ALL_BUT_ADAPTERS)
     elif freeze_vision and config.vision is not None:
         freeze.append(r"^(vision_tower|multi_modal_projector)/")
     train_config.optim.freeze_regex = "|".join(freeze)

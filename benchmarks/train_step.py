@@ -1,0 +1,225 @@
+"""Times one training step (forward, backward, clipped AdamW update) of our JAX trainer against
+the same architecture in transformers + PyTorch (eager), on CPU, in one run.
+
+    python benchmarks/train_step.py --config=tiny --batch=16 --length=64 --repeats=5
+
+Both sides get the same sizes (a `Gemma3ForConditionalGeneration` built from a `Gemma3Config`
+matching the preset), batch, sequence length, answer-only loss and optimizer. Each repeat times
+`--steps` consecutive steps; the medians of the per-step times are compared. FLOPs are counted
+analytically (matmuls and attention, backward = 2 x forward); MFU is against `--peak_gflops`.
+The last line is `speedup_vs_transformers: X` (PyTorch step time / JAX step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from xmem_jax.model import VLM, VLMConfig, get_model_config
+from xmem_jax.train import sharding, trainer
+
+ANSWER_LENGTH = 8
+
+
+def make_batch(config: VLMConfig, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """<bos>, one image's placeholders, random text; the last ANSWER_LENGTH tokens are the
+    answer (loss_mask = 1)."""
+    rng = np.random.default_rng(seed)
+    image_tokens = config.mm_tokens_per_image
+    if length < 2 + image_tokens + ANSWER_LENGTH:
+        raise ValueError(f"--length must be at least {2 + image_tokens + ANSWER_LENGTH}")
+    tokens = rng.integers(9, config.text.vocab_size, (batch, length)).astype(np.int32)
+    tokens[:, 0] = 2
+    tokens[:, 1:1 + image_tokens] = config.image_token_id
+    loss_mask = np.zeros((batch, length), np.float32)
+    loss_mask[:, -ANSWER_LENGTH:] = 1
+    size = config.vision.image_size
+    return {"tokens": tokens, "input_mask": np.ones((batch, length), np.int32),
+            "loss_mask": loss_mask,
+            "images": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)}
+
+
+def train_step_flops(config: VLMConfig, batch: int, length: int) -> float:
+    """Matmul and attention FLOPs of forward + backward (3 x forward), full L x L attention."""
+    text, vision = config.text, config.vision
+    e, q, kv = text.embed_dim, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    per_token = text.num_layers * (2 * e * (2 * q + 2 * kv) + 2 * 3 * e * text.mlp_dim
+                                   + 2 * 2 * length * q)
+    per_token += 2 * e * text.vocab_size  # Tied LM head.
+    forward = batch * length * per_token
+    if vision is not None:
+        w, patches = vision.width, vision.num_patches
+        per_patch = 2 * vision.patch_size**2 * 3 * w + vision.depth * (
+            2 * 4 * w * w + 2 * 2 * w * vision.mlp_dim + 2 * 2 * patches * w)
+        forward += batch * (patches * per_patch + config.mm_tokens_per_image * 2 * w * e)
+    return 3.0 * forward
+
+
+def time_steps(step, repeats: int, steps: int) -> list[float]:
+    """Per-step seconds: the median step of each repeat."""
+    medians = []
+    for _ in range(repeats):
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
+    return medians
+
+
+def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int):
+    """Our trainer's jitted step on one device; returns a callable running one step."""
+    train_config = trainer.default_config()
+    train_config.batch_size = batch["tokens"].shape[0]
+    train_config.num_steps = num_steps
+    train_config.optim.warmup_steps = 0
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    init_fn = trainer.train_state_fn(train_config, lambda: VLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract = sharding.abstract_model(init_fn, mesh)
+    state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
+    step = trainer.make_train_step(graphdef, train_config, sharding.state_shardings(abstract),
+                                   mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, trainer.batch_partition())
+    device_batch = trainer.make_global_batch(batch, batch_sharding, train_config.batch_size)
+    holder = {"state": state}
+
+    def run():
+        with sharding.use_mesh(mesh):
+            holder["state"], metrics = step(holder["state"], device_batch)
+        return float(metrics["loss"])
+
+    start = time.perf_counter()
+    loss = run()
+    return run, loss, time.perf_counter() - start
+
+
+def hf_config(config: VLMConfig, length: int):
+    """A transformers `Gemma3Config` with our preset's sizes."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text, vision = config.text, config.vision
+    global_rope = {"rope_type": "default", "rope_theta": text.rope_global_base}
+    if text.rope_global_scale != 1.0:
+        global_rope = {"rope_type": "linear", "rope_theta": text.rope_global_base,
+                       "factor": text.rope_global_scale}
+    text_config = Gemma3TextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.embed_dim, intermediate_size=text.mlp_dim,
+        num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
+        num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim,
+        query_pre_attn_scalar=text.query_pre_attn_scalar, sliding_window=text.sliding_window,
+        layer_types=["full_attention" if is_global else "sliding_attention"
+                     for is_global in text.global_layers],
+        rope_parameters={"sliding_attention": {"rope_type": "default",
+                                               "rope_theta": text.rope_local_base},
+                         "full_attention": global_rope},
+        final_logit_softcapping=text.final_logit_softcap, rms_norm_eps=text.rms_norm_eps,
+        max_position_embeddings=max(length, 128), hidden_activation="gelu_pytorch_tanh")
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision.width, intermediate_size=vision.mlp_dim,
+        num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads,
+        image_size=vision.image_size, patch_size=vision.patch_size,
+        layer_norm_eps=vision.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False)  # Gemma 3 reads the patch features; the pooling head is unused.
+    return Gemma3Config(text_config=text_config, vision_config=vision_config,
+                        mm_tokens_per_image=config.mm_tokens_per_image,
+                        image_token_index=config.image_token_id)
+
+
+def torch_step(config: VLMConfig, batch: dict[str, np.ndarray], length: int, attention: str):
+    """transformers' Gemma3ForConditionalGeneration, same loss (labels -100 off the answer) and
+    optimizer (clip to norm 1, AdamW); returns a callable running one step."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration._from_config(hf_config(config, length),
+                                                        attn_implementation=attention)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    tokens = torch.from_numpy(batch["tokens"]).long()
+    inputs = {
+        "input_ids": tokens,
+        "attention_mask": torch.from_numpy(batch["input_mask"]).long(),
+        "token_type_ids": (tokens == config.image_token_id).long(),
+        "pixel_values": torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous(),
+        "labels": torch.where(torch.from_numpy(batch["loss_mask"]) > 0, tokens, -100),
+    }
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    start = time.perf_counter()
+    loss = run()
+    return run, loss, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per repeat.")
+    parser.add_argument("--layers", default="scanned,unrolled",
+                        help="JAX variants to time: 'scanned' and/or 'unrolled' decoder layers.")
+    parser.add_argument("--remat", type=int, default=0)
+    parser.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
+    parser.add_argument("--peak_gflops", type=float, default=150.0,
+                        help="Peak float32 GFLOP/s of this machine, for MFU.")
+    args = parser.parse_args()
+
+    config = get_model_config(args.config, remat=bool(args.remat))
+    batch = make_batch(config, args.batch, args.length)
+    flops = train_step_flops(config, args.batch, args.length)
+    num_params = sum(x.size for x in jax.tree.leaves(
+        nnx.state(nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0))), nnx.Param)))
+    print(f"{args.config}: {num_params:,} parameters; batch {args.batch} x {args.length} tokens; "
+          f"{flops / 1e9:.2f} GFLOP per train step (analytic); {os.cpu_count()} CPU cores; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    total_steps = 1 + 2 * args.repeats * args.steps
+    runs = {}
+    for layers in args.layers.split(","):
+        if layers not in ("scanned", "unrolled"):
+            parser.error(f"--layers: unknown variant {layers!r}")
+        variant = dataclasses.replace(config, scan_layers=layers == "scanned")
+        runs[f"jax {layers}"] = jax_step(variant, batch, total_steps)
+    torch_name = f"torch {args.torch_attention}"
+    runs[torch_name] = torch_step(config, batch, args.length, args.torch_attention)
+    for name, (_, loss, first) in runs.items():
+        print(f"{name:16s} first step {first:6.2f} s (JAX: with compilation), loss {loss:.3f}")
+    # Interleaved repeats, so that load from other processes hits every side alike.
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, (run, _, _) in runs.items():
+            times[name] += time_steps(run, 1, args.steps)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, median in medians.items():
+        achieved = flops / median / 1e9
+        print(f"{name:16s} median {median * 1e3:7.1f} ms/step (repeats "
+              f"{', '.join(f'{t * 1e3:.1f}' for t in times[name])}), "
+              f"{achieved:5.1f} GFLOP/s, MFU {achieved / args.peak_gflops:.1%}")
+    best_jax = min((m, name) for name, m in medians.items() if name.startswith("jax"))
+    print(f"fastest JAX variant: {best_jax[1]}; torch threads: {args.torch_threads}")
+    print(f"speedup_vs_transformers: {medians[torch_name] / best_jax[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Model sections of experiment configs: `get_config(name)` for a preset of
+`xmem_jax.model.config`, e.g. `configs/default.py:gemma3_4b`.
+
+A section holds the preset `name`, an optional Hugging Face `checkpoint` directory (its
+config.json then defines the architecture and its weights replace the base model), the compute
+and parameter `dtype`, and `lora` (rank 0 = full fine-tuning).
+"""
+
+import ml_collections
+
+from xmem_jax.model import lora
+
+# Real Gemma 3 sizes: bfloat16, LoRA on the decoder's projections, frozen vision tower.
+GEMMA3 = ("gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b")
+
+
+def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = name
+    config.checkpoint = ""
+    config.dtype = "bfloat16" if name in GEMMA3 else "float32"
+    config.lora = lora.default_config()
+    if name in GEMMA3:
+        config.lora.rank = 16
+        config.lora.alpha = 32.0
+    return config
