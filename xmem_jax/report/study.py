@@ -52,6 +52,7 @@ def plot_curves(results: dict, path: Path) -> None:
 def _row(name: str, recall: dict, source: str) -> str:
     target = other_modality(source)
     cells = [f"{recall[m][metric]:.3f}" for m in (source, target) for metric in METRICS]
+    cells.append(f"{recall[target]['mean_rank']:.1f}")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -71,8 +72,8 @@ def markdown(results: dict) -> str:
         f"exact match is greedy generation (chance {chance['exact_match']:.1f}).",
         "",
         f"| run | source ({source}) choice | source exact | target ({target}) choice "
-        f"| target exact |",
-        "| --- | --- | --- | --- | --- |",
+        f"| target exact | target mean rank (chance {chance['mean_rank']:.1f}) |",
+        "| --- | --- | --- | --- | --- | --- |",
         _row("from the base model", results["recall"], source),
     ]
     if results.get("control"):
@@ -86,6 +87,14 @@ def markdown(results: dict) -> str:
         "",
         "![recall curves](curves.png)",
         "",
+    ]
+    if results.get("base_recall"):
+        base = results["base_recall"]
+        lines += ["Base model, held-out recall of world personas it was trained on (choice / "
+                  "exact): " + ", ".join(f"{m} {base[m]['choice_acc']:.3f} / "
+                                         f"{base[m]['exact_match']:.3f}" for m in MODALITIES),
+                  ""]
+    lines += [
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()),
         "",
     ]
