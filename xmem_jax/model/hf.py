@@ -439,10 +439,12 @@ def _checkpoint_name(canonical: str, multimodal: bool) -> str:
     raise AssertionError(canonical)
 
 
-def hf_tensors(params: dict[str, np.ndarray], config: VLMConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(checkpoint key, tensor) for our flat params {'/'-joined path: array}."""
+def hf_tensors(params: dict[str, np.ndarray], config: VLMConfig,
+               weights: list[Weight] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint key, tensor) for our flat params {'/'-joined path: array}, over `weights`
+    (default: the whole `weight_table`)."""
     multimodal = config.vision is not None
-    for weight in weight_table(config):
+    for weight in weights or weight_table(config):
         value = params[weight.ours]
         if not weight.stacked:
             yield _checkpoint_name(weight.hf, multimodal), weight.to_hf(value)
