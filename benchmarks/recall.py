@@ -64,7 +64,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
 from xmem_jax.data import pipeline  # noqa: E402
 from xmem_jax.data.tokenizer import END_OF_TURN, EOS, IMAGE_TOKEN  # noqa: E402
-from xmem_jax.model import VLM, VLMConfig, get_model_config  # noqa: E402
+from xmem_jax.model import VLM, get_model_config, hf  # noqa: E402
 from xmem_jax.score import decoding, recall  # noqa: E402
 
 
@@ -84,110 +84,15 @@ def make_dataset(out_dir: str, num_personas: int, image_size: int) -> str:
     return str(dataset.generate(config, out_dir))
 
 
-def hf_config(config: VLMConfig, boi: int, eoi: int):
-    """A transformers `Gemma3Config` with our preset's sizes."""
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    text, vision = config.text, config.vision
-    global_rope = {"rope_type": "default", "rope_theta": text.rope_global_base}
-    if text.rope_global_scale != 1.0:
-        global_rope = {"rope_type": "linear", "rope_theta": text.rope_global_base,
-                       "factor": text.rope_global_scale}
-    text_config = Gemma3TextConfig(
-        vocab_size=text.vocab_size, hidden_size=text.embed_dim, intermediate_size=text.mlp_dim,
-        num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim,
-        query_pre_attn_scalar=text.query_pre_attn_scalar, sliding_window=text.sliding_window,
-        layer_types=["full_attention" if g else "sliding_attention" for g in text.global_layers],
-        rope_parameters={"sliding_attention": {"rope_type": "default",
-                                               "rope_theta": text.rope_local_base},
-                         "full_attention": global_rope},
-        final_logit_softcapping=text.final_logit_softcap, rms_norm_eps=text.rms_norm_eps,
-        max_position_embeddings=512, hidden_activation="gelu_pytorch_tanh", pad_token_id=0,
-        bos_token_id=2, eos_token_id=1)
-    vision_config = SiglipVisionConfig(
-        hidden_size=vision.width, intermediate_size=vision.mlp_dim,
-        num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads,
-        image_size=vision.image_size, patch_size=vision.patch_size,
-        layer_norm_eps=vision.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
-        vision_use_head=False)
-    return Gemma3Config(text_config=text_config, vision_config=vision_config,
-                        mm_tokens_per_image=config.mm_tokens_per_image,
-                        image_token_index=config.image_token_id, boi_token_index=boi,
-                        eoi_token_index=eoi)
-
-
-def hf_state_dict(model: VLM) -> dict[str, np.ndarray]:
-    """Our parameters under transformers 5's `Gemma3ForConditionalGeneration` names (the
-    inverse of the mappings in the `vlm`, `gemma` and `siglip` docstrings)."""
-    flat = {"/".join(map(str, p)): np.asarray(v[...], np.float32)
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    out = {}
-    vt, lm = "model.vision_tower.", "model.language_model."
-    out[vt + "embeddings.patch_embedding.weight"] = \
-        flat["vision_tower/embeddings/patch_embedding/kernel"].transpose(3, 2, 0, 1)
-    out[vt + "embeddings.patch_embedding.bias"] = \
-        flat["vision_tower/embeddings/patch_embedding/bias"]
-    out[vt + "embeddings.position_embedding.weight"] = \
-        flat["vision_tower/embeddings/position_embedding"]
-    for ours, theirs in (("post_layernorm/scale", "post_layernorm.weight"),
-                         ("post_layernorm/bias", "post_layernorm.bias")):
-        out[vt + theirs] = flat["vision_tower/" + ours]
-    depth = flat["vision_tower/encoder/layers/mlp/fc1/kernel"].shape[0]
-    for i in range(depth):
-        get = lambda name: flat[f"vision_tower/encoder/layers/{name}"][i]  # noqa: E731
-        pre = f"{vt}encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            kernel = get(f"self_attn/{proj}/kernel")
-            out[pre + f"self_attn.{proj}.weight"] = kernel.reshape(kernel.shape[0], -1).T
-            out[pre + f"self_attn.{proj}.bias"] = get(f"self_attn/{proj}/bias").reshape(-1)
-        kernel = get("self_attn/out_proj/kernel")
-        out[pre + "self_attn.out_proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
-        out[pre + "self_attn.out_proj.bias"] = get("self_attn/out_proj/bias")
-        for norm in ("layer_norm1", "layer_norm2"):
-            out[pre + f"{norm}.weight"] = get(f"{norm}/scale")
-            out[pre + f"{norm}.bias"] = get(f"{norm}/bias")
-        for fc in ("fc1", "fc2"):
-            out[pre + f"mlp.{fc}.weight"] = get(f"mlp/{fc}/kernel").T
-            out[pre + f"mlp.{fc}.bias"] = get(f"mlp/{fc}/bias")
-    out["model.multi_modal_projector.mm_input_projection_weight"] = \
-        flat["multi_modal_projector/mm_input_projection/kernel"]
-    out["model.multi_modal_projector.mm_soft_emb_norm.weight"] = \
-        flat["multi_modal_projector/mm_soft_emb_norm/scale"]
-    out[lm + "embed_tokens.weight"] = flat["language_model/embed_tokens/embedding"]
-    out["lm_head.weight"] = flat["language_model/embed_tokens/embedding"]
-    out[lm + "norm.weight"] = flat["language_model/norm/scale"]
-    layers = flat["language_model/layers/mlp/up_proj/kernel"].shape[0]
-    for i in range(layers):
-        get = lambda name: flat[f"language_model/layers/{name}"][i]  # noqa: E731
-        pre = f"{lm}layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            kernel = get(f"self_attn/{proj}/kernel")
-            out[pre + f"self_attn.{proj}.weight"] = kernel.reshape(kernel.shape[0], -1).T
-        kernel = get("self_attn/o_proj/kernel")
-        out[pre + "self_attn.o_proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
-        for norm in ("q_norm", "k_norm"):
-            out[pre + f"self_attn.{norm}.weight"] = get(f"self_attn/{norm}/scale")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out[pre + f"mlp.{proj}.weight"] = get(f"mlp/{proj}/kernel").T
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            out[pre + f"{norm}.weight"] = get(f"{norm}/scale")
-    return out
-
-
-def torch_model(model: VLM, boi: int, eoi: int, attention: str):
-    import torch
+def torch_model(model: VLM, attention: str):
+    """transformers' Gemma3ForConditionalGeneration holding OUR weights, through the project's
+    own export (`hf.export_model`), so the benchmark uses the one weight mapping."""
     from transformers import Gemma3ForConditionalGeneration
 
-    hf = Gemma3ForConditionalGeneration._from_config(hf_config(model.config, boi, eoi),
-                                                     attn_implementation=attention)
-    weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
-               hf_state_dict(model).items()}
-    missing, unexpected = hf.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise ValueError(f"Weight names differ: missing {missing}, unexpected {unexpected}")
-    return hf.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.export_model(model, tmp)
+        return Gemma3ForConditionalGeneration.from_pretrained(
+            tmp, attn_implementation=attention).eval()
 
 
 def left_padded(batch: dict[str, np.ndarray], pad_id: int):
@@ -344,8 +249,7 @@ def main():
           f"{'1 each' if args.threads == 1 else 'library defaults'} (torch "
           f"{torch.get_num_threads()}); jax {jax.__version__}, torch {torch.__version__}")
 
-    hf = torch_model(model, vocab["<start_of_image>"], vocab["<end_of_image>"],
-                     args.torch_attention)
+    torch_vlm = torch_model(model, args.torch_attention)
     input_ids, attention_mask = left_padded(batch, queries.pad_id)
     hf_inputs = {
         "input_ids": torch.from_numpy(input_ids),
@@ -369,7 +273,7 @@ def main():
 
     def theirs_generate():
         with torch.inference_mode():
-            out = hf.generate(**hf_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            out = torch_vlm.generate(**hf_inputs, max_new_tokens=max_new_tokens, do_sample=False,
                               eos_token_id=list(stop_ids), pad_token_id=queries.pad_id,
                               top_p=None, top_k=None)
         return until_stop(out[:, input_ids.shape[1]:].numpy(), stop_ids)
@@ -380,7 +284,7 @@ def main():
 
     # Same weights: the forward passes agree, so the generations should too.
     with torch.inference_mode():
-        hf_logits = hf(**hf_inputs).logits[:, -1].numpy()
+        hf_logits = torch_vlm(**hf_inputs).logits[:, -1].numpy()
     ours_logits = np.asarray(_last_logits(model, *left_padded_jax(batch, queries.pad_id)))
     first = {"ours": timed(ours_score), "transformers": timed(theirs_score)}
     agree = np.mean([a == b for a, b in zip(ours_generate(), theirs_generate())])

@@ -3,8 +3,9 @@ the same architecture in transformers + PyTorch (eager), on CPU, in one run.
 
     python benchmarks/train_step.py --config=tiny --batch=16 --length=64 --repeats=5
 
-Both sides get the same sizes (a `Gemma3ForConditionalGeneration` built from a `Gemma3Config`
-matching the preset), batch, sequence length, answer-only loss and optimizer. Each repeat times
+Both sides get the same sizes (a `Gemma3ForConditionalGeneration` built from the preset's
+config.json, `hf.hf_config_dict`), batch, sequence length, answer-only loss and optimizer.
+Each repeat times
 `--steps` consecutive steps; the medians of the per-step times are compared. FLOPs are counted
 analytically (matmuls and attention, backward = 2 x forward); MFU is against `--peak_gflops`.
 The last line is `speedup_vs_transformers: X` (PyTorch step time / JAX step time).
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from xmem_jax.model import VLM, VLMConfig, get_model_config
+from xmem_jax.model import VLM, VLMConfig, get_model_config, hf
 from xmem_jax.train import sharding, trainer
 
 ANSWER_LENGTH = 8
@@ -101,47 +102,15 @@ def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int):
     return run, loss, time.perf_counter() - start
 
 
-def hf_config(config: VLMConfig, length: int):
-    """A transformers `Gemma3Config` with our preset's sizes."""
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    text, vision = config.text, config.vision
-    global_rope = {"rope_type": "default", "rope_theta": text.rope_global_base}
-    if text.rope_global_scale != 1.0:
-        global_rope = {"rope_type": "linear", "rope_theta": text.rope_global_base,
-                       "factor": text.rope_global_scale}
-    text_config = Gemma3TextConfig(
-        vocab_size=text.vocab_size, hidden_size=text.embed_dim, intermediate_size=text.mlp_dim,
-        num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim,
-        query_pre_attn_scalar=text.query_pre_attn_scalar, sliding_window=text.sliding_window,
-        layer_types=["full_attention" if is_global else "sliding_attention"
-                     for is_global in text.global_layers],
-        rope_parameters={"sliding_attention": {"rope_type": "default",
-                                               "rope_theta": text.rope_local_base},
-                         "full_attention": global_rope},
-        final_logit_softcapping=text.final_logit_softcap, rms_norm_eps=text.rms_norm_eps,
-        max_position_embeddings=max(length, 128), hidden_activation="gelu_pytorch_tanh")
-    vision_config = SiglipVisionConfig(
-        hidden_size=vision.width, intermediate_size=vision.mlp_dim,
-        num_hidden_layers=vision.depth, num_attention_heads=vision.num_heads,
-        image_size=vision.image_size, patch_size=vision.patch_size,
-        layer_norm_eps=vision.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
-        vision_use_head=False)  # Gemma 3 reads the patch features; the pooling head is unused.
-    return Gemma3Config(text_config=text_config, vision_config=vision_config,
-                        mm_tokens_per_image=config.mm_tokens_per_image,
-                        image_token_index=config.image_token_id)
-
-
-def torch_step(config: VLMConfig, batch: dict[str, np.ndarray], length: int, attention: str):
+def torch_step(config: VLMConfig, batch: dict[str, np.ndarray], attention: str):
     """transformers' Gemma3ForConditionalGeneration, same loss (labels -100 off the answer) and
     optimizer (clip to norm 1, AdamW); returns a callable running one step."""
     import torch
-    from transformers import Gemma3ForConditionalGeneration
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration._from_config(hf_config(config, length),
-                                                        attn_implementation=attention)
+    model = Gemma3ForConditionalGeneration._from_config(
+        Gemma3Config.from_dict(hf.hf_config_dict(config)), attn_implementation=attention)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     tokens = torch.from_numpy(batch["tokens"]).long()
@@ -202,7 +171,7 @@ def main():
         variant = dataclasses.replace(config, scan_layers=layers == "scanned")
         runs[f"jax {layers}"] = jax_step(variant, batch, total_steps)
     torch_name = f"torch {args.torch_attention}"
-    runs[torch_name] = torch_step(config, batch, args.length, args.torch_attention)
+    runs[torch_name] = torch_step(config, batch, args.torch_attention)
     for name, (_, loss, first) in runs.items():
         print(f"{name:16s} first step {first:6.2f} s (JAX: with compilation), loss {loss:.3f}")
     # Interleaved repeats, so that load from other processes hits every side alike.

@@ -22,8 +22,8 @@ import ml_collections
 from flax import nnx
 
 from data_gen import dataset as data_writer
-from xmem_jax.data import pipeline
-from xmem_jax.data.tokenizer import IMAGE_TOKEN
+from xmem_jax.data import pipeline, source
+from xmem_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from xmem_jax.model import hf, lora
 from xmem_jax.model.config import VLMConfig, get_model_config
 from xmem_jax.model.vlm import VLM
@@ -189,10 +189,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     data_dir = ensure_dataset(config)
     timings["dataset"] = time.perf_counter() - start
 
-    probe = pipeline.build(pipeline_config(config, data_dir, get_model_config("tiny"),
-                                           [eval_tasks(config)["image"]], 1, train=False),
-                           mode="prompt")
-    model_config = model_config_for(config, probe.tokenizer)
+    tokenizer = load_tokenizer(config.model.checkpoint
+                               or source.open_dataset(data_dir).tokenizer_dir)
+    model_config = model_config_for(config, tokenizer)
 
     start = time.perf_counter()
     if config.model.checkpoint:

@@ -233,23 +233,22 @@ def config_from_hf(hf: dict, **overrides) -> VLMConfig:
             rope_global_scale=global_scale,
             final_logit_softcap=text.get("final_logit_softcapping"),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)))
-        vision_config = None
-        if multimodal:
-            vision = hf["vision_config"]
-            vision_config = VisionConfig(
-                image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
-                width=int(vision["hidden_size"]), depth=int(vision["num_hidden_layers"]),
-                mlp_dim=int(vision["intermediate_size"]),
-                num_heads=int(vision["num_attention_heads"]),
-                layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)))
         extra = {}
         if multimodal:
-            extra = {"mm_tokens_per_image": int(hf.get("mm_tokens_per_image", 256)),
-                     "image_token_id": int(hf.get("image_token_index",
-                                                  hf.get("image_token_id", 262_144)))}
+            vision = hf["vision_config"]
+            extra = {
+                "vision": VisionConfig(
+                    image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+                    width=int(vision["hidden_size"]), depth=int(vision["num_hidden_layers"]),
+                    mlp_dim=int(vision["intermediate_size"]),
+                    num_heads=int(vision["num_attention_heads"]),
+                    layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6))),
+                "mm_tokens_per_image": int(hf.get("mm_tokens_per_image", 256)),
+                "image_token_id": int(hf.get("image_token_index",
+                                             hf.get("image_token_id", 262_144)))}
     except KeyError as e:
         raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
-    return VLMConfig(text=text_config, vision=vision_config, **extra, **overrides)
+    return VLMConfig(text=text_config, **extra, **overrides)
 
 
 def load_config(model_dir: str | Path, **overrides) -> VLMConfig:
@@ -398,23 +397,25 @@ def load_model(model_dir: str | Path, mesh: jax.sharding.Mesh | None = None, *,
         lambda: model_fn(config))
     graphdef, abstract = sharding_lib.abstract_model(build, mesh)
     table = {w.ours: w for w in weight_table(config)}
-    flat = dict(nnx.to_flat_state(abstract))
-    missing_params = [p for p in flat if "/".join(map(str, p)) not in table
-                      and not _is_adapter(p)]
-    if missing_params:
-        raise CheckpointError(f"No checkpoint tensor is mapped to {missing_params[:3]}")
-    model = sharding_lib.create_sharded_model(build, mesh)  # Adapters and non-params.
-    state = nnx.state(model)
-    for path, leaf in nnx.to_flat_state(state):
+    flat = nnx.to_flat_state(abstract)
+    unmapped = [p for p, _ in flat if "/".join(map(str, p)) not in table]
+    not_adapters = [p for p in unmapped if not _is_adapter(p)]
+    if not_adapters:
+        raise CheckpointError(f"No checkpoint tensor is mapped to {not_adapters[:3]}")
+    # Only adapters are initialised (and only when there are any): every other parameter is
+    # placed from the checkpoint straight into the abstract state.
+    initial = (dict(nnx.to_flat_state(nnx.state(sharding_lib.create_sharded_model(build, mesh))))
+               if unmapped else {})
+    for path, variable in flat:
         weight = table.get("/".join(map(str, path)))
         if weight is None:
+            variable.value = initial[path].value
             continue
-        target = flat[path]
+        target = variable.value
         value = _host_value(weight, tensors, target.shape, np.dtype(target.dtype))
-        leaf.value = jax.make_array_from_callback(target.shape, target.sharding,
-                                                  lambda index, v=value: v[index])
-    nnx.update(model, state)
-    return model
+        variable.value = jax.make_array_from_callback(target.shape, target.sharding,
+                                                      lambda index, v=value: v[index])
+    return nnx.merge(graphdef, abstract)
 
 
 def _is_adapter(path) -> bool:

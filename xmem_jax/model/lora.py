@@ -42,16 +42,16 @@ def _operands(equation: str) -> tuple[str, str, str]:
 
 
 def lora_equations(equation: str) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
-    """(x -> x A, x A -> (x A) B) equations of an Einsum and the kernel dims A and B cover."""
+    """(x -> x A, x A -> (x A) B) equations of a '...'-led Einsum and the kernel dims A and B
+    cover."""
     x, kernel, _ = _operands(equation)
     rank_letter = next(c for c in "rzyqpo" if c not in equation)
     contracted = [i for i, c in enumerate(kernel) if c in x]
     kept = [i for i, c in enumerate(kernel) if c not in x]
     a_letters = "".join(kernel[i] for i in contracted) + rank_letter
     b_letters = rank_letter + "".join(kernel[i] for i in kept)
-    prefix = equation.split(",")[0][: -len(x)] if x else equation.split(",")[0]
-    down = f"{prefix}{x},{a_letters}->{prefix}{rank_letter}"
-    up = f"{prefix}{rank_letter},{b_letters}->{equation.split('->')[1]}"
+    down = f"...{x},{a_letters}->...{rank_letter}"
+    up = f"...{rank_letter},{b_letters}->{equation.split('->')[1]}"
     return down, up, tuple(contracted), tuple(kept)
 
 
