@@ -92,6 +92,17 @@ def test_enumeration_counts_and_order(data):
     assert len(set(refs)) == len(refs)
 
 
+def test_repeat_lists_a_task_several_times(data):
+    layout = tasks.Layout.of(data)
+    once = list(tasks.TaskSet(tasks.task_specs(["name_to_fact personas=0:3 facts=pet"]), layout))
+    specs = tasks.task_specs(["name_to_fact personas=0:3 facts=pet repeat=3",
+                              "image_to_name personas=0:2"])
+    task_set = tasks.TaskSet(specs, layout)
+    assert task_set.task_length(0) == 3 * len(once)
+    assert [task_set.locate(i) for i in range(9)] == once * 3
+    assert task_set.locate(9) == tasks.ExampleRef(1, 0, view=0)
+
+
 @pytest.mark.parametrize("kind", tasks.KINDS)
 def test_formatting_matches_gemma3_processor(data, kind):
     """Ids and pixels equal transformers' Gemma3Processor on Gemma 3's chat template."""
@@ -332,6 +343,8 @@ def test_too_long_example_is_an_error(persona_dataset_dir):
     ("image_to_fact split=all facts=pet,shoe_size", r"facts='shoe_size': unknown fact"),
     ("description_to_name split=dev", r"split='dev': unknown split"),
     ("image_to_name personas=3", r"personas='3': expected start:stop"),
+    ("image_to_name repeat=twice", r"repeat='twice' is not an integer"),
+    ("image_to_name repeat=0", r"repeat=0: must be at least 1"),
 ])
 def test_bad_task_config_errors_name_the_value(persona_dataset_dir, entry, message):
     with pytest.raises(ValueError, match=message):

@@ -137,7 +137,8 @@ class TaskSpec:
     """One task: a query kind over personas [start, stop), on one split, for some facts.
 
     `stop=None` runs to the dataset's end; `split` is None only for `name_to_fact`; `facts` is
-    empty for kinds that ask no fact.
+    empty for kinds that ask no fact. `repeat` lists the task's examples that many times: the
+    mixture of tasks is proportional to their sizes, so it is how a small task gets weight.
     """
 
     kind: str
@@ -146,6 +147,7 @@ class TaskSpec:
     split: str | None = "train"
     facts: tuple[str, ...] = ()
     name: str = ""
+    repeat: int = 1
 
     def __post_init__(self):
         def fail(field, value, why):
@@ -168,6 +170,8 @@ class TaskSpec:
                 fail("facts", ",".join(self.facts), "must be a non-empty list without repeats")
         elif self.facts:
             fail("facts", ",".join(self.facts), f"{self.kind} asks no fact")
+        if self.repeat < 1:
+            fail("repeat", self.repeat, "must be at least 1")
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
             fail("personas", (self.start, self.stop), "must be a range [start, stop) with "
                  "0 <= start < stop (stop None or -1: to the end)")
@@ -179,14 +183,14 @@ class TaskSpec:
         for name_to_fact), `facts` (tuple or comma-separated string; default all, for fact
         kinds only) and `name`; or the same as a string, `"kind key=value ..."`, e.g.
         `"image_to_fact split=heldout personas=0:100 facts=pet,hobby"` (`personas=100:` runs
-        to the end). Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
+        to the end; `repeat=3` lists the examples three times). Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
         """
         if isinstance(entry, str):
             entry = _parse_entry(entry)
         elif not isinstance(entry, Mapping):
             entry = dict(entry.items())  # A ConfigDict.
         entry = dict(entry)
-        known = {"kind", "personas", "split", "facts", "name"}
+        known = {"kind", "personas", "split", "facts", "name", "repeat"}
         extra = sorted(set(entry) - known)
         if extra:
             raise ValueError(f"Invalid task {entry.get('name') or entry.get('kind')!r}: unknown "
@@ -202,8 +206,13 @@ class TaskSpec:
         if facts is None:
             facts = FACT_NAMES if kind in FACT_KINDS else ()
         split = entry.get("split", None if kind == "name_to_fact" else "train")
+        try:
+            repeat = int(entry.get("repeat", 1))
+        except ValueError:
+            raise ValueError(f"Invalid task {entry.get('name') or kind!r}: repeat="
+                             f"{entry['repeat']!r} is not an integer") from None
         return cls(kind=kind, start=int(start), stop=stop, split=split, facts=tuple(facts),
-                   name=entry.get("name") or "")
+                   name=entry.get("name") or "", repeat=repeat)
 
     @property
     def label(self) -> str:
@@ -285,6 +294,7 @@ class TaskSet:
         self.specs = tuple(specs)
         self.layout = layout
         self._grids = []  # Per task: (start persona, per-persona views/descriptions, facts).
+        self._sizes = []  # Per task: its examples, before `repeat`.
         offsets = [0]
         for spec in self.specs:
             stop = layout.num_personas if spec.stop is None else spec.stop
@@ -303,7 +313,8 @@ class TaskSet:
             else:
                 facts = spec.facts or (None,)
             self._grids.append((spec.start, items, facts))
-            offsets.append(offsets[-1] + (stop - spec.start) * len(items) * len(facts))
+            self._sizes.append((stop - spec.start) * len(items) * len(facts))
+            offsets.append(offsets[-1] + self._sizes[-1] * spec.repeat)
         self.offsets = tuple(offsets)
 
     def __len__(self) -> int:
@@ -317,7 +328,7 @@ class TaskSet:
             raise IndexError(f"Example index {index} out of range [0, {len(self)})")
         task_id = bisect.bisect_right(self.offsets, index) - 1
         start, items, facts = self._grids[task_id]
-        rest, f = divmod(index - self.offsets[task_id], len(facts))
+        rest, f = divmod((index - self.offsets[task_id]) % self._sizes[task_id], len(facts))
         persona, i = divmod(rest, len(items))
         kind = self.specs[task_id].kind
         persona += start
