@@ -94,7 +94,7 @@ def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int):
 
     def run():
         with sharding.use_mesh(mesh):
-            holder["state"], metrics = step(holder["state"], device_batch)
+            holder["state"], metrics = step(holder["state"], device_batch, None)
         return float(metrics["loss"])
 
     start = time.perf_counter()

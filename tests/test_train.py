@@ -105,7 +105,7 @@ def run_steps(config, mesh, batches, model_config=MODEL):
     with sharding.use_mesh(mesh):
         for batch in batches:
             global_batch = trainer.make_global_batch(batch, batch_sharding, config.batch_size)
-            state, metrics = step(state, global_batch)
+            state, metrics = step(state, global_batch, None)
             history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return initial, nnx.merge(graphdef, state).model, history
 

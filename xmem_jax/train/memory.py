@@ -81,7 +81,7 @@ def estimate(model: str, mesh_shape: tuple[int, int, int], batch_size: int, seq_
         batch["images"] = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
                                                sharding=batch_sharding)
     with sharding.use_mesh(mesh):
-        compiled = step.lower(abstract, batch).compile()
+        compiled = step.lower(abstract, batch, None).compile()
     analysis = compiled.memory_analysis()
     model_state = nnx.merge(graphdef, abstract).model
     count = lambda s: sum(x.size for x in jax.tree.leaves(s))  # noqa: E731

@@ -50,8 +50,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from xmem_jax.train import checkpoints, losses, optim, sharding
 
-# Batch entries the train step reads; the rest (ids, has_image) stay on the host.
-MODEL_INPUTS = ("tokens", "input_mask", "loss_mask", "images")
+# Batch entries the train step reads; the rest (ids, has_image) stay on the host. `forget`
+# ([B] bool) marks the rows an unlearning objective pushes away from.
+MODEL_INPUTS = ("tokens", "input_mask", "loss_mask", "images", "forget")
+OPTIONAL_INPUTS = ("images", "forget")
 
 Batch = Mapping[str, np.ndarray]
 EvalFn = Callable[[nnx.Module, int], Mapping[str, Any] | None]
@@ -159,7 +161,8 @@ def make_global_batch(local_batch: Batch, batch_sharding: NamedSharding, batch_s
     Each host passes only its own rows (`jax.make_array_from_process_local_data`), so the same
     code runs on one machine and on a pod.
     """
-    missing = [key for key in MODEL_INPUTS if key != "images" and key not in local_batch]
+    missing = [key for key in MODEL_INPUTS
+               if key not in OPTIONAL_INPUTS and key not in local_batch]
     if missing:
         raise KeyError(f"Train batch lacks {missing}; it has {sorted(local_batch)}")
     batch = {}
@@ -195,20 +198,24 @@ def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.
 
 
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-                    state_shardings: nnx.State, mesh: jax.sharding.Mesh):
-    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings.
+                    state_shardings: nnx.State, mesh: jax.sharding.Mesh,
+                    objective: losses.Objective | None = None):
+    """`step(state, batch, reference) -> (state, metrics)`, jitted with explicit shardings.
 
     The state (a `TrainState`'s `nnx.State`) is donated and comes back with the same shardings;
     the batch is split over the batch axes; metrics (loss, grad_norm, learning_rate, loss_tokens,
-    tokens) come back replicated. Trace it inside `sharding.use_mesh(mesh)`.
+    tokens) come back replicated. The loss is the answer tokens' cross-entropy, or `objective`
+    (unlearning), which reads the batch's `forget` rows and, for npo / kl, the logits of the
+    `reference` model state (None otherwise). Trace it inside `sharding.use_mesh(mesh)`.
     """
     accum = int(config.optim.grad_accum_steps)
     wrt = optim.trainable_filter(config.optim)
     schedule = optim.learning_rate_schedule(config.optim, config.num_steps)
 
-    def train_step(state: nnx.State, batch: dict[str, jax.Array]):
+    def train_step(state: nnx.State, batch: dict[str, jax.Array], reference: nnx.State | None):
         train_state = nnx.merge(graphdef, state)
         model_def, trainable, frozen = nnx.split(train_state.model, wrt, ...)
+        reference = None if reference is None else nnx.as_pure(reference)
         # Plain arrays, re-wrapped inside the gradient: Variables made outside it would leak
         # the outer trace into the layer scans.
         frozen = nnx.as_pure(frozen)
@@ -217,9 +224,18 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
         def loss_sums(trainable, micro_batch):
             model = nnx.merge(model_def, trainable, frozen)
             images = micro_batch.get("images") if has_vision else None
-            logits = model(micro_batch["tokens"], images, micro_batch["input_mask"].astype(bool))
-            return losses.next_token_loss_sums(logits, micro_batch["tokens"],
-                                               micro_batch["loss_mask"])
+            inputs = (micro_batch["tokens"], images, micro_batch["input_mask"].astype(bool))
+            logits = model(*inputs)
+            if objective is None:
+                return losses.next_token_loss_sums(logits, micro_batch["tokens"],
+                                                   micro_batch["loss_mask"])
+            reference_logits = None
+            if reference is not None:
+                reference_model = nnx.merge(nnx.graphdef(model), reference)
+                reference_logits = jax.lax.stop_gradient(reference_model(*inputs))
+            return losses.unlearning_loss_sums(objective, logits, micro_batch["tokens"],
+                                               micro_batch["loss_mask"], micro_batch["forget"],
+                                               reference_logits)
 
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
         if accum == 1:
@@ -248,7 +264,9 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
 
     batch_sharding = NamedSharding(mesh, batch_partition())
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+    reference_shardings = state_shardings["model"] if objective and objective.needs_reference \
+        else None
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, reference_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
@@ -322,7 +340,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
           model_fn: Callable[[], nnx.Module], train_iter: Iterator[Batch],
           eval_fn: EvalFn | None = None, eval_every: int = 0,
           mesh: jax.sharding.Mesh | None = None,
-          initial_state: nnx.State | None = None) -> TrainResult:
+          initial_state: nnx.State | None = None,
+          objective: losses.Objective | None = None,
+          reference_state: nnx.State | None = None) -> TrainResult:
     """Trains `model_fn()` on `train_iter` for `config.num_steps` optimizer steps.
 
     Args:
@@ -342,6 +362,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       initial_state: model weights to start from (e.g. a pretrained model's `nnx.state`)
         instead of `model_fn`'s initialisation, when there is no checkpoint to resume; they
         are placed on the model's shardings. The optimizer starts fresh.
+      objective: an unlearning objective instead of the cross-entropy (batches then carry
+        `forget`); npo and kl also need `reference_state`, the model weights they stay close
+        to (e.g. the model before unlearning), placed like the model's.
 
     Raises:
       FloatingPointError: a step's loss or gradient norm is NaN/Inf; the state is not saved,
@@ -373,18 +396,24 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
             state = restored[1]
             logging.info("Resumed from %s at step %d", checkpointer.directory, restored[0])
         step = int(nnx.merge(graphdef, state).optimizer.step[...])
+        if objective is not None and objective.needs_reference:
+            if reference_state is None:
+                raise ValueError(f"Objective {objective.name!r} needs reference_state")
+            reference_state = jax.device_put(reference_state, state_shardings["model"])
+        else:
+            reference_state = None
         return _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
-                    train_iter, eval_fn, eval_every)
+                    train_iter, eval_fn, eval_every, objective, reference_state)
     finally:
         checkpointer.wait_until_finished()  # Saves already started complete, even on errors.
         checkpointer.close()
 
 
 def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
-         train_iter, eval_fn, eval_every) -> TrainResult:
+         train_iter, eval_fn, eval_every, objective, reference_state) -> TrainResult:
     num_steps, batch_size = int(config.num_steps), int(config.batch_size)
     log_every = max(int(config.log_every), 1)
-    train_step = make_train_step(graphdef, config, state_shardings, mesh)
+    train_step = make_train_step(graphdef, config, state_shardings, mesh, objective)
     batch_sharding = NamedSharding(mesh, batch_partition())
     metrics_log = MetricsLog(workdir / "metrics.jsonl", step)
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step",
@@ -435,7 +464,7 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                         "give the pipeline more epochs (num_epochs=None repeats forever)"
                     ) from None
                 batch = make_global_batch(local_batch, batch_sharding, batch_size)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, reference_state)
                 step += 1
                 if pending is not None:
                     record(*pending, write=pending[0] % log_every == 0)
