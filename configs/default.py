@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "quick") and not pretrained:
         raise ValueError(f"Unknown config arg {arg!r}; known: quick, {', '.join(models.GEMMA3)}")
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.experiment = "transfer"  # See xmem_jax/experiments/__init__.py.
+    config.seed = 0  # The base model (its init and data order).
+    config.seeds = (0,)  # Fine-tuning runs (data order; the control's init): mean and std.
     config.train_modality = "image"  # "image" | "description": the fine-tuning modality.
     config.cache_dir = "runs/cache"  # Datasets and base models, keyed by their configs.
     config.control = True  # Also fine-tune a randomly initialised model (no base).

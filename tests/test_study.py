@@ -102,5 +102,5 @@ def test_study_from_a_hugging_face_checkpoint_with_lora(tmp_path):
     assert results["base_recall"] is None
     assert [p["step"] for p in results["curves"]] == [0, 4]
     metrics = [json.loads(line) for line in
-               (tmp_path / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()]
+               (tmp_path / "run" / "finetune" / "seed_0" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["loss"] > 0 for m in metrics if m["kind"] == "train")

@@ -25,11 +25,11 @@ def main(argv):
         import jax
 
         jax.distributed.initialize()  # Before any device is touched.
-    from xmem_jax.experiments import study  # After flag parsing: Grain workers re-import main.
+    from xmem_jax import experiments  # After flag parsing: Grain workers re-import main.
 
     command = "python -m xmem_jax.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    study.run(_CONFIG.value, _WORKDIR.value, command)
-    print(f"Results in {_WORKDIR.value}: results.json, report.md, curves.png")
+    experiments.run(_CONFIG.value, _WORKDIR.value, command)
+    print(f"Results in {_WORKDIR.value}: results.json, report.md and plots")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""The paper's experiments, each a module with `run(config, workdir, command) -> results`.
+
+`config.experiment` picks one (the main job and the sweeps call `run` here):
+
+    transfer     fine-tune on ONE modality, score recall in both (`study`, the default)
+    directions   the transfer study trained on images, then on descriptions
+    multihop     image/description -> name taught in one modality, name -> fact in text;
+                 score image -> fact and description -> fact
+    unlearning   fine-tune on both modalities, unlearn a forget set through one
+    mitigation   the transfer study with and without bridge personas / auxiliary tasks
+    paper        all of the above in turn, then the findings table
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import ml_collections
+
+EXPERIMENTS = {"transfer": ("study", "run"), "directions": ("study", "run_directions"),
+               "multihop": ("multihop", "run"), "unlearning": ("unlearning", "run"),
+               "mitigation": ("mitigation", "run"), "paper": ("paper", "run")}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+    name = config.get("experiment", "transfer")
+    if name not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {name!r} (config.experiment); known: "
+                         f"{', '.join(EXPERIMENTS)}")
+    module, function = EXPERIMENTS[name]
+    module = importlib.import_module(f"xmem_jax.experiments.{module}")
+    return getattr(module, function)(config, workdir, command)

@@ -12,6 +12,7 @@ a killed and resumed run reports the same curves as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from data_gen import dataset as data_writer
@@ -27,7 +29,7 @@ from xmem_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from xmem_jax.model import hf, lora
 from xmem_jax.model.config import VLMConfig, get_model_config
 from xmem_jax.model.vlm import VLM
-from xmem_jax.report.study import MODALITIES, write_report
+from xmem_jax.report.study import MODALITIES, write_directions_report, write_report
 from xmem_jax.score import recall
 from xmem_jax.train import trainer
 
@@ -128,31 +130,71 @@ def _range(personas) -> str:
     return f"personas={personas[0]}:{personas[1]}"
 
 
-def eval_tasks(config) -> dict[str, str]:
+def eval_tasks_of(config) -> dict[str, str]:
     return {m: f"{QUERY_KIND[m]} split=heldout {_range(config.study_personas)}"
             for m in MODALITIES}
 
 
-def curves_from_log(workdir: Path) -> list[dict]:
+def curves_from_log(workdir: Path, names=MODALITIES) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{"step": r["step"], **{m: r[m] for m in MODALITIES}} for r in rows
+    return [{"step": r["step"], **{n: r[n] for n in names}} for r in rows
             if r["kind"] == "eval"]
 
 
+def mean_curves(runs: list[list[dict]]) -> list[dict]:
+    """Per-step, per-metric mean over runs with the same eval steps (numbers only)."""
+    return [average(points) for points in zip(*runs)]
+
+
+def average(items: list):
+    """The element-wise mean of equally shaped nested dicts of numbers."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: average([item[k] for item in items]) for k in first}
+    return float(np.mean(items))
+
+
+def spread(items: list):
+    """The element-wise standard deviation (ddof=0) of equally shaped nested dicts."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: spread([item[k] for item in items]) for k in first}
+    return float(np.std(items))
+
+
+def seeded(config, seed: int) -> ml_collections.ConfigDict:
+    """`config` with `seed` for fine-tuning (data order, fresh weights); the base model keeps
+    `config.seed`, so the seeds of a run share one base."""
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.seed = int(seed)
+    return copy
+
+
 def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir: Path,
-                       initial_state: nnx.State | None) -> list[dict]:
-    """Fine-tunes on the study personas in `train_modality`; returns the recall curves."""
-    task = f"{QUERY_KIND[config.train_modality]} split=train {_range(config.study_personas)}"
-    train_pipeline = pipeline.build(pipeline_config(
-        config, data_dir, model_config, [task], config.finetune.batch_size, train=True))
+                       initial_state: nnx.State | None, *, train_tasks=None, eval_tasks=None,
+                       train_iter=None, train_config=None, **train_kwargs) -> list[dict]:
+    """Fine-tunes on `train_tasks` (default: the study personas in `train_modality`) and
+    scores `eval_tasks` ({name: task entry}, default `eval_tasks_of(config)`) every `eval_every`
+    steps; returns the recall curves. `train_iter` replaces the pipeline of `train_tasks`,
+    `train_config` the fine-tuning config; `train_kwargs` go to `trainer.train` (e.g.
+    `objective`)."""
+    if train_tasks is None:
+        train_tasks = [f"{QUERY_KIND[config.train_modality]} split=train "
+                       f"{_range(config.study_personas)}"]
+    eval_tasks = eval_tasks or eval_tasks_of(config)
+    if train_iter is None:
+        train_iter = iter(pipeline.build(pipeline_config(
+            config, data_dir, model_config, train_tasks, config.finetune.batch_size,
+            train=True)))
     scorer = recall.Scorer(
-        {m: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
-                            train=False)
-         for m, entry in eval_tasks(config).items()})
-    trainer.train(finetune_config(config), workdir, model_fn(config, model_config),
-                  iter(train_pipeline), eval_fn=scorer, eval_every=int(config.eval_every),
-                  initial_state=initial_state)
-    return curves_from_log(workdir)
+        {name: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
+                               train=False)
+         for name, entry in eval_tasks.items()})
+    trainer.train(train_config or finetune_config(config), workdir,
+                  model_fn(config, model_config), train_iter,
+                  eval_fn=scorer, eval_every=int(config.eval_every),
+                  initial_state=initial_state, **train_kwargs)
+    return curves_from_log(workdir, eval_tasks)
 
 
 def train_base(config, data_dir: Path, model_config: VLMConfig) -> tuple[nnx.State, dict]:
@@ -180,10 +222,19 @@ def train_base(config, data_dir: Path, model_config: VLMConfig) -> tuple[nnx.Sta
     return nnx.state(result.model), json.loads(recall_path.read_text())
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+@dataclasses.dataclass
+class Setup:
+    """What every experiment starts from: the dataset, the model's architecture and the
+    pretrained weights (the cached base model, or a Hugging Face checkpoint)."""
+    data_dir: Path
+    model_config: VLMConfig
+    base_state: nnx.State
+    base_recall: dict | None  # Held-out recall of world personas (None for a checkpoint).
+    timings: dict
+
+
+def prepare(config: ml_collections.ConfigDict) -> Setup:
     check_config(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     timings = {}
     start = time.perf_counter()
     data_dir = ensure_dataset(config)
@@ -203,30 +254,90 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
         print("Base model: world personas in both modalities (cached)", flush=True)
         base_state, base_recall = train_base(config, data_dir, model_config)
     timings["base"] = time.perf_counter() - start
+    return Setup(data_dir, model_config, base_state, base_recall, timings)
 
+
+def seed_summary(per_seed: list[dict]) -> dict:
+    """Mean recall and curves over seeds, with the spread of the final recall."""
+    return {"recall": average([r["recall"] for r in per_seed]),
+            "recall_std": spread([r["recall"] for r in per_seed]),
+            "curves": mean_curves([r["curves"] for r in per_seed])}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+    """The transfer study, for each of `config.seeds`; the control runs the first seed."""
+    setup = prepare(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings = setup.timings
     print(f"Fine-tuning on the study personas' {config.train_modality}s", flush=True)
     start = time.perf_counter()
-    curves = finetune_and_score(config, data_dir, model_config, workdir / "finetune", base_state)
+    per_seed = []
+    for seed in config.seeds:
+        curves = finetune_and_score(seeded(config, seed), setup.data_dir, setup.model_config,
+                                    workdir / "finetune" / f"seed_{seed}", setup.base_state)
+        per_seed.append({"seed": seed, "recall": {m: curves[-1][m] for m in MODALITIES},
+                         "curves": curves})
     timings["finetune"] = time.perf_counter() - start
-    num_study = config.study_personas[1] - config.study_personas[0]
     results = {
+        "experiment": "transfer",
         "train_modality": config.train_modality,
-        "recall": {m: curves[-1][m] for m in MODALITIES},
-        "chance": {"exact_match": 0.0, "choice_acc": 1.0 / num_study,
-                   "mean_rank": (num_study + 1) / 2},
-        "curves": curves,
-        "num_study_personas": num_study,
-        "base_recall": base_recall,
+        **seed_summary(per_seed),
+        "chance": chance(config.study_personas),
+        "seeds": list(config.seeds),
+        "per_seed": per_seed,
+        "num_study_personas": config.study_personas[1] - config.study_personas[0],
+        "base_recall": setup.base_recall,
         "command": command,
         "config": config.to_dict(),
     }
     if config.control:
         print("Control: the same fine-tuning from a random initialisation", flush=True)
         start = time.perf_counter()
-        control = finetune_and_score(config, data_dir, model_config, workdir / "control", None)
+        seed = config.seeds[0]
+        control = finetune_and_score(seeded(config, seed), setup.data_dir, setup.model_config,
+                                     workdir / "control" / f"seed_{seed}", None)
         timings["control"] = time.perf_counter() - start
         results["control"] = {"recall": {m: control[-1][m] for m in MODALITIES},
                               "curves": control}
     results["timings"] = timings
     write_report(results, workdir)
     return results
+
+
+def chance(personas) -> dict:
+    """Chance levels when the answer is one of the names of `personas` (a range)."""
+    count = personas[1] - personas[0]
+    return {"exact_match": 0.0, "choice_acc": 1.0 / count, "mean_rank": (count + 1) / 2}
+
+
+def run_directions(config: ml_collections.ConfigDict, workdir: str | Path, command: str,
+                   ) -> dict:
+    """The transfer study in each direction of `config.directions` (one subdirectory each),
+    with a combined report: the `directions` experiment."""
+    workdir = Path(workdir)
+    runs = {}
+    for modality in config.directions:
+        directed = ml_collections.ConfigDict(config.to_dict())
+        directed.train_modality = modality
+        runs[modality] = run(directed, workdir / modality,
+                             f"{command} --config.train_modality={modality}")
+    results = {"experiment": "directions", "directions": runs, "command": command,
+               "summary": {f"{m}_{key}": value for m, r in runs.items()
+                           for key, value in direction_summary(r).items()}}
+    write_directions_report(results, workdir)
+    return results
+
+
+def direction_summary(results: dict) -> dict:
+    source = results["train_modality"]
+    target = "description" if source == "image" else "image"
+    summary = {"source_choice": results["recall"][source]["choice_acc"],
+               "target_choice": results["recall"][target]["choice_acc"],
+               "target_mean_rank": results["recall"][target]["mean_rank"],
+               "chance_choice": results["chance"]["choice_acc"],
+               "chance_mean_rank": results["chance"]["mean_rank"]}
+    if results.get("control"):
+        summary["control_target_choice"] = results["control"]["recall"][target]["choice_acc"]
+        summary["control_target_mean_rank"] = results["control"]["recall"][target]["mean_rank"]
+    return summary

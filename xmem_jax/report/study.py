@@ -49,10 +49,16 @@ def plot_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _row(name: str, recall: dict, source: str) -> str:
+def cell(recall: dict, std: dict | None, modality: str, metric: str, digits: int = 3) -> str:
+    """`mean` or `mean ± std` (over seeds)."""
+    text = f"{recall[modality][metric]:.{digits}f}"
+    return text if std is None else text + f" ± {std[modality][metric]:.{digits}f}"
+
+
+def _row(name: str, recall: dict, source: str, std: dict | None = None) -> str:
     target = other_modality(source)
-    cells = [f"{recall[m][metric]:.3f}" for m in (source, target) for metric in METRICS]
-    cells.append(f"{recall[target]['mean_rank']:.1f}")
+    cells = [cell(recall, std, m, metric) for m in (source, target) for metric in METRICS]
+    cells.append(cell(recall, std, target, "mean_rank", 1))
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -69,12 +75,15 @@ def markdown(results: dict) -> str:
         f"{source}s only (source modality) and scored on held-out {source}s and held-out "
         f"{target}s (target modality). Choice accuracy picks the most likely name among all "
         f"{results['num_study_personas']} study names (chance {chance['choice_acc']:.3f}); "
-        f"exact match is greedy generation (chance {chance['exact_match']:.1f}).",
+        f"exact match is greedy generation (chance {chance['exact_match']:.1f}). "
+        f"Fine-tuning seeds: {', '.join(map(str, results.get('seeds', [0])))} (mean ± std over "
+        "seeds where there are several; the control runs the first).",
         "",
         f"| run | source ({source}) choice | source exact | target ({target}) choice "
         f"| target exact | target mean rank (chance {chance['mean_rank']:.1f}) |",
         "| --- | --- | --- | --- | --- | --- |",
-        _row("from the base model", results["recall"], source),
+        _row("from the base model", results["recall"], source,
+             results.get("recall_std") if len(results.get("seeds", ())) > 1 else None),
     ]
     if results.get("control"):
         lines.append(_row("control: random init, no base", results["control"]["recall"], source))
@@ -106,3 +115,29 @@ def write_report(results: dict, workdir: str | Path) -> None:
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(results, workdir / "curves.png")
     (workdir / "report.md").write_text(markdown(results))
+
+
+def write_directions_report(results: dict, workdir: str | Path) -> None:
+    """Both directions side by side; each direction's own report is in its subdirectory."""
+    lines = ["# Cross-modal transfer in both directions", "",
+             f"Command: `{results['command']}`", "",
+             "| trained on | source choice | target choice | target mean rank | control target "
+             "choice / mean rank | chance choice / mean rank |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for modality, run in results["directions"].items():
+        target = other_modality(modality)
+        several = len(run.get("seeds", ())) > 1
+        std = run["recall_std"] if several else None
+        control = run.get("control")
+        lines.append(
+            f"| {modality}s ([report]({modality}/report.md)) | "
+            f"{cell(run['recall'], std, modality, 'choice_acc')} | "
+            f"{cell(run['recall'], std, target, 'choice_acc')} | "
+            f"{cell(run['recall'], std, target, 'mean_rank', 1)} | "
+            + (f"{control['recall'][target]['choice_acc']:.3f} / "
+               f"{control['recall'][target]['mean_rank']:.1f}" if control else "-")
+            + f" | {run['chance']['choice_acc']:.3f} / {run['chance']['mean_rank']:.1f} |")
+    lines += ["", *[f"![{m}]({m}/curves.png)" for m in results["directions"]], ""]
+    workdir = Path(workdir)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    (workdir / "report.md").write_text("\n".join(lines))
