@@ -1,0 +1,40 @@
+"""Mitigation: the transfer study with bridge personas or a captioning auxiliary task.
+
+    python -m xmem_jax.main --config=configs/experiments/mitigation.py --workdir=runs/mitigation
+    python -m xmem_jax.main --config=configs/experiments/mitigation.py \
+        --config.train_modality=description --workdir=runs/mitigation_description
+
+Every method trains for the same steps and batch size on the same seeds and starts from the
+default base model (shared cache). Bridge personas (300, 400) are in neither the world nor the
+study set. On a TPU: `configs/experiments/mitigation.py:gemma3_4b --config.model.checkpoint=DIR`.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    config = default.get_config(arg)
+    config.experiment = "mitigation"
+    config.control = False
+    config.seeds = (0,) if arg == "quick" else (0, 1, 2)
+    if arg != "quick":
+        config.eval_every = 100  # 4 points a curve: evaluation is a third of the time.
+    quick = arg == "quick"
+    # Each method's training tasks: {source} is the study task's kind (image_to_name or
+    # description_to_name), {study} and {bridge} the persona ranges.
+    config.mitigation = dict(
+        bridge_personas=(0, 10) if quick else (300, 400),
+        max_length=112,  # Fine-tuning's token limit: captions are longer than names.
+        methods=dict(
+            none=("{source} split=train personas={study}",),
+            bridge=("{source} split=train personas={study}",
+                    "image_to_name split=train personas={bridge}",
+                    "description_to_name split=train personas={bridge}"),
+            # Captioning has 6 examples per view (one per training description): the names
+            # task is listed 6 times so that half of every batch still asks for names.
+            caption=("{source} split=train personas={study} repeat=6",
+                     "image_to_description split=train personas={study}")))
+    if quick:  # Bridge personas must avoid the world ones: move the world up.
+        config.world_personas = (10, 40)
+        config.base_eval_personas = (10, 20)
+    return config

@@ -1,0 +1,179 @@
+"""The paper's experiments (multi-hop, unlearning, mitigation) and the unlearning objectives."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.experiments import mitigation as mitigation_config
+from configs.experiments import multihop as multihop_config
+from configs.experiments import unlearning as unlearning_config
+from xmem_jax import experiments
+from xmem_jax.data import pipeline
+from xmem_jax.experiments import unlearning
+from xmem_jax.train import losses
+
+
+def _batch(seed=0, batch=4, length=6, vocab=11):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(batch, length, vocab)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (batch, length)))
+    loss_mask = jnp.asarray([[0, 0, 1, 1, 1, 0]] * batch, jnp.float32)
+    forget = jnp.asarray([True, True, False, False])
+    return logits, tokens, loss_mask, forget
+
+
+def _row_nll(logits, tokens, loss_mask):
+    log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits)[:, :-1], axis=-1))
+    picked = np.take_along_axis(log_probs, np.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+    return -(picked * np.asarray(loss_mask)[:, 1:]).sum(1)
+
+
+def test_unlearning_objectives_match_their_definitions():
+    logits, tokens, loss_mask, forget = _batch()
+    reference = logits + 0.3 * jnp.asarray(np.random.default_rng(1).normal(size=logits.shape),
+                                           jnp.float32)
+    nll, ref_nll = _row_nll(logits, tokens, loss_mask), _row_nll(reference, tokens, loss_mask)
+    f, r = np.asarray(forget, float), 1 - np.asarray(forget, float)
+    tokens_per_row = np.asarray(loss_mask)[:, 1:].sum(1)
+
+    def value(name, **kw):
+        total, count = losses.unlearning_loss_sums(losses.Objective(name, **kw), logits, tokens,
+                                                   loss_mask, forget, reference)
+        return float(total), float(count)
+
+    assert value("gradient_ascent") == pytest.approx(
+        (float(-(f * nll).sum()), float((f * tokens_per_row).sum())), rel=1e-5)
+    assert value("gradient_difference", retain_weight=0.5)[0] == pytest.approx(
+        (-f * nll + 0.5 * r * nll).sum(), rel=1e-5)
+    beta = 0.2
+    npo = (2 / beta) * np.logaddexp(0, beta * (ref_nll - nll))
+    assert value("npo", beta=beta)[0] == pytest.approx((f * npo + r * nll).sum(), rel=1e-5)
+    p_ref = np.asarray(jax.nn.softmax(np.asarray(reference)[:, :-1], -1))
+    kl = (p_ref * (jax.nn.log_softmax(np.asarray(reference)[:, :-1], -1)
+                   - jax.nn.log_softmax(np.asarray(logits)[:, :-1], -1))).sum(-1)
+    kl_rows = (np.asarray(kl) * np.asarray(loss_mask)[:, 1:]).sum(1)
+    assert value("kl")[0] == pytest.approx((-f * nll + r * kl_rows).sum(), rel=1e-4)
+
+
+def test_npo_at_the_reference_pushes_like_gradient_ascent_and_kl_is_flat():
+    """At theta = reference, NPO's gradient is gradient ascent's (sigmoid(0) * 2 = 1) and the
+    KL term is at its minimum (zero gradient on retain rows)."""
+    logits, tokens, loss_mask, forget = _batch()
+
+    def grad(name):
+        fn = lambda x: losses.unlearning_loss_sums(  # noqa: E731
+            losses.Objective(name, retain_weight=0.0), x, tokens, loss_mask, forget,
+            jax.lax.stop_gradient(x))[0]
+        return np.asarray(jax.grad(fn)(logits))
+
+    np.testing.assert_allclose(grad("npo"), grad("gradient_ascent"), atol=1e-6)
+    kl_only = lambda x: losses.unlearning_loss_sums(  # noqa: E731
+        losses.Objective("kl"), x, tokens, loss_mask, jnp.zeros(4, bool),
+        jax.lax.stop_gradient(x))[0]
+    np.testing.assert_allclose(np.asarray(jax.grad(kl_only)(logits)), 0.0, atol=1e-6)
+
+
+def test_unknown_unlearning_method_and_experiment():
+    with pytest.raises(ValueError, match="Unknown unlearning method 'forget_harder'"):
+        losses.Objective("forget_harder")
+    config = unlearning_config.get_config("quick")
+    config.experiment = "telepathy"
+    with pytest.raises(ValueError, match="Unknown experiment 'telepathy'"):
+        experiments.run(config, "/nonexistent", "test")
+
+
+def test_forget_retain_batches_mark_rows_and_resume(persona_dataset_dir):
+    def stream(personas, rows):
+        config = pipeline.default_config()
+        config.data_dir = str(persona_dataset_dir)
+        config.tasks = (f"description_to_name split=train personas={personas}",
+                        f"image_to_name split=train personas={personas}")
+        config.batch_size, config.max_length, config.image_size = rows, 192, 32
+        config.num_image_tokens = 4
+        return iter(pipeline.build(config))
+
+    batches = unlearning.ForgetRetainBatches(stream("0:3", 2), stream("3:12", 6))
+    first = next(batches)
+    assert first["forget"].tolist() == [True] * 2 + [False] * 6
+    assert set(first["persona_id"][:2]) <= {0, 1, 2} and min(first["persona_id"][2:]) >= 3
+    assert first["tokens"].shape == first["loss_mask"].shape == (8, first["tokens"].shape[1])
+    state = batches.get_state()
+    expected = [next(batches) for _ in range(2)]
+    resumed = unlearning.ForgetRetainBatches(stream("0:3", 2), stream("3:12", 6))
+    resumed.set_state(state)
+    for want, got in zip(expected, [next(resumed) for _ in range(2)]):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_bad_experiment_configs_fail_clearly(tmp_path):
+    config = mitigation_config.get_config("quick")
+    config.mitigation.bridge_personas = (30, 45)
+    with pytest.raises(ValueError, match=r"bridge_personas=\(30, 45\) overlaps world_personas"):
+        experiments.run(config, tmp_path, "test")
+    config = unlearning_config.get_config("quick")
+    config.unlearning.num_forget = 20
+    with pytest.raises(ValueError, match="num_forget=20 must leave both"):
+        unlearning.ranges(config)
+
+
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory):
+    """One dataset and base-model cache for the quick experiments below."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.slow
+def test_multihop_quick(tmp_path, quick_cache):
+    config = multihop_config.get_config("quick")
+    config.cache_dir = quick_cache
+    results = experiments.run(config, tmp_path, "test")
+    names = {"image_to_fact", "description_to_fact", "name_to_fact", "image_to_name",
+             "description_to_name"}
+    assert set(results["recall"]) == names
+    assert results["chance"]["image_to_fact"]["choice_acc"] == pytest.approx(1 / 40)
+    assert [p["step"] for p in results["curves"]] == [0, 10, 20]
+    assert set(results["summary"]) == {"two_hop_source", "two_hop_target", "one_hop_name_source",
+                                       "one_hop_name_target", "one_hop_name_to_fact"}
+    assert "Multi-hop" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.slow
+def test_mitigation_quick_same_budget_for_every_method(tmp_path, quick_cache):
+    config = mitigation_config.get_config("quick")
+    config.cache_dir = quick_cache
+    results = experiments.run(config, tmp_path, "test")
+    assert set(results["methods"]) == {"none", "bridge", "caption"}
+    for method, run in results["methods"].items():
+        metrics = [json.loads(line) for line in
+                   (tmp_path / method / "seed_0" / "metrics.jsonl").read_text().splitlines()]
+        assert max(m["step"] for m in metrics) == config.finetune.num_steps
+        assert run["gap"] == pytest.approx(run["recall"]["image"]["choice_acc"]
+                                           - run["recall"]["description"]["choice_acc"])
+    assert "personas=0:10" in " ".join(results["methods"]["bridge"]["tasks"])
+    config.train_modality = "description"  # No study images to caption.
+    results = experiments.run(config, tmp_path / "description", "test")
+    assert set(results["methods"]) == {"none", "bridge"}
+
+
+@pytest.mark.slow
+def test_unlearning_quick_runs_every_method_and_resumes(tmp_path, quick_cache):
+    config = unlearning_config.get_config("quick")
+    config.cache_dir = quick_cache
+    results = experiments.run(config, tmp_path, "test")
+    assert set(results["methods"]) == set(losses.UNLEARNING_METHODS)
+    for run in results["methods"].values():
+        assert [p["step"] for p in run["curves"]] == [0, 2, 4]
+        assert set(run["recall"]) == {"forget/image", "forget/description", "retain/image",
+                                      "retain/description"}
+        assert run["learned"] == results["methods"]["gradient_ascent"]["learned"]
+    forget_nll = [json.loads(line)["loss"] for line in
+                  (tmp_path / "gradient_ascent" / "seed_0" / "metrics.jsonl").read_text()
+                  .splitlines() if '"train"' in line]
+    assert all(loss < 0 for loss in forget_nll)  # Ascent: minus the forget set's NLL.
+    again = experiments.run(config, tmp_path, "test")  # Everything resumes from checkpoints.
+    assert again["summary"] == results["summary"]

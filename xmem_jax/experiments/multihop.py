@@ -1,0 +1,95 @@
+"""Multi-hop recall across modalities.
+
+Fine-tuning teaches the study personas' names in ONE modality (`train_modality`: image ->
+name or description -> name) and one fact about them in text only (name -> fact, e.g. "In
+which city was Widan Zanmere born?"). Scored on held-out views and descriptions: the two-hop
+questions image -> fact and description -> fact (the model must recognise the person, then
+recall what it read about the name), next to the one-hop controls (image -> name,
+description -> name, name -> fact).
+
+The base model must know the question format: `configs/experiments/multihop.py` trains it on
+the world personas' names, facts and two-hop questions in both modalities (`base_tasks`), so
+no study fact is ever paired with a study image or description.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ml_collections
+
+from xmem_jax.experiments import study
+from xmem_jax.report import experiments as report
+from xmem_jax.report.study import MODALITIES, other_modality
+
+
+def eval_tasks(config) -> dict[str, str]:
+    personas, fact = study._range(config.study_personas), config.multihop.fact
+    tasks = {f"{m}_to_fact": f"{m}_to_fact split=heldout {personas} facts={fact}"
+             for m in MODALITIES}
+    tasks.update({f"{m}_to_name": f"{m}_to_name split=heldout {personas}" for m in MODALITIES})
+    tasks["name_to_fact"] = f"name_to_fact {personas} facts={fact}"
+    return tasks
+
+
+def train_tasks(config) -> list[str]:
+    personas, fact = study._range(config.study_personas), config.multihop.fact
+    return [f"{study.QUERY_KIND[config.train_modality]} split=train {personas}",
+            f"name_to_fact {personas} facts={fact} repeat={config.multihop.fact_repeat}"]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+    setup = study.prepare(config)
+    workdir = Path(workdir)
+    source, target = config.train_modality, other_modality(config.train_modality)
+    names = list(eval_tasks(config))
+    start = time.perf_counter()
+    per_seed = []
+    for seed in config.seeds:
+        curves = study.finetune_and_score(
+            study.seeded(config, seed), setup.data_dir, setup.model_config,
+            workdir / f"seed_{seed}", setup.base_state, train_tasks=train_tasks(config),
+            eval_tasks=eval_tasks(config))
+        per_seed.append({"seed": seed, "recall": {n: curves[-1][n] for n in names},
+                         "curves": curves})
+    setup.timings["finetune"] = time.perf_counter() - start
+    summary = study.seed_summary(per_seed)
+    recall = summary["recall"]
+    results = {
+        "experiment": "multihop", "train_modality": source, "fact": config.multihop.fact,
+        **summary,
+        "chance": {n: recall[n]["chance"] for n in names},
+        "summary": {f"two_hop_{role}": recall[f"{m}_to_fact"]["choice_acc"]
+                    for role, m in (("source", source), ("target", target))}
+                   | {f"one_hop_name_{role}": recall[f"{m}_to_name"]["choice_acc"]
+                      for role, m in (("source", source), ("target", target))}
+                   | {"one_hop_name_to_fact": recall["name_to_fact"]["choice_acc"]},
+        "seeds": list(config.seeds), "per_seed": per_seed, "base_recall": setup.base_recall,
+        "timings": setup.timings, "command": command, "config": config.to_dict(),
+    }
+    write_report(results, workdir)
+    return results
+
+
+def write_report(results: dict, workdir: Path) -> None:
+    source = results["train_modality"]
+    target = other_modality(source)
+    names = [f"{source}_to_fact", f"{target}_to_fact", "name_to_fact", f"{source}_to_name",
+             f"{target}_to_name"]
+    std = results["recall_std"] if len(results["seeds"]) > 1 else None
+    report.plot_curves({f"trained: {source} -> name, name -> {results['fact']}":
+                        results["curves"]}, names, results["chance"],
+                       Path(workdir) / "curves.png", "fine-tuning step")
+    lines = [
+        f"# Multi-hop: names taught through {source}s, the fact `{results['fact']}` in text",
+        "", f"Command: `{results['command']}`", "",
+        f"Choice accuracy on held-out queries (mean ± std over seeds {results['seeds']}). "
+        f"Two-hop: `{source}_to_fact` (through the modality the names were taught in) and "
+        f"`{target}_to_fact` (through the other one); one-hop controls: the names in each "
+        "modality and the fact asked by name.", "",
+        *report.recall_table([("fine-tuned base", results["recall"], std)], names,
+                             results["chance"]),
+        "", "![curves](curves.png)", "",
+        "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
+    report.write(results, workdir, lines)

@@ -1,0 +1,201 @@
+"""Machine unlearning in one modality: does the other modality still remember?
+
+1. learn:   fine-tune the base on the study personas in BOTH modalities (image -> name and
+            description -> name), one run per seed;
+2. unlearn: from that model, for each method (gradient ascent, gradient difference, NPO, KL to
+            the reference), push away the *forget* personas (the first
+            `unlearning.num_forget` study personas) through ONE modality
+            (`unlearning.modality`); the other study personas, in the same modality, are the
+            retain set (gradient ascent ignores them). Every batch holds
+            `unlearning.forget_fraction` forget rows, so all methods see the same data.
+
+Forget and retain recall (held-out views and descriptions) are scored in both modalities every
+`unlearning.eval_every` steps: the question is how much the forget personas are still
+recalled through the modality that was NOT unlearned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from xmem_jax.data import pipeline
+from xmem_jax.experiments import study
+from xmem_jax.report import experiments as report
+from xmem_jax.report.study import MODALITIES, other_modality
+from xmem_jax.train import losses, trainer
+
+SETS = ("forget", "retain")
+
+
+class ForgetRetainBatches:
+    """Zips a forget-set and a retain-set batch iterator into one batch with a `forget` mask.
+
+    Token arrays are right-padded to the longer of the two; the position of both streams is
+    saved and restored together (get_state / set_state, as the checkpointer expects).
+    """
+
+    def __init__(self, forget_iter, retain_iter):
+        self.streams = {"forget": forget_iter, "retain": retain_iter}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = {name: next(stream) for name, stream in self.streams.items()}
+        length = max(part["tokens"].shape[1] for part in parts.values())
+        batch = {}
+        for key in parts["forget"]:
+            arrays = [part[key] for part in parts.values()]
+            if key in ("tokens", "input_mask", "loss_mask"):
+                arrays = [np.pad(a, ((0, 0), (0, length - a.shape[1]))) for a in arrays]
+            batch[key] = np.concatenate(arrays)
+        batch["forget"] = np.concatenate([np.full(len(part["tokens"]), name == "forget")
+                                          for name, part in parts.items()])
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({name: s.get_state() for name, s in self.streams.items()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        for name, value in json.loads(state).items():
+            self.streams[name].set_state(value)
+
+    def start_prefetch(self) -> None:
+        """Grain's checkpoint handler calls this after `set_state`."""
+        for stream in self.streams.values():
+            stream.start_prefetch()
+
+
+def ranges(config) -> dict[str, tuple[int, int]]:
+    start, stop = config.study_personas
+    split = start + int(config.unlearning.num_forget)
+    if not start < split < stop:
+        raise ValueError(f"Invalid unlearning config: unlearning.num_forget="
+                         f"{config.unlearning.num_forget} must leave both a forget and a "
+                         f"retain set inside study_personas={tuple(config.study_personas)}")
+    return {"forget": (start, split), "retain": (split, stop)}
+
+
+def eval_tasks(config) -> dict[str, str]:
+    return {f"{s}/{m}": f"{study.QUERY_KIND[m]} split=heldout {study._range(r)}"
+            for s, r in ranges(config).items() for m in MODALITIES}
+
+
+def unlearn_config(config) -> ml_collections.ConfigDict:
+    """The fine-tuning config (freezing included), with the unlearning stage's schedule."""
+    section = config.unlearning
+    train_config = study.finetune_config(config)
+    train_config.num_steps = int(section.num_steps)
+    train_config.optim.learning_rate = float(section.learning_rate)
+    train_config.optim.warmup_steps = int(section.warmup_steps)
+    train_config.checkpoint.every_steps = int(section.num_steps)
+    return train_config
+
+
+def forget_retain_iter(config, setup: study.Setup) -> ForgetRetainBatches:
+    section = config.unlearning
+    batch_size = int(config.finetune.batch_size)
+    forget_rows = int(round(batch_size * float(section.forget_fraction)))
+    if not 0 < forget_rows < batch_size:
+        raise ValueError(f"Invalid unlearning config: forget_fraction={section.forget_fraction}"
+                         f" leaves no forget or no retain rows in a batch of {batch_size}")
+    kind = study.QUERY_KIND[section.modality]
+    streams = [
+        iter(pipeline.build(study.pipeline_config(
+            config, setup.data_dir, setup.model_config,
+            [f"{kind} split=train {study._range(ranges(config)[name])}"], rows, train=True)))
+        for name, rows in (("forget", forget_rows), ("retain", batch_size - forget_rows))]
+    return ForgetRetainBatches(*streams)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+    section = config.unlearning
+    if section.modality not in MODALITIES:
+        raise ValueError(f"Invalid unlearning config: unlearning.modality={section.modality!r}; "
+                         f"known: {', '.join(MODALITIES)}")
+    names = list(eval_tasks(config))
+    setup = study.prepare(config)
+    workdir = Path(workdir)
+    start = time.perf_counter()
+    learned = {}
+    for seed in config.seeds:  # 1. Learn both modalities.
+        seeded = study.seeded(config, seed)
+        learn_dir = workdir / "learn" / f"seed_{seed}"
+        study.finetune_and_score(
+            seeded, setup.data_dir, setup.model_config, learn_dir, setup.base_state,
+            train_tasks=[f"{study.QUERY_KIND[m]} split=train {study._range(config.study_personas)}"
+                         for m in MODALITIES], eval_tasks=eval_tasks(config))
+        learned[seed] = learn_dir
+    setup.timings["learn"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    methods = {}
+    for method in section.methods:  # 2. Unlearn through one modality.
+        objective = losses.Objective(method, beta=float(section.beta),
+                                     retain_weight=float(section.retain_weight))
+        per_seed = []
+        for seed in config.seeds:
+            seeded = study.seeded(config, seed)
+            seeded.eval_every = int(section.eval_every)
+            learned_state = learned_model_state(seeded, setup, learned[seed])
+            curves = study.finetune_and_score(
+                seeded, setup.data_dir, setup.model_config, workdir / method / f"seed_{seed}",
+                learned_state, eval_tasks=eval_tasks(config),
+                train_iter=forget_retain_iter(seeded, setup), train_config=unlearn_config(config),
+                objective=objective, reference_state=learned_state)
+            per_seed.append({"seed": seed, "recall": {n: curves[-1][n] for n in names},
+                             "learned": {n: curves[0][n] for n in names}, "curves": curves})
+        methods[method] = {**study.seed_summary(per_seed),
+                           "learned": study.average([r["learned"] for r in per_seed]),
+                           "per_seed": per_seed}
+    setup.timings["unlearn"] = time.perf_counter() - start
+    unlearned, other = section.modality, other_modality(section.modality)
+    results = {
+        "experiment": "unlearning", "unlearn_modality": unlearned, "methods": methods,
+        "chance": {n: next(iter(methods.values()))["recall"][n]["chance"] for n in names},
+        "summary": {f"{method}_{s}_{m}": r["recall"][f"{s}/{m}"]["choice_acc"]
+                    for method, r in methods.items() for s in SETS for m in (unlearned, other)},
+        "forget_personas": ranges(config)["forget"], "retain_personas": ranges(config)["retain"],
+        "seeds": list(config.seeds), "base_recall": setup.base_recall,
+        "timings": setup.timings, "command": command, "config": config.to_dict(),
+    }
+    write_report(results, workdir)
+    return results
+
+
+def learned_model_state(config, setup: study.Setup, learn_dir: Path) -> nnx.State:
+    """The model at the end of the learn stage (restored from its final checkpoint)."""
+    result = trainer.train(study.finetune_config(config), learn_dir,
+                           study.model_fn(config, setup.model_config), iter(()))
+    return nnx.state(result.model)
+
+
+def write_report(results: dict, workdir: Path) -> None:
+    unlearned = results["unlearn_modality"]
+    other = other_modality(unlearned)
+    names = [f"{s}/{m}" for s in SETS for m in (unlearned, other)]
+    several = len(results["seeds"]) > 1
+    report.plot_curves({f"{method} (unlearn via {unlearned}s)": r["curves"]
+                        for method, r in results["methods"].items()},
+                       names, results["chance"], Path(workdir) / "curves.png", "unlearning step")
+    first = next(iter(results["methods"].values()))
+    rows = [("learned (before unlearning)", first["learned"], None)]
+    rows += [(method, r["recall"], r["recall_std"] if several else None)
+             for method, r in results["methods"].items()]
+    lines = [
+        f"# Unlearning through {unlearned}s: what the {other}s still recall", "",
+        f"Command: `{results['command']}`", "",
+        f"Forget personas {tuple(results['forget_personas'])}, retain personas "
+        f"{tuple(results['retain_personas'])}; held-out choice accuracy, mean ± std over seeds "
+        f"{results['seeds']}. `forget/{other}` is the knowledge that lingers in the modality "
+        "that was not unlearned.", "",
+        *report.recall_table(rows, names, results["chance"]),
+        "", "![curves](curves.png)", "",
+        "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
+    report.write(results, workdir, lines)

@@ -1,0 +1,144 @@
+"""The findings table: each claim of the paper's abstract next to what our runs measured.
+
+    python -m xmem_jax.report.findings --workdir=runs/paper
+
+reads the experiments' `results.json` (and sweeps' `sweep.json`) in the subdirectories of
+`--workdir` (the layout `configs/experiments/paper.py` writes) and writes `findings.md` there.
+Each verdict follows a rule stated in the table, so a claim that is not reproduced is reported
+as such, with the numbers; a claim whose experiment has not run says "not run".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NOT_RUN = ("not run", "-")
+
+
+def _load(workdir: Path, experiment: str) -> dict | None:
+    for path in sorted(workdir.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        if results.get("experiment") == experiment:
+            return results
+    return None
+
+
+def transfer_rows(directions: dict | None) -> list[tuple[str, str, str, str]]:
+    if directions is None:
+        return [("Facts learned in one modality transfer to the other", "", *NOT_RUN),
+                ("Recall in the target modality stays well below the source", "", *NOT_RUN)]
+    parts, transfer_ok, gap_ok = [], True, True
+    for modality, run in directions["directions"].items():
+        target = "description" if modality == "image" else "image"
+        chance, recall = run["chance"], run["recall"]
+        control = run.get("control", {}).get("recall", {}).get(target)
+        transfer_ok &= recall[target]["mean_rank"] <= 0.8 * chance["mean_rank"] and (
+            control is None or control["mean_rank"] > 0.9 * chance["mean_rank"])
+        gap_ok &= recall[modality]["choice_acc"] - recall[target]["choice_acc"] >= 0.2
+        parts.append(
+            f"trained on {modality}s: source choice {recall[modality]['choice_acc']:.3f}, "
+            f"target choice {recall[target]['choice_acc']:.3f} (chance "
+            f"{chance['choice_acc']:.3f}), target mean rank {recall[target]['mean_rank']:.1f} "
+            f"(chance {chance['mean_rank']:.1f}"
+            + (f", control {control['mean_rank']:.1f})" if control else ")"))
+    measured = "; ".join(parts)
+    return [
+        ("Facts learned in one modality transfer to the other",
+         "target mean rank <= 0.8 x chance in both directions, control > 0.9 x chance",
+         "reproduced" if transfer_ok else "not reproduced", measured),
+        ("Recall in the target modality stays well below the source",
+         "source - target choice >= 0.2 in both directions",
+         "reproduced" if gap_ok else "not reproduced", measured)]
+
+
+def scale_row(workdir: Path) -> tuple[str, str, str, str]:
+    claim = "The gap persists for more capable models"
+    rule = "source - target choice >= 0.2 at every model size of the model_size sweep"
+    path = workdir / "model_size" / "sweep.json"
+    if not path.exists():
+        return claim, rule, *NOT_RUN
+    rows = json.loads(path.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    gaps = {r["name"]: r["source_choice_acc"] - r["target_choice_acc"] for r in rows}
+    verdict = "reproduced" if all(g >= 0.2 for g in gaps.values()) else "not reproduced"
+    return claim, rule, verdict, ", ".join(f"{n}: gap {g:.3f}" for n, g in gaps.items())
+
+
+def unlearning_row(results: dict | None) -> tuple[str, str, str, str]:
+    claim = "Under unlearning in one modality, knowledge lingers in the other"
+    rule = ("for every method: forget recall through the other modality exceeds that through "
+            "the unlearned one by >= 0.1")
+    if results is None:
+        return claim, rule, *NOT_RUN
+    unlearned = results["unlearn_modality"]
+    other = "description" if unlearned == "image" else "image"
+    parts, ok = [], True
+    for method, run in results["methods"].items():
+        gone = run["recall"][f"forget/{unlearned}"]["choice_acc"]
+        lingers = run["recall"][f"forget/{other}"]["choice_acc"]
+        ok &= lingers - gone >= 0.1
+        parts.append(f"{method}: forget/{unlearned} {run['learned'][f'forget/{unlearned}']['choice_acc']:.3f}"
+                     f" -> {gone:.3f}, forget/{other} "
+                     f"{run['learned'][f'forget/{other}']['choice_acc']:.3f} -> {lingers:.3f}")
+    return claim, rule, "reproduced" if ok else "not reproduced", "; ".join(parts)
+
+
+def multihop_row(results: dict | None) -> tuple[str, str, str, str]:
+    claim = "The gap persists for multi-hop questions"
+    rule = "two-hop choice through the source modality >= 2 x chance and above the target's"
+    if results is None:
+        return claim, rule, *NOT_RUN
+    s, chance = results["summary"], results["chance"]["name_to_fact"]["choice_acc"]
+    ok = s["two_hop_source"] >= 2 * chance and s["two_hop_source"] > s["two_hop_target"]
+    return claim, rule, "reproduced" if ok else "not reproduced", (
+        f"two-hop source {s['two_hop_source']:.3f}, target {s['two_hop_target']:.3f} (chance "
+        f"{chance:.3f}); one-hop: name->fact {s['one_hop_name_to_fact']:.3f}, names source "
+        f"{s['one_hop_name_source']:.3f} / target {s['one_hop_name_target']:.3f}")
+
+
+def mitigation_row(results: dict | None) -> tuple[str, str, str, str]:
+    claim = "A baseline method mitigates the gap"
+    rule = "some method raises target choice above `none` by more than the seeds' std"
+    if results is None:
+        return claim, rule, *NOT_RUN
+    source = results["train_modality"]
+    target = "description" if source == "image" else "image"
+    base = results["methods"]["none"]
+    base_target = base["recall"][target]["choice_acc"]
+    parts, ok = [], False
+    for method, run in results["methods"].items():
+        value, std = run["recall"][target]["choice_acc"], run["recall_std"][target]["choice_acc"]
+        if method != "none":
+            ok |= value - base_target > max(std, base["recall_std"][target]["choice_acc"])
+        parts.append(f"{method}: target {value:.3f} ± {std:.3f}, gap {run['gap']:.3f}")
+    return claim, rule, "reproduced" if ok else "not reproduced", "; ".join(parts)
+
+
+def findings_markdown(workdir: str | Path) -> str:
+    workdir = Path(workdir)
+    rows = [*transfer_rows(_load(workdir, "directions")), scale_row(workdir),
+            unlearning_row(_load(workdir, "unlearning")), multihop_row(_load(workdir, "multihop")),
+            mitigation_row(_load(workdir, "mitigation"))]
+    lines = ["# Findings: the paper's claims and what these runs measured", "",
+             "| claim (paper abstract) | our rule | verdict | measured |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {claim} | {rule} | {verdict} | {measured} |"
+              for claim, rule, verdict, measured in rows]
+    lines += ["", "Each experiment's own report (command, table, curves) is in its subdirectory.",
+              ""]
+    return "\n".join(lines)
+
+
+def write_findings(workdir: str | Path) -> Path:
+    path = Path(workdir) / "findings.md"
+    path.write_text(findings_markdown(workdir))
+    return path
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _WORKDIR = flags.DEFINE_string("workdir", None, "The paper suite's directory.")
+    flags.mark_flag_as_required("workdir")
+    app.run(lambda argv: print(f"Wrote {write_findings(_WORKDIR.value)}"))
