@@ -212,3 +212,16 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     for claim in ("The gap persists for more capable models",
                   "The gap persists for multi-hop questions", "A baseline method mitigates the gap"):
         assert "| not run |" in rows[claim]
+
+
+def test_alignment_retrieval_scores_matching_and_random_states():
+    from xmem_jax.experiments import alignment
+
+    rng = np.random.default_rng(0)
+    codes = rng.normal(size=(10, 16))
+    ids = np.repeat(np.arange(10), 2)  # Two held-out views / descriptions per persona.
+    noisy = lambda scale: codes[ids] + scale * rng.normal(size=(20, 16))  # noqa: E731
+    shared = alignment.retrieval(noisy(0.1) + 5.0, ids, noisy(0.1) - 3.0, ids)  # Offsets: centred.
+    assert shared == {"accuracy": 1.0, "mean_rank": 1.0}
+    unrelated = alignment.retrieval(rng.normal(size=(20, 16)), ids, noisy(0.1), ids)
+    assert unrelated["accuracy"] < 0.5 and unrelated["mean_rank"] > 2.0

@@ -252,3 +252,12 @@ def test_sharded_model_matches_unsharded(model, mesh_shape):
     with sharding.use_mesh(mesh):
         logits = nnx.jit(lambda m, t, i: m(t, i))(sharded, tokens, images)
     np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_layer_outputs_end_in_the_hidden_state_the_logits_read(model):
+    tokens, images = make_tokens(2, 10), make_images(2)
+    outputs = model.layer_outputs(tokens, images)
+    assert outputs.shape == (TINY.text.num_layers, 2, tokens.shape[1], TINY.text.embed_dim)
+    lm = model.language_model
+    np.testing.assert_allclose(np.asarray(lm.logits(lm.norm(outputs[-1]))),
+                               np.asarray(forward(model, tokens, images)), rtol=1e-5, atol=1e-5)

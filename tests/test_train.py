@@ -344,6 +344,53 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data_config):
     assert history(tmp_path / "cut") == history(tmp_path / "full")
 
 
+def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path, data_config):
+    """From pretrained weights with only LoRA adapters trained, a checkpoint stores the adapters
+    and the optimizer, not the frozen weights; a cut-off run resumes (the frozen weights come
+    from the same initial state) to the uninterrupted run's result."""
+    from xmem_jax.model import lora
+
+    def adapted():
+        model = VLM(MODEL, rngs=nnx.Rngs(0))
+        lora.add_adapters(model, rank=2, alpha=4.0, target_regex=lora.default_config().target_regex)
+        return model
+
+    pretrained = adapted()  # Other weights than model_fn's: a stand-in for a checkpoint.
+    nnx.update(pretrained, nnx.state(VLM(MODEL, rngs=nnx.Rngs(7))))
+    initial = nnx.state(pretrained)
+    config = train_config()
+    config.optim.freeze_regex = lora.FREEZE_ALL_BUT_ADAPTERS
+    full = trainer.train(config, tmp_path / "full", adapted, pipeline_iter(data_config),
+                         initial_state=initial)
+
+    def leaf_paths(tree, prefix=()):
+        if not hasattr(tree, "items"):
+            return [prefix]
+        return [p for key, sub in tree.items() for p in leaf_paths(sub, (*prefix, str(key)))]
+
+    checkpointer = checkpoints.Checkpointer(tmp_path / "full" / "checkpoints", config.checkpoint)
+    stored = checkpointer._manager.item_metadata(checkpointer.latest_step)["state"]
+    checkpointer.close()
+    stored_model = [path for path in leaf_paths(stored["model"])]
+    assert stored_model and all(any(part.startswith("lora_") for part in path)
+                                for path in stored_model), stored_model[:5]
+
+    def interrupt(model, step):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        trainer.train(config, tmp_path / "cut", adapted, pipeline_iter(data_config),
+                      eval_fn=interrupt, eval_every=1, initial_state=initial)
+    resumed = trainer.train(config, tmp_path / "cut", adapted, pipeline_iter(data_config),
+                            initial_state=initial)
+    assert params_of(resumed.model)["vision_tower/embeddings/patch_embedding/kernel"].tolist() \
+        == params_of(pretrained)["vision_tower/embeddings/patch_embedding/kernel"].tolist()
+    expected = params_of(full.model)
+    for name, value in params_of(resumed.model).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def finished_workdir(tmp_path_factory):
     """A finished run with checkpoints at steps 2, 4 and 6."""

@@ -9,6 +9,7 @@
     unlearning   fine-tune on both modalities, unlearn a forget set through one
     mitigation   the transfer study with and without bridge personas / auxiliary tasks
     paper        all of the above in turn, then the findings table
+    alignment    a probe: do image and description states of a persona match, per layer?
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import ml_collections
 
 EXPERIMENTS = {"transfer": ("study", "run"), "directions": ("study", "run_directions"),
                "multihop": ("multihop", "run"), "unlearning": ("unlearning", "run"),
-               "mitigation": ("mitigation", "run"), "paper": ("paper", "run")}
+               "mitigation": ("mitigation", "run"), "paper": ("paper", "run"),
+               "alignment": ("alignment", "run")}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:

@@ -170,9 +170,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
 
 
 def learned_model_state(config, setup: study.Setup, learn_dir: Path) -> nnx.State:
-    """The model at the end of the learn stage (restored from its final checkpoint)."""
+    """The model at the end of the learn stage (restored from its final checkpoint, which
+    holds the trained weights; the frozen ones are the base's)."""
     result = trainer.train(study.finetune_config(config), learn_dir,
-                           study.model_fn(config, setup.model_config), iter(()))
+                           study.model_fn(config, setup.model_config), iter(()),
+                           initial_state=setup.base_state)
     return nnx.state(result.model)
 
 

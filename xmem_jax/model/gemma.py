@@ -249,6 +249,19 @@ class Gemma3TextModel(nnx.Module):
                                  scan=self.config.scan_layers, remat=self.config.remat)
         return self.norm(x), kv_cache
 
+    def layer_outputs(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
+                      ) -> jax.Array:
+        """The residual stream after each decoder layer, [num_layers, B, L, E] (for probes)."""
+
+        def step(x, layer, is_global):
+            x, _ = layer(x, positions, is_global, masks, None, 0)
+            return x, x
+
+        _, outputs = run_layers(step, self.layers, x, jnp.asarray(self.config.text.global_layers),
+                                num_layers=self.config.text.num_layers,
+                                scan=self.config.scan_layers, remat=False)
+        return outputs
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, L, E] -> [B, L, V] float32, soft-capped if the config says so."""
         logits = self.embed_tokens.decode(hidden)

@@ -129,6 +129,18 @@ class VLM(nnx.Module):
         hidden, _ = self.language_model(x, positions_from_mask(input_mask), masks)
         return self.language_model.logits(hidden)
 
+    def layer_outputs(self, tokens: jax.Array, images: jax.Array | None = None,
+                      input_mask: jax.Array | None = None) -> jax.Array:
+        """The decoder's residual stream after each layer, [num_layers, B, L, E]; arguments as
+        in `__call__`. For probing what the layers represent."""
+        if input_mask is None:
+            input_mask = jnp.ones(tokens.shape, bool)
+        x, blocks = self.embed_inputs(tokens, images)
+        slots = jnp.arange(tokens.shape[1])
+        masks = attention_masks(slots, slots, input_mask, blocks, blocks,
+                                self.config.text.sliding_window)
+        return self.language_model.layer_outputs(x, positions_from_mask(input_mask), masks)
+
     def prefill(self, tokens: jax.Array, images: jax.Array | None = None,
                 input_mask: jax.Array | None = None, *, cache_size: int) -> tuple[jax.Array, Cache]:
         """Runs the prompt into a fresh cache of `cache_size` slots.

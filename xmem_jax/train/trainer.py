@@ -360,8 +360,10 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         arrays are reused by the next step, so it must not be kept.
       mesh: overrides `config.mesh`.
       initial_state: model weights to start from (e.g. a pretrained model's `nnx.state`)
-        instead of `model_fn`'s initialisation, when there is no checkpoint to resume; they
-        are placed on the model's shardings. The optimizer starts fresh.
+        instead of `model_fn`'s initialisation; they are placed on the model's shardings. The
+        optimizer starts fresh. Checkpoints then leave out the weights the optimizer does not
+        train (frozen by `optim.freeze_regex`: with LoRA, all but the adapters), which stay
+        `initial_state`'s: a resume must pass the same `initial_state`.
       objective: an unlearning objective instead of the cross-entropy (batches then carry
         `forget`); npo and kl also need `reference_state`, the model weights they stay close
         to (e.g. the model before unlearning), placed like the model's.
@@ -385,15 +387,25 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         nnx.merge(graphdef, abstract_state).model, config.optim))
     state_shardings = sharding.state_shardings(abstract_state)
 
+    frozen = (frozenset() if initial_state is None
+              else frozen_paths(nnx.merge(graphdef, abstract_state).model, config.optim))
+    saved = lambda state: select(state, lambda path: path not in frozen)  # noqa: E731
     checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint)
     try:
-        restored = checkpointer.restore(abstract_state, train_iter)
+        placed = None if initial_state is None else placed_copy(initial_state,
+                                                                state_shardings["model"])
+        restored = checkpointer.restore(saved(abstract_state), train_iter)
         if restored is None:
             state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
-            if initial_state is not None:
-                state["model"] = jax.device_put(initial_state, state_shardings["model"])
+            if placed is not None:
+                state["model"] = placed
         else:
             state = restored[1]
+            if frozen:
+                state = nnx.State.from_flat_path(
+                    [*nnx.to_flat_state(state),
+                     *[(("model", *path), value) for path, value in nnx.to_flat_state(placed)
+                       if ("model", *path) in frozen]])
             logging.info("Resumed from %s at step %d", checkpointer.directory, restored[0])
         step = int(nnx.merge(graphdef, state).optimizer.step[...])
         if objective is not None and objective.needs_reference:
@@ -403,13 +415,32 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         else:
             reference_state = None
         return _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
-                    train_iter, eval_fn, eval_every, objective, reference_state)
+                    saved, train_iter, eval_fn, eval_every, objective, reference_state)
     finally:
         checkpointer.wait_until_finished()  # Saves already started complete, even on errors.
         checkpointer.close()
 
 
-def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
+def placed_copy(state: nnx.State, shardings: nnx.State) -> nnx.State:
+    """`state` on `shardings`, in fresh buffers: the train step donates its state, and the
+    caller may reuse `state` (another seed, a resume). (`device_put` may alias a shard of its
+    input even with may_alias=False, and a jitted identity forwards its inputs.)"""
+    copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)
+    return copy(jax.device_put(state, shardings))
+
+
+def frozen_paths(model: nnx.Module, optim_config: ml_collections.ConfigDict) -> frozenset:
+    """Train-state paths of the model variables the optimizer never updates."""
+    _, _, frozen = nnx.split(model, optim.trainable_filter(optim_config), ...)
+    return frozenset(("model", *path) for path, _ in nnx.to_flat_state(frozen))
+
+
+def select(state: nnx.State, keep: Callable[[tuple], bool]) -> nnx.State:
+    """The variables of `state` whose path `keep` accepts."""
+    return nnx.State.from_flat_path([(p, v) for p, v in nnx.to_flat_state(state) if keep(p)])
+
+
+def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer, saved,
          train_iter, eval_fn, eval_every, objective, reference_state) -> TrainResult:
     num_steps, batch_size = int(config.num_steps), int(config.batch_size)
     log_every = max(int(config.log_every), 1)
@@ -478,7 +509,7 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                     record(*pending, write=step % log_every == 0 or step == num_steps)
                     pending = None
                 if do_save:
-                    checkpointer.save(step, state, train_iter)
+                    checkpointer.save(step, saved(state), train_iter)
                 if do_eval:
                     results = eval_fn(nnx.merge(graphdef, state).model, step)
                     if results:
