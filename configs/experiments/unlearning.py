@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
         methods=("gradient_ascent", "gradient_difference", "npo", "kl"),
         forget_fraction=0.5,  # Of every batch; the rest are retain rows.
         num_steps=4 if quick else 60,
-        learning_rate=1e-4,
+        # 1e-4 barely unlearns in 60 steps (forget/image 1.0 -> 0.88); 1e-3 reaches chance.
+        learning_rate=1e-3,
         warmup_steps=0,
         eval_every=2 if quick else 20,
         beta=0.1,  # NPO's inverse temperature.
