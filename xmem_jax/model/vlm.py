@@ -108,6 +108,17 @@ class VLM(nnx.Module):
         placed = jnp.take_along_axis(soft_tokens, index[..., None], axis=1).astype(x.dtype)
         return jnp.where(is_image[..., None], placed, x), image_blocks(is_image)
 
+    def _decoder_inputs(self, tokens: jax.Array, images: jax.Array | None,
+                        input_mask: jax.Array | None) -> tuple:
+        """(embeddings, RoPE positions, attention masks) of a full sequence for the decoder."""
+        if input_mask is None:
+            input_mask = jnp.ones(tokens.shape, bool)
+        x, blocks = self.embed_inputs(tokens, images)
+        slots = jnp.arange(tokens.shape[1])
+        masks = attention_masks(slots, slots, input_mask, blocks, blocks,
+                                self.config.text.sliding_window)
+        return x, positions_from_mask(input_mask), masks
+
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None,
                  input_mask: jax.Array | None = None) -> jax.Array:
         """Full-sequence forward pass (training, scoring).
@@ -120,26 +131,15 @@ class VLM(nnx.Module):
         Returns:
           [B, L, V] float32 logits; position t predicts token t + 1.
         """
-        if input_mask is None:
-            input_mask = jnp.ones(tokens.shape, bool)
-        x, blocks = self.embed_inputs(tokens, images)
-        slots = jnp.arange(tokens.shape[1])
-        masks = attention_masks(slots, slots, input_mask, blocks, blocks,
-                                self.config.text.sliding_window)
-        hidden, _ = self.language_model(x, positions_from_mask(input_mask), masks)
+        hidden, _ = self.language_model(*self._decoder_inputs(tokens, images, input_mask))
         return self.language_model.logits(hidden)
 
     def layer_outputs(self, tokens: jax.Array, images: jax.Array | None = None,
                       input_mask: jax.Array | None = None) -> jax.Array:
         """The decoder's residual stream after each layer, [num_layers, B, L, E]; arguments as
         in `__call__`. For probing what the layers represent."""
-        if input_mask is None:
-            input_mask = jnp.ones(tokens.shape, bool)
-        x, blocks = self.embed_inputs(tokens, images)
-        slots = jnp.arange(tokens.shape[1])
-        masks = attention_masks(slots, slots, input_mask, blocks, blocks,
-                                self.config.text.sliding_window)
-        return self.language_model.layer_outputs(x, positions_from_mask(input_mask), masks)
+        return self.language_model.layer_outputs(*self._decoder_inputs(tokens, images,
+                                                                       input_mask))
 
     def prefill(self, tokens: jax.Array, images: jax.Array | None = None,
                 input_mask: jax.Array | None = None, *, cache_size: int) -> tuple[jax.Array, Cache]:

@@ -392,16 +392,15 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     saved = lambda state: select(state, lambda path: path not in frozen)  # noqa: E731
     checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", config.checkpoint)
     try:
-        placed = None if initial_state is None else placed_copy(initial_state,
-                                                                state_shardings["model"])
         restored = checkpointer.restore(saved(abstract_state), train_iter)
         if restored is None:
             state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
-            if placed is not None:
-                state["model"] = placed
+            if initial_state is not None:
+                state["model"] = placed_copy(initial_state, state_shardings["model"])
         else:
             state = restored[1]
             if frozen:
+                placed = placed_copy(initial_state, state_shardings["model"])
                 state = nnx.State.from_flat_path(
                     [*nnx.to_flat_state(state),
                      *[(("model", *path), value) for path, value in nnx.to_flat_state(placed)
