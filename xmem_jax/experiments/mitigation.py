@@ -61,15 +61,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     start = time.perf_counter()
     results_by_method = {}
     for method in methods:
-        per_seed = []
-        for seed in config.seeds:
-            curves = study.finetune_and_score(
-                study.seeded(config, seed), setup.data_dir, setup.model_config,
-                workdir / method / f"seed_{seed}", setup.base_state,
-                train_tasks=method_tasks(config, method))
-            recall = {m: curves[-1][m] for m in MODALITIES}
-            per_seed.append({"seed": seed, "recall": recall, "curves": curves,
-                             "gap": recall[source]["choice_acc"] - recall[target]["choice_acc"]})
+        per_seed = study.finetune_seeds(config, setup, workdir / method, MODALITIES,
+                                        train_tasks=method_tasks(config, method))
+        for run in per_seed:
+            run["gap"] = run["recall"][source]["choice_acc"] - run["recall"][target]["choice_acc"]
         summary = study.seed_summary(per_seed)
         gaps = [run["gap"] for run in per_seed]
         results_by_method[method] = {**summary, "gap": study.average(gaps),
@@ -84,8 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
                     for key, value in (("target_choice", r["recall"][target]["choice_acc"]),
                                        ("source_choice", r["recall"][source]["choice_acc"]),
                                        ("gap", r["gap"]))},
-        "seeds": list(config.seeds), "base_recall": setup.base_recall,
-        "timings": setup.timings, "command": command, "config": config.to_dict(),
+        **study.provenance(config, setup, command),
     }
     write_report(results, workdir)
     return results

@@ -45,14 +45,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     source, target = config.train_modality, other_modality(config.train_modality)
     names = list(eval_tasks(config))
     start = time.perf_counter()
-    per_seed = []
-    for seed in config.seeds:
-        curves = study.finetune_and_score(
-            study.seeded(config, seed), setup.data_dir, setup.model_config,
-            workdir / f"seed_{seed}", setup.base_state, train_tasks=train_tasks(config),
-            eval_tasks=eval_tasks(config))
-        per_seed.append({"seed": seed, "recall": {n: curves[-1][n] for n in names},
-                         "curves": curves})
+    per_seed = study.finetune_seeds(config, setup, workdir, names,
+                                    train_tasks=train_tasks(config), eval_tasks=eval_tasks(config))
     setup.timings["finetune"] = time.perf_counter() - start
     summary = study.seed_summary(per_seed)
     recall = summary["recall"]
@@ -65,8 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
                    | {f"one_hop_name_{role}": recall[f"{m}_to_name"]["choice_acc"]
                       for role, m in (("source", source), ("target", target))}
                    | {"one_hop_name_to_fact": recall["name_to_fact"]["choice_acc"]},
-        "seeds": list(config.seeds), "per_seed": per_seed, "base_recall": setup.base_recall,
-        "timings": setup.timings, "command": command, "config": config.to_dict(),
+        "per_seed": per_seed, **study.provenance(config, setup, command),
     }
     write_report(results, workdir)
     return results

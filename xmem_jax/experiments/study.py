@@ -264,6 +264,24 @@ def seed_summary(per_seed: list[dict]) -> dict:
             "curves": mean_curves([r["curves"] for r in per_seed])}
 
 
+def finetune_seeds(config, setup: Setup, workdir: Path, names, **kwargs) -> list[dict]:
+    """`finetune_and_score` from the base once per seed of `config.seeds`, in
+    `workdir/seed_<s>`: each run's seed, final recall of the eval tasks `names`, and curves."""
+    per_seed = []
+    for seed in config.seeds:
+        curves = finetune_and_score(seeded(config, seed), setup.data_dir, setup.model_config,
+                                    workdir / f"seed_{seed}", setup.base_state, **kwargs)
+        per_seed.append({"seed": seed, "recall": {n: curves[-1][n] for n in names},
+                         "curves": curves})
+    return per_seed
+
+
+def provenance(config, setup: Setup, command: str) -> dict:
+    """What every experiment's results.json records about how it was made."""
+    return {"seeds": list(config.seeds), "base_recall": setup.base_recall,
+            "timings": setup.timings, "command": command, "config": config.to_dict()}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
     """The transfer study, for each of `config.seeds`; the control runs the first seed."""
     setup = prepare(config)
@@ -272,24 +290,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     timings = setup.timings
     print(f"Fine-tuning on the study personas' {config.train_modality}s", flush=True)
     start = time.perf_counter()
-    per_seed = []
-    for seed in config.seeds:
-        curves = finetune_and_score(seeded(config, seed), setup.data_dir, setup.model_config,
-                                    workdir / "finetune" / f"seed_{seed}", setup.base_state)
-        per_seed.append({"seed": seed, "recall": {m: curves[-1][m] for m in MODALITIES},
-                         "curves": curves})
+    per_seed = finetune_seeds(config, setup, workdir / "finetune", MODALITIES)
     timings["finetune"] = time.perf_counter() - start
     results = {
         "experiment": "transfer",
         "train_modality": config.train_modality,
         **seed_summary(per_seed),
         "chance": chance(config.study_personas),
-        "seeds": list(config.seeds),
         "per_seed": per_seed,
         "num_study_personas": config.study_personas[1] - config.study_personas[0],
-        "base_recall": setup.base_recall,
-        "command": command,
-        "config": config.to_dict(),
+        **provenance(config, setup, command),  # Its timings gain the control's below.
     }
     if config.control:
         print("Control: the same fine-tuning from a random initialisation", flush=True)
@@ -300,7 +310,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
         timings["control"] = time.perf_counter() - start
         results["control"] = {"recall": {m: control[-1][m] for m in MODALITIES},
                               "curves": control}
-    results["timings"] = timings
     write_report(results, workdir)
     return results
 

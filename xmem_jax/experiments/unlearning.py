@@ -162,8 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
         "summary": {f"{method}_{s}_{m}": r["recall"][f"{s}/{m}"]["choice_acc"]
                     for method, r in methods.items() for s in SETS for m in (unlearned, other)},
         "forget_personas": ranges(config)["forget"], "retain_personas": ranges(config)["retain"],
-        "seeds": list(config.seeds), "base_recall": setup.base_recall,
-        "timings": setup.timings, "command": command, "config": config.to_dict(),
+        **study.provenance(config, setup, command),
     }
     write_report(results, workdir)
     return results
