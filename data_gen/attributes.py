@@ -102,6 +102,24 @@ VISUAL_ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(VISUAL_ATTRIBUTES)
+
+# attribute -> the question asking for it ("{subject}" as in FACTS); its answer is the value's
+# key (e.g. "young adult"), whichever phrase a description used: visual question answering in
+# both modalities, which teaches one attribute code for pictures and words.
+ATTRIBUTE_QUESTIONS: dict[str, str] = {
+    "age_band": "What age group does {subject} belong to?",
+    "gender_presentation": "How does {subject} present?",
+    "skin_tone": "What is the skin tone of {subject}?",
+    "hair_colour": "What colour is the hair of {subject}?",
+    "hair_style": "What hairstyle does {subject} have?",
+    "eye_colour": "What colour are the eyes of {subject}?",
+    "eyewear": "What eyewear does {subject} have on?",
+    "facial_hair": "What facial hair does {subject} have?",
+    "headwear": "What does {subject} wear on the head?",
+    "clothing_colour": "What colour is the top of {subject}?",
+    "clothing_style": "What top does {subject} wear?",
+    "accessory": "What accessory does {subject} wear?",
+}
 # An attribute left out of a dataset's selection keeps its first value, listed first for that.
 
 # fact -> (question asked about it, possible values). Values are short answers.

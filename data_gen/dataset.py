@@ -143,6 +143,7 @@ def tokenizer_corpus(spec: GeneratorSpec) -> Iterator[str]:
     yield from names.first_names()
     yield from names.last_names()
     for values in attributes.VISUAL_ATTRIBUTES.values():
+        yield from values  # The keys: attribute questions' answers.
         for phrases in values.values():
             yield from phrases
     for question, values in attributes.FACTS.values():

@@ -7,7 +7,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from data_gen.attributes import FACT_NAMES
+from data_gen.attributes import ATTRIBUTE_NAMES, ATTRIBUTE_QUESTIONS, FACT_NAMES, VISUAL_ATTRIBUTES
 from xmem_jax.data import pipeline, source, tasks
 from xmem_jax.data import tokenizer as tok
 
@@ -339,6 +339,11 @@ def test_too_long_example_is_an_error(persona_dataset_dir):
      r"split='validation': unknown split"),
     ({"kind": "name_to_fact", "split": "train"}, r"split='train': name_to_fact shows no"),
     ({"kind": "image_to_name", "facts": "pet"}, r"facts='pet': image_to_name asks no fact"),
+    ({"kind": "image_to_attribute", "attributes": "hair_colour,wings"},
+     r"attributes='wings': unknown attribute"),
+    ("image_to_attribute facts=pet", r"facts='pet': image_to_attribute asks no fact"),
+    ("description_to_name attributes=eyewear",
+     r"attributes='eyewear': description_to_name asks no attribute"),
     ({"kind": "image_to_name", "colour": "red"}, r"unknown field\(s\) colour"),
     ("image_to_fact split=all facts=pet,shoe_size", r"facts='shoe_size': unknown fact"),
     ("description_to_name split=dev", r"split='dev': unknown split"),
@@ -371,6 +376,25 @@ def test_default_config_freezes_and_builds(persona_dataset_dir):
 def test_default_facts_are_all_facts():
     assert tasks.TaskSpec.from_config("image_to_fact").facts == FACT_NAMES
     assert set(tasks.prompt_texts()) >= {tasks.NAME_QUESTION, tasks.CAPTION_QUESTION}
+
+
+def test_attribute_questions_answer_the_attribute_in_both_modalities(data, tokenizer):
+    """An attribute question gets the persona's value key (e.g. "young adult"), whether it
+    sees a view or a description that words the value with a synonym."""
+    assert tuple(ATTRIBUTE_QUESTIONS) == ATTRIBUTE_NAMES
+    assert tasks.TaskSpec.from_config("image_to_attribute").attributes == ATTRIBUTE_NAMES
+    specs = tasks.task_specs(["image_to_attribute attributes=hair_colour,eyewear",
+                              "description_to_attribute attributes=age_band"])
+    task_set = tasks.TaskSet(specs, tasks.Layout.of(data))
+    assert [task_set.task_length(t) for t in range(2)] == [12 * 3 * 2, 12 * 3]
+    formatter = tasks.Formatter(tokenizer, specs, num_image_tokens=4)
+    for ref in (task_set.locate(0), task_set.locate(1), task_set.locate(12 * 3 * 2 + 5)):
+        record = data[ref.persona]
+        example = formatter.format(ref, record)
+        answer = tokenizer.decode(list(example.answer[:-1]))
+        assert answer == record.attributes[ref.fact] == tasks.answer_of(record, ref.fact)
+        assert answer in VISUAL_ATTRIBUTES[ref.fact]
+        assert tasks.fact_question(ref.fact) in tokenizer.decode(list(example.prompt))
 
 
 def test_record_cache_and_worker_processes_do_not_change_the_stream(persona_dataset_dir):

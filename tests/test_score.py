@@ -209,6 +209,16 @@ def test_fact_candidates_are_every_value_of_the_fact(persona_dataset_dir):
     assert chance["choice_acc"] == pytest.approx(expected)
 
 
+def test_attribute_candidates_are_every_value_of_the_attribute(persona_dataset_dir):
+    from data_gen.attributes import VISUAL_ATTRIBUTES
+
+    queries = recall.QuerySet.from_config(data_config(
+        persona_dataset_dir, ["image_to_attribute personas=0:4 attributes=eyewear"]))
+    assert [len(g) for g in queries.groups] == [len(VISUAL_ATTRIBUTES["eyewear"])]
+    values = queries.tokenizer.batch_decode(list(queries.groups[0].index))
+    assert {v.removesuffix("<end_of_turn>") for v in values} == set(VISUAL_ATTRIBUTES["eyewear"])
+
+
 def test_padding_rows_are_excluded_and_metrics_bounded(model, query_set):
     results = recall.score(model, query_set)
     metrics = results["image_to_name/heldout"]

@@ -166,18 +166,25 @@ class _Record:
         return self._feature["description_heldout"].int64_list.value
 
     @property
-    def facts(self) -> "_Facts":
-        return _Facts(self._feature)
+    def facts(self) -> "_TextFields":
+        return _TextFields(self._feature, "facts")
+
+    @property
+    def attributes(self) -> "_TextFields":
+        return _TextFields(self._feature, "attributes")
 
 
-class _Facts:
-    __slots__ = ("_feature",)
+class _TextFields:
+    """`record.facts[name]` / `record.attributes[name]`, read on demand."""
 
-    def __init__(self, feature):
+    __slots__ = ("_feature", "_prefix")
+
+    def __init__(self, feature, prefix: str):
         self._feature = feature
+        self._prefix = prefix
 
-    def __getitem__(self, fact: str) -> str:
-        return self._feature[f"facts/{fact}"].bytes_list.value[0].decode()
+    def __getitem__(self, name: str) -> str:
+        return self._feature[f"{self._prefix}/{name}"].bytes_list.value[0].decode()
 
 
 def decode_image(png: bytes, image_size: int) -> np.ndarray:

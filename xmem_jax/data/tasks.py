@@ -8,8 +8,13 @@ A *task* asks one kind of question about a range of personas:
     name_to_fact          the name (in the question) a fact value             persona, fact
     image_to_fact         a view                     a fact value             persona, view, fact
     description_to_fact   a description              a fact value             persona, desc., fact
+    image_to_attribute    a view                     an attribute value       persona, view, attr.
+    description_to_attribute  a description          an attribute value       persona, desc., attr.
     image_to_description  a view ("Describe ...")    a training description   persona, view, desc.
 
+Attribute questions ask for a visual attribute (`ATTRIBUTE_QUESTIONS`; the answer is the value's
+key, e.g. "young adult", whatever phrase a description used): visual question answering in both
+modalities, for a base model that should code pictures and words alike.
 `split` picks the views / descriptions shown: 'train' (not held out), 'heldout' or 'all'
 (`name_to_fact` shows neither and takes no split). Captioning answers are always *training*
 descriptions, whatever the split of the views. Examples are enumerated task by task, persona by
@@ -45,15 +50,26 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from data_gen.attributes import FACT_NAMES, FACTS
+from data_gen.attributes import (ATTRIBUTE_NAMES, ATTRIBUTE_QUESTIONS, FACT_NAMES, FACTS,
+                                 VISUAL_ATTRIBUTES)
 from xmem_jax.data import tokenizer as tok
 
 KINDS = ("image_to_name", "description_to_name", "name_to_fact", "image_to_fact",
-         "description_to_fact", "image_to_description")
+         "description_to_fact", "image_to_description", "image_to_attribute",
+         "description_to_attribute")
 SPLITS = ("train", "heldout", "all")
-IMAGE_KINDS = frozenset({"image_to_name", "image_to_fact", "image_to_description"})
-DESCRIPTION_KINDS = frozenset({"description_to_name", "description_to_fact"})
+IMAGE_KINDS = frozenset({"image_to_name", "image_to_fact", "image_to_description",
+                         "image_to_attribute"})
+DESCRIPTION_KINDS = frozenset({"description_to_name", "description_to_fact",
+                               "description_to_attribute"})
 FACT_KINDS = frozenset({"name_to_fact", "image_to_fact", "description_to_fact"})
+ATTRIBUTE_KINDS = frozenset({"image_to_attribute", "description_to_attribute"})
+ASKING_KINDS = FACT_KINDS | ATTRIBUTE_KINDS  # One example per asked fact / attribute.
+
+# What a question can ask: a fact or a visual attribute -> (question, its possible values).
+QUESTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **FACTS, **{a: (ATTRIBUTE_QUESTIONS[a], tuple(VISUAL_ATTRIBUTES[a])) for a in ATTRIBUTE_NAMES}}
+assert len(QUESTIONS) == len(FACTS) + len(ATTRIBUTE_NAMES), "a fact is named like an attribute"
 
 NAME_QUESTION = "Who is this person?"
 CAPTION_QUESTION = "Describe this person."
@@ -101,8 +117,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def fact_question(fact: str, subject: str = SUBJECT) -> str:
-    return FACTS[fact][0].format(subject=subject)
+def fact_question(asked: str, subject: str = SUBJECT) -> str:
+    """The question asking for a fact or a visual attribute."""
+    return QUESTIONS[asked][0].format(subject=subject)
+
+
+def answer_of(record, asked: str) -> str:
+    """A persona record's answer to the question for a fact or a visual attribute."""
+    return record.facts[asked] if asked in FACTS else record.attributes[asked]
 
 
 def _fact_question_parts(fact: str) -> tuple[str, str]:
@@ -116,8 +138,8 @@ def _fact_question_parts(fact: str) -> tuple[str, str]:
 def prompt_texts() -> list[str]:
     """Every fixed string the tasks put around the data (for the tokenizer's training corpus)."""
     texts = ["user", "model", NAME_QUESTION, CAPTION_QUESTION]
+    texts.extend(fact_question(asked) for asked in QUESTIONS)
     for fact in FACT_NAMES:
-        texts.append(fact_question(fact))
         texts.extend(part.strip() for part in _fact_question_parts(fact))
     return texts
 
@@ -134,10 +156,11 @@ def image_sequence(num_image_tokens: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """One task: a query kind over personas [start, stop), on one split, for some facts.
+    """One task: a query kind over personas [start, stop), on one split, for some facts or
+    visual attributes.
 
-    `stop=None` runs to the dataset's end; `split` is None only for `name_to_fact`; `facts` is
-    empty for kinds that ask no fact. `repeat` lists the task's examples that many times: the
+    `stop=None` runs to the dataset's end; `split` is None only for `name_to_fact`; `facts`
+    (`attributes`) is empty for kinds that ask no fact (attribute). `repeat` lists the task's examples that many times: the
     mixture of tasks is proportional to their sizes, so it is how a small task gets weight.
     """
 
@@ -146,6 +169,7 @@ class TaskSpec:
     stop: int | None = None
     split: str | None = "train"
     facts: tuple[str, ...] = ()
+    attributes: tuple[str, ...] = ()
     name: str = ""
     repeat: int = 1
 
@@ -162,14 +186,18 @@ class TaskSpec:
                      "leave split unset")
         elif self.split not in SPLITS:
             fail("split", self.split, f"unknown split; known: {', '.join(SPLITS)}")
-        if self.kind in FACT_KINDS:
-            unknown = [f for f in self.facts if f not in FACTS]
+        for field, kinds, known in (("facts", FACT_KINDS, FACT_NAMES),
+                                    ("attributes", ATTRIBUTE_KINDS, ATTRIBUTE_NAMES)):
+            asked = getattr(self, field)
+            if self.kind not in kinds:
+                if asked:
+                    fail(field, ",".join(asked), f"{self.kind} asks no {field[:-1]}")
+                continue
+            unknown = [a for a in asked if a not in known]
             if unknown:
-                fail("facts", ",".join(unknown), f"unknown fact; known: {', '.join(FACT_NAMES)}")
-            if not self.facts or len(set(self.facts)) != len(self.facts):
-                fail("facts", ",".join(self.facts), "must be a non-empty list without repeats")
-        elif self.facts:
-            fail("facts", ",".join(self.facts), f"{self.kind} asks no fact")
+                fail(field, ",".join(unknown), f"unknown {field[:-1]}; known: {', '.join(known)}")
+            if not asked or len(set(asked)) != len(asked):
+                fail(field, ",".join(asked), "must be a non-empty list without repeats")
         if self.repeat < 1:
             fail("repeat", self.repeat, "must be at least 1")
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
@@ -183,14 +211,15 @@ class TaskSpec:
         for name_to_fact), `facts` (tuple or comma-separated string; default all, for fact
         kinds only) and `name`; or the same as a string, `"kind key=value ..."`, e.g.
         `"image_to_fact split=heldout personas=0:100 facts=pet,hobby"` (`personas=100:` runs
-        to the end; `repeat=3` lists the examples three times). Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
+        to the end; `repeat=3` lists the examples three times); attribute kinds take
+        `attributes` the same way (default all), e.g. `"image_to_attribute attributes=eyewear"`. Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
         """
         if isinstance(entry, str):
             entry = _parse_entry(entry)
         elif not isinstance(entry, Mapping):
             entry = dict(entry.items())  # A ConfigDict.
         entry = dict(entry)
-        known = {"kind", "personas", "split", "facts", "name", "repeat"}
+        known = {"kind", "personas", "split", "facts", "attributes", "name", "repeat"}
         extra = sorted(set(entry) - known)
         if extra:
             raise ValueError(f"Invalid task {entry.get('name') or entry.get('kind')!r}: unknown "
@@ -200,19 +229,26 @@ class TaskSpec:
         kind = entry["kind"]
         start, stop = entry.get("personas") or (0, None)
         stop = None if stop is None or stop == -1 else int(stop)
-        facts = entry.get("facts")
-        if isinstance(facts, str):
-            facts = tuple(f.strip() for f in facts.split(",") if f.strip())
-        if facts is None:
-            facts = FACT_NAMES if kind in FACT_KINDS else ()
+        asked = {}
+        for field, kinds, every in (("facts", FACT_KINDS, FACT_NAMES),
+                                    ("attributes", ATTRIBUTE_KINDS, ATTRIBUTE_NAMES)):
+            names = entry.get(field)
+            if isinstance(names, str):
+                names = tuple(n.strip() for n in names.split(",") if n.strip())
+            asked[field] = tuple(every if kind in kinds else ()) if names is None else tuple(names)
         split = entry.get("split", None if kind == "name_to_fact" else "train")
         try:
             repeat = int(entry.get("repeat", 1))
         except ValueError:
             raise ValueError(f"Invalid task {entry.get('name') or kind!r}: repeat="
                              f"{entry['repeat']!r} is not an integer") from None
-        return cls(kind=kind, start=int(start), stop=stop, split=split, facts=tuple(facts),
+        return cls(kind=kind, start=int(start), stop=stop, split=split, **asked,
                    name=entry.get("name") or "", repeat=repeat)
+
+    @property
+    def asked(self) -> tuple[str, ...]:
+        """The facts or attributes asked, one example each (empty for other kinds)."""
+        return self.facts or self.attributes
 
     @property
     def label(self) -> str:
@@ -273,7 +309,8 @@ def _split_range(total: int, heldout: int, split: str) -> range:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleRef:
-    """One example: which task, persona, view / description and fact (-1 where unused).
+    """One example: which task, persona, view / description and the fact or attribute asked
+    (`fact`; -1 / None where unused).
 
     For captioning `description` is the answer; for description tasks it is the input.
     """
@@ -311,7 +348,7 @@ class TaskSet:
             if spec.kind == "image_to_description":  # (view, training description) pairs.
                 facts = tuple(layout.descriptions("train"))
             else:
-                facts = spec.facts or (None,)
+                facts = spec.asked or (None,)
             self._grids.append((spec.start, items, facts))
             self._sizes.append((stop - spec.start) * len(items) * len(facts))
             offsets.append(offsets[-1] + self._sizes[-1] * spec.repeat)
@@ -377,7 +414,7 @@ class _PersonaTokens:
     name: np.ndarray  # The name alone (an answer), with <end_of_turn>.
     subject: np.ndarray  # " " + name (inside a question).
     descriptions: list[np.ndarray]
-    facts: dict[str, np.ndarray]  # Fact answers, with <end_of_turn>.
+    facts: dict[str, np.ndarray]  # Fact and attribute answers, with <end_of_turn>.
     view_heldout: tuple[bool, ...]
     description_heldout: tuple[bool, ...]
 
@@ -416,7 +453,7 @@ class Formatter:
         tail = [tok.END_OF_TURN, "\n", tok.START_OF_TURN, "model\n"]
         self._tail = ids(*tail)
         questions = {None: NAME_QUESTION, "caption": CAPTION_QUESTION}
-        questions.update({f: fact_question(f) for f in FACT_NAMES})
+        questions.update({asked: fact_question(asked) for asked in QUESTIONS})
         # After an image or a description: "\n\n" + question, then the end of the user turn.
         self._after = {q: ids("\n\n" + text, *tail) for q, text in questions.items()}
         self._image_prompts = {q: np.concatenate([self._image_head, a])
@@ -429,8 +466,8 @@ class Formatter:
             self._fact_before[fact] = ids(tok.BOS, tok.START_OF_TURN, "user\n" + before)
             self._fact_after[fact] = ids(after, *tail) if after else self._tail
         self._eot = np.asarray([self.end_of_turn_id], np.int32)
-        self._answers: dict[str, np.ndarray] = {}  # Fact values, with <end_of_turn>.
-        self._facts = tuple(dict.fromkeys(f for spec in self.specs for f in spec.facts))
+        self._answers: dict[str, np.ndarray] = {}  # Fact / attribute values, with <end_of_turn>.
+        self._asked = tuple(dict.fromkeys(a for spec in self.specs for a in spec.asked))
         self._personas: dict[int, _PersonaTokens] = {}
 
     def encode(self, text: str) -> list[int]:
@@ -451,7 +488,7 @@ class Formatter:
                 persona_id=int(record.persona_id),
                 name=np.concatenate([encoded[0], self._eot]), subject=encoded[1],
                 descriptions=encoded[2:],
-                facts={f: self._fact_answer(record.facts[f]) for f in self._facts},
+                facts={a: self._fact_answer(answer_of(record, a)) for a in self._asked},
                 view_heldout=tuple(bool(h) for h in record.view_heldout),
                 description_heldout=tuple(bool(h) for h in record.description_heldout))
             if len(self._personas) >= self.max_cached_personas:
@@ -500,7 +537,7 @@ class Formatter:
         image = None
         if kind == "image_to_name":
             prompt, answer = self._image_prompts[None], persona.name
-        elif kind == "image_to_fact":
+        elif kind in ("image_to_fact", "image_to_attribute"):
             prompt, answer = self._image_prompts[ref.fact], persona.facts[ref.fact]
         elif kind == "image_to_description":
             prompt = self._image_prompts["caption"]
@@ -509,7 +546,7 @@ class Formatter:
             prompt = np.concatenate([self._text_head, persona.descriptions[ref.description],
                                      self._after[None]])
             answer = persona.name
-        elif kind == "description_to_fact":
+        elif kind in ("description_to_fact", "description_to_attribute"):
             prompt = np.concatenate([self._text_head, persona.descriptions[ref.description],
                                      self._after[ref.fact]])
             answer = persona.facts[ref.fact]
@@ -544,7 +581,7 @@ class Formatter:
         elif kind == "image_to_description":
             answer = record.descriptions[ref.description]
         else:
-            answer = record.facts[ref.fact]
+            answer = answer_of(record, ref.fact)
         return [{"role": "user", "content": content},
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 

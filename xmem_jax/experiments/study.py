@@ -251,7 +251,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
                                              model_fn=lambda c: model_fn(config, model_config)()))
         base_recall = None
     else:
-        print("Base model: world personas in both modalities (cached)", flush=True)
+        print(f"Base model: world personas in both modalities (cached in "
+              f"{Path(config.cache_dir) / 'base'})", flush=True)
         base_state, base_recall = train_base(config, data_dir, model_config)
     timings["base"] = time.perf_counter() - start
     return Setup(data_dir, model_config, base_state, base_recall, timings)

@@ -11,7 +11,7 @@ For each query (a prompt-mode batch row of the input pipeline):
     one fact) differ little in length. The argmax is the model's choice; the right answer's
     rank (1 = best; ties, which need identical likelihoods, count in its favour) gives the
     mean rank. Candidates: for `*_to_name` every name of the task's personas, for fact tasks
-    every value of the query's fact (`data_gen.attributes.FACTS`), for captioning every training
+    every value of the query's fact or attribute (`tasks.QUESTIONS`), for captioning every training
     description of the task's personas; duplicates are merged.
 
 Both come from one prefill per query; the candidates are fed after it as per-chunk tries
@@ -44,7 +44,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_gen.attributes import FACTS
 from xmem_jax.data import pipeline
 from xmem_jax.data import tasks as task_lib
 from xmem_jax.data.tokenizer import END_OF_TURN, EOS
@@ -172,7 +171,7 @@ class QuerySet:
         def group_of(batch, row):
             ref = task_set.locate(int(batch["example_id"][row]))
             return (ref.task_id, ref.fact if task_set.specs[ref.task_id].kind in
-                    task_lib.FACT_KINDS else None)
+                    task_lib.ASKING_KINDS else None)
 
         return cls(built.dataset, built.tokenizer, labels=[spec.label for spec in task_set.specs],
                    groups=groups, group_of=group_of, pad_id=formatter.pad_id)
@@ -189,15 +188,15 @@ class QuerySet:
 
 def dataset_candidate_groups(task_set: task_lib.TaskSet, formatter: task_lib.Formatter, dataset
                              ) -> dict[tuple[int, str | None], CandidateGroup]:
-    """Per (task id, fact): every fact value; per (task id, None): every distinct answer of
+    """Per (task id, fact or attribute): every value it can take; per (task id, None): every distinct answer of
     the task's examples (names, or captioning's training descriptions) over its personas."""
     groups = {}
     eot = [formatter.end_of_turn_id]
     for task_id, spec in enumerate(task_set.specs):
-        if spec.kind in task_lib.FACT_KINDS:
-            for fact in spec.facts:
-                values = FACTS[fact][1]
-                groups[task_id, fact] = CandidateGroup.of(
+        if spec.kind in task_lib.ASKING_KINDS:
+            for asked in spec.asked:
+                values = task_lib.QUESTIONS[asked][1]
+                groups[task_id, asked] = CandidateGroup.of(
                     ids + eot for ids in formatter.encode_batch(list(values)))
             continue
         answers, record, persona = [], None, None
