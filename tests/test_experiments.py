@@ -225,3 +225,22 @@ def test_alignment_retrieval_scores_matching_and_random_states():
     assert shared == {"accuracy": 1.0, "mean_rank": 1.0}
     unrelated = alignment.retrieval(rng.normal(size=(20, 16)), ids, noisy(0.1), ids)
     assert unrelated["accuracy"] < 0.5 and unrelated["mean_rank"] > 2.0
+
+
+@pytest.mark.parametrize("name", ["transfer", "multihop", "unlearning", "mitigation",
+                                  "alignment"])
+def test_full_size_experiment_configs_are_consistent(name):
+    """The CPU-size configs (not only :quick) pass every check a run makes first: the data
+    spec, the persona ranges and each experiment's own."""
+    import importlib
+
+    from data_gen.personas import GeneratorSpec
+    from xmem_jax.experiments import mitigation, study
+
+    config = importlib.import_module(f"configs.experiments.{name}").get_config()
+    GeneratorSpec.from_config(config.data)
+    study.check_config(config)
+    if name == "mitigation":
+        mitigation.check_config(config)
+    if name == "unlearning":
+        assert unlearning.ranges(config)

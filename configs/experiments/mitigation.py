@@ -5,7 +5,7 @@
         --config.train_modality=description --workdir=runs/mitigation_description
 
 Every method trains for the same steps and batch size on the same seeds and starts from the
-default base model (shared cache). Bridge personas (300, 400) are in neither the world nor the
+default base model (shared cache). Bridge personas (400, 500) are in neither the world nor the
 study set. On a TPU: `configs/experiments/mitigation.py:gemma3_4b --config.model.checkpoint=DIR`.
 """
 
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     # Each method's training tasks: {source} is the study task's kind (image_to_name or
     # description_to_name), {study} and {bridge} the persona ranges.
     config.mitigation = dict(
-        bridge_personas=(0, 10) if quick else (300, 400),
+        bridge_personas=(0, 10) if quick else (400, 500),
         max_length=112,  # Fine-tuning's token limit: captions are longer than names.
         methods=dict(
             none=("{source} split=train personas={study}",),
