@@ -102,6 +102,7 @@ VISUAL_ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(VISUAL_ATTRIBUTES)
+# An attribute left out of a dataset's selection keeps its first value, listed first for that.
 
 # attribute -> the question asking for it ("{subject}" as in FACTS); its answer is the value's
 # key (e.g. "young adult"), whichever phrase a description used: visual question answering in
@@ -120,7 +121,6 @@ ATTRIBUTE_QUESTIONS: dict[str, str] = {
     "clothing_style": "What top does {subject} wear?",
     "accessory": "What accessory does {subject} wear?",
 }
-# An attribute left out of a dataset's selection keeps its first value, listed first for that.
 
 # fact -> (question asked about it, possible values). Values are short answers.
 FACTS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -65,6 +65,9 @@ DESCRIPTION_KINDS = frozenset({"description_to_name", "description_to_fact",
 FACT_KINDS = frozenset({"name_to_fact", "image_to_fact", "description_to_fact"})
 ATTRIBUTE_KINDS = frozenset({"image_to_attribute", "description_to_attribute"})
 ASKING_KINDS = FACT_KINDS | ATTRIBUTE_KINDS  # One example per asked fact / attribute.
+# TaskSpec's fields naming what is asked: (field, the kinds that take it, its known names).
+_ASKED_FIELDS = (("facts", FACT_KINDS, FACT_NAMES),
+                 ("attributes", ATTRIBUTE_KINDS, ATTRIBUTE_NAMES))
 
 # What a question can ask: a fact or a visual attribute -> (question, its possible values).
 QUESTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -160,8 +163,9 @@ class TaskSpec:
     visual attributes.
 
     `stop=None` runs to the dataset's end; `split` is None only for `name_to_fact`; `facts`
-    (`attributes`) is empty for kinds that ask no fact (attribute). `repeat` lists the task's examples that many times: the
-    mixture of tasks is proportional to their sizes, so it is how a small task gets weight.
+    (`attributes`) is empty for kinds that ask no fact (attribute). `repeat` lists the task's
+    examples that many times: the mixture of tasks is proportional to their sizes, so it is how
+    a small task gets weight.
     """
 
     kind: str
@@ -186,8 +190,7 @@ class TaskSpec:
                      "leave split unset")
         elif self.split not in SPLITS:
             fail("split", self.split, f"unknown split; known: {', '.join(SPLITS)}")
-        for field, kinds, known in (("facts", FACT_KINDS, FACT_NAMES),
-                                    ("attributes", ATTRIBUTE_KINDS, ATTRIBUTE_NAMES)):
+        for field, kinds, known in _ASKED_FIELDS:
             asked = getattr(self, field)
             if self.kind not in kinds:
                 if asked:
@@ -212,7 +215,8 @@ class TaskSpec:
         kinds only) and `name`; or the same as a string, `"kind key=value ..."`, e.g.
         `"image_to_fact split=heldout personas=0:100 facts=pet,hobby"` (`personas=100:` runs
         to the end; `repeat=3` lists the examples three times); attribute kinds take
-        `attributes` the same way (default all), e.g. `"image_to_attribute attributes=eyewear"`. Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
+        `attributes` the same way (default all), e.g. `"image_to_attribute attributes=eyewear"`.
+        Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
         """
         if isinstance(entry, str):
             entry = _parse_entry(entry)
@@ -230,8 +234,7 @@ class TaskSpec:
         start, stop = entry.get("personas") or (0, None)
         stop = None if stop is None or stop == -1 else int(stop)
         asked = {}
-        for field, kinds, every in (("facts", FACT_KINDS, FACT_NAMES),
-                                    ("attributes", ATTRIBUTE_KINDS, ATTRIBUTE_NAMES)):
+        for field, kinds, every in _ASKED_FIELDS:
             names = entry.get(field)
             if isinstance(names, str):
                 names = tuple(n.strip() for n in names.split(",") if n.strip())
@@ -537,7 +540,7 @@ class Formatter:
         image = None
         if kind == "image_to_name":
             prompt, answer = self._image_prompts[None], persona.name
-        elif kind in ("image_to_fact", "image_to_attribute"):
+        elif kind in IMAGE_KINDS & ASKING_KINDS:
             prompt, answer = self._image_prompts[ref.fact], persona.facts[ref.fact]
         elif kind == "image_to_description":
             prompt = self._image_prompts["caption"]
@@ -546,7 +549,7 @@ class Formatter:
             prompt = np.concatenate([self._text_head, persona.descriptions[ref.description],
                                      self._after[None]])
             answer = persona.name
-        elif kind in ("description_to_fact", "description_to_attribute"):
+        elif kind in DESCRIPTION_KINDS & ASKING_KINDS:
             prompt = np.concatenate([self._text_head, persona.descriptions[ref.description],
                                      self._after[ref.fact]])
             answer = persona.facts[ref.fact]

@@ -11,8 +11,8 @@ For each query (a prompt-mode batch row of the input pipeline):
     one fact) differ little in length. The argmax is the model's choice; the right answer's
     rank (1 = best; ties, which need identical likelihoods, count in its favour) gives the
     mean rank. Candidates: for `*_to_name` every name of the task's personas, for fact tasks
-    every value of the query's fact or attribute (`tasks.QUESTIONS`), for captioning every training
-    description of the task's personas; duplicates are merged.
+    every value of the query's fact or attribute (`tasks.QUESTIONS`), for captioning every
+    training description of the task's personas; duplicates are merged.
 
 Both come from one prefill per query; the candidates are fed after it as per-chunk tries
 (`decoding.PackedCandidates`). Measured with `python benchmarks/recall.py --choice_methods=1`
@@ -188,8 +188,9 @@ class QuerySet:
 
 def dataset_candidate_groups(task_set: task_lib.TaskSet, formatter: task_lib.Formatter, dataset
                              ) -> dict[tuple[int, str | None], CandidateGroup]:
-    """Per (task id, fact or attribute): every value it can take; per (task id, None): every distinct answer of
-    the task's examples (names, or captioning's training descriptions) over its personas."""
+    """Per (task id, fact or attribute): every value it can take; per (task id, None): every
+    distinct answer of the task's examples (names, or captioning's training descriptions) over
+    its personas."""
     groups = {}
     eot = [formatter.end_of_turn_id]
     for task_id, spec in enumerate(task_set.specs):
