@@ -199,6 +199,37 @@ def test_remat_keeps_loss_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, grads)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_frozen_layers_get_no_weight_gradient_but_pass_gradient_down(model, scan):
+    """Frozen leading layers: zero weight gradient; the layers above and everything below (here
+    the vision tower, reached through the frozen layers' activations) get the same gradient as
+    without freezing, and the forward pass is unchanged."""
+    tokens, images = make_tokens(2, 15), make_images(2)
+    graph = nnx.graphdef(nnx.eval_shape(
+        lambda: VLM(dataclasses.replace(TINY, scan_layers=scan), rngs=nnx.Rngs(0))))
+    model = nnx.merge(graph, nnx.state(model))
+
+    @nnx.jit(static_argnames="frozen")
+    def loss_and_grads(model, frozen):
+        return nnx.value_and_grad(
+            lambda m: jnp.mean(m(tokens, images, frozen_layers=frozen) ** 2))(model)
+
+    (loss, grads), (frozen_loss, frozen_grads) = (loss_and_grads(model, k) for k in (0, 1))
+    np.testing.assert_allclose(frozen_loss, loss, rtol=1e-6)
+    flat, frozen_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(frozen_grads))
+    for path, grad in flat.items():
+        name = "/".join(map(str, path))
+        grad, frozen_grad = np.asarray(grad[...]), np.asarray(frozen_flat[path][...])
+        if name.startswith("language_model/layers/"):
+            np.testing.assert_array_equal(frozen_grad[:1], 0, err_msg=name)
+            np.testing.assert_allclose(frozen_grad[1:], grad[1:], atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_allclose(frozen_grad, grad, atol=1e-6, err_msg=name)
+    vision = [np.abs(np.asarray(g[...])).max() for p, g in frozen_flat.items()
+              if p[0] == "vision_tower"]
+    assert vision and max(vision) > 0
+
+
 def test_projector_average_pools_patch_grid():
     config = dataclasses.replace(  # 4x4 patches -> 2x2 tokens.
         TINY, vision=dataclasses.replace(TINY.vision, patch_size=8), mm_tokens_per_image=4)

@@ -234,9 +234,12 @@ class Gemma3TextModel(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | int = 0,
+                 cache_index: jax.Array | int = 0, frozen_layers: int = 0,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Embedded inputs [B, L, E] -> (normed hidden states [B, L, E], updated stacked (k, v))."""
+        """Embedded inputs [B, L, E] -> (normed hidden states [B, L, E], updated stacked (k, v)).
+
+        `frozen_layers`: the first this many layers get no gradient (`layers.run_layers`).
+        """
         text = self.config.text
 
         def step(x, layer, per_layer):
@@ -246,7 +249,8 @@ class Gemma3TextModel(nnx.Module):
         is_global = jnp.asarray(text.global_layers)
         x, kv_cache = run_layers(step, self.layers, constrain(x, _ACTIVATION),
                                  (is_global, kv_cache), num_layers=text.num_layers,
-                                 scan=self.config.scan_layers, remat=self.config.remat)
+                                 scan=self.config.scan_layers, remat=self.config.remat,
+                                 frozen=frozen_layers)
         return self.norm(x), kv_cache
 
     def layer_outputs(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,

@@ -164,13 +164,34 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
 
 
 def run_layers(step: Callable, layers: nnx.Module, carry: Any, per_layer: Any, *, num_layers: int,
-               scan: bool, remat: bool) -> tuple[Any, Any]:
+               scan: bool, remat: bool, frozen: int = 0) -> tuple[Any, Any]:
     """Applies `step(carry, layer, per_layer_slice) -> (carry, out)` over stacked layers in order.
 
     `per_layer` leaves have a leading layer axis; the outs are stacked likewise. With `scan` the
     body compiles once (flat compile time in depth); without it each layer is unrolled, which is
-    easier to profile and debug but computes the same function.
+    easier to profile and debug but computes the same function. The first `frozen` layers run
+    on `stop_gradient` weights: a frozen layer costs no weight gradient, and when nothing below
+    it trains either (the embeddings, the vision tower) no backward pass at all.
     """
+    frozen = min(frozen, num_layers)
+    if not frozen:
+        return _run_layers(step, layers, carry, per_layer, num_layers, scan, remat)
+    graphdef, state = nnx.split(layers)
+    parts = []
+    for start, stop in ((0, frozen), (frozen, num_layers)):
+        if start == stop:
+            continue
+        weights = jax.tree.map(lambda a: a[start:stop], state)
+        if stop == frozen:
+            weights = jax.lax.stop_gradient(weights)
+        carry, out = _run_layers(step, nnx.merge(graphdef, weights), carry,
+                                 jax.tree.map(lambda a: a[start:stop], per_layer),
+                                 stop - start, scan, remat)
+        parts.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _run_layers(step, layers, carry, per_layer, num_layers, scan, remat):
     if remat:
         step = nnx.remat(step, prevent_cse=not scan)
     if scan:

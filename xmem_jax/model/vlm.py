@@ -120,18 +120,21 @@ class VLM(nnx.Module):
         return x, positions_from_mask(input_mask), masks
 
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None,
-                 input_mask: jax.Array | None = None) -> jax.Array:
+                 input_mask: jax.Array | None = None, *, frozen_layers: int = 0) -> jax.Array:
         """Full-sequence forward pass (training, scoring).
 
         Args:
           tokens: [B, L] int32, with `image_token_id` placeholders where images go.
           images: [B, S, S, 3] (or [B, N, S, S, 3]) float32 in [-1, 1], or None for text only.
           input_mask: [B, L] bool, False for padding (never attended to); None means all real.
+          frozen_layers: the first this many decoder layers get no gradient (training with
+            `optim.freeze_layers`).
 
         Returns:
           [B, L, V] float32 logits; position t predicts token t + 1.
         """
-        hidden, _ = self.language_model(*self._decoder_inputs(tokens, images, input_mask))
+        hidden, _ = self.language_model(*self._decoder_inputs(tokens, images, input_mask),
+                                        frozen_layers=frozen_layers)
         return self.language_model.logits(hidden)
 
     def layer_outputs(self, tokens: jax.Array, images: jax.Array | None = None,

@@ -131,8 +131,10 @@ def freeze_leading_layers(num_layers: int) -> optax.GradientTransformation:
 
     The decoder's layers are stacked into single arrays (for `scan`), so a path regex cannot
     pick some of them: their updates are masked along the leading 'layers' axis instead, after
-    AdamW, so neither the step nor the weight decay moves them. Their gradients are still
-    computed (the layers above need the backward pass through them anyway).
+    AdamW, so neither the step nor the weight decay moves them. Their gradients are zero: the
+    train step runs them on `stop_gradient` weights (`VLM.__call__(frozen_layers=...)`), so
+    they cost no weight gradient nor clipping budget, and no backward pass at all when nothing
+    below them trains.
     """
     def mask(path, update):
         if not STACKED_LAYERS.search(path_name(path)):

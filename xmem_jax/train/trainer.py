@@ -210,6 +210,7 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
     """
     accum = int(config.optim.grad_accum_steps)
     wrt = optim.trainable_filter(config.optim)
+    frozen_layers = int(config.optim.get("freeze_layers", 0))
     schedule = optim.learning_rate_schedule(config.optim, config.num_steps)
 
     def train_step(state: nnx.State, batch: dict[str, jax.Array], reference: nnx.State | None):
@@ -225,7 +226,7 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
             model = nnx.merge(model_def, trainable, frozen)
             images = micro_batch.get("images") if has_vision else None
             inputs = (micro_batch["tokens"], images, micro_batch["input_mask"].astype(bool))
-            logits = model(*inputs)
+            logits = model(*inputs, frozen_layers=frozen_layers)
             if objective is None:
                 return losses.next_token_loss_sums(logits, micro_batch["tokens"],
                                                    micro_batch["loss_mask"])
