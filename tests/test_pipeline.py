@@ -300,6 +300,31 @@ def test_resume_from_orbax_checkpoint(persona_dataset_dir, tmp_path):
     assert_batches_equal(take(resumed, 4), expected)
 
 
+def test_batch_by_task_gives_one_task_per_batch_in_proportion(persona_dataset_dir):
+    config = dict(num_epochs=None, seed=3, batch_by_task=True, length_bucket=8)
+    built = build(persona_dataset_dir, **config)
+    lengths = [built.task_set.task_length(t) for t in range(2)]
+    iterator = iter(built)
+    batches = take(iterator, 60)
+    tasks_of = [set(b["task_id"].tolist()) for b in batches]
+    assert all(len(t) == 1 for t in tasks_of)
+    counts = np.bincount([t.pop() for t in tasks_of], minlength=2)
+    np.testing.assert_allclose(counts / counts.sum(), np.divide(lengths, sum(lengths)), atol=0.05)
+    widths = {int(b["task_id"][0]): b["tokens"].shape[1] for b in batches}
+    assert widths[0] < widths[1]  # Image batches no longer pad to descriptions' width.
+    # Each task's first epoch is a permutation of its examples.
+    for task, length in enumerate(lengths):
+        ids = [int(i) for b in batches if b["task_id"][0] == task for i in b["example_id"]]
+        start = built.task_set.offsets[task]
+        assert sorted(ids[:length]) == list(range(start, start + length))
+    # Resumes exactly, like the mixed stream.
+    state = iterator.get_state()
+    expected = take(iterator, 10)
+    resumed = iter(build(persona_dataset_dir, **config))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 10), expected)
+
+
 # -- Errors. ---------------------------------------------------------------------------------
 
 

@@ -24,6 +24,11 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
                           compiles the train step once. 0 = always max_length. Needs one
                           process (hosts must agree on a global batch's width); with several it
                           is ignored
+    batch_by_task         train mode: each batch holds the examples of one task, the tasks'
+                          batches interleaved in proportion to their sizes (each task shuffled
+                          on its own, seed + task id), so a short task's batches never pad to a
+                          long task's width (with length_bucket); default False (batches mix
+                          tasks). A finite stream (num_epochs) ends when one task runs out
     image_size            the model's image size S: views are resized (bilinear) to S x S
     num_image_tokens      image soft tokens per image, from the model (tiny 16, Gemma 3 256)
     seed                  the shuffle seed (each epoch is shuffled differently)
@@ -104,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.max_length = 128
     config.max_answer_length = 0
     config.length_bucket = 0
+    config.batch_by_task = False
     config.image_size = 64
     config.num_image_tokens = 16
     config.seed = 0
@@ -216,6 +222,17 @@ def host_indices(num_examples: int, process_index: int, process_count: int
         raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
     per_host = math.ceil(num_examples / process_count)
     return grain.MapDataset.range(process_index, per_host * process_count, process_count)
+
+
+class _TaskIndex(grain.transforms.Map):
+    """A task's own example index (from `host_indices(task length, ...)`) -> its index in the
+    task set; indices past the task's last example -> the task set's padding index."""
+
+    def __init__(self, offset: int, length: int, padding: int):
+        self.offset, self.length, self.padding = offset, length, padding
+
+    def map(self, index: int) -> int:
+        return self.offset + index if index < self.length else self.padding
 
 
 class _RecordCache:
@@ -466,21 +483,33 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
     max_answer = int(config.get("max_answer_length", 0)) or max_length
     image_size = int(config.image_size)
     batch_size = int(config.batch_size)
-    ds = host_indices(len(task_set), process_index, process_count)
-    host_examples = len(ds)
-    if config.shuffle:
-        ds = ds.shuffle(seed=int(config.seed))
-    if config.num_epochs != 1:
-        ds = ds.repeat(config.num_epochs)
     cache = _RecordCache(dataset.records, int(config.get("record_cache_mb", 256) * 2**20),
                          decoded_bytes=tasks.Layout.of(dataset).num_views * image_size**2 * 3)
-    ds = ds.map(_Load(cache, task_set, formatter, image_size, max_length,
-                      None if mode == "train" else max_answer))
-    ds = ds.batch(batch_size, drop_remainder=mode == "train",
-                  batch_fn=_Batch(mode, batch_size, max_length, max_answer, image_size,
-                                  formatter.pad_id, formatter.special[tok.BOS],
-                                  int(config.get("length_bucket", 0)) if process_count == 1
-                                  else 0))
+    load = _Load(cache, task_set, formatter, image_size, max_length,
+                 None if mode == "train" else max_answer)
+    batch_fn = _Batch(mode, batch_size, max_length, max_answer, image_size, formatter.pad_id,
+                      formatter.special[tok.BOS],
+                      int(config.get("length_bucket", 0)) if process_count == 1 else 0)
+
+    def batches(indices: grain.MapDataset, seed: int) -> grain.MapDataset:
+        if config.shuffle:
+            indices = indices.shuffle(seed=seed)
+        if config.num_epochs != 1:
+            indices = indices.repeat(config.num_epochs)
+        return indices.map(load).batch(batch_size, drop_remainder=mode == "train",
+                                       batch_fn=batch_fn)
+
+    if mode == "train" and config.get("batch_by_task", False) and len(specs) > 1:
+        lengths = [task_set.task_length(t) for t in range(len(specs))]
+        streams = [batches(host_indices(length, process_index, process_count).map(
+                       _TaskIndex(task_set.offsets[t], length, len(task_set))),
+                           (int(config.seed) + t) % 2**32) for t, length in enumerate(lengths)]
+        host_examples = sum(len(host_indices(n, process_index, process_count)) for n in lengths)
+        ds = grain.MapDataset.mix(streams, weights=lengths)
+    else:
+        indices = host_indices(len(task_set), process_index, process_count)
+        host_examples = len(indices)
+        ds = batches(indices, int(config.seed))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(config.get("num_threads", 1)),
         prefetch_buffer_size=int(config.get("prefetch_buffer_size", 256))))
