@@ -75,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = models.get_config(arg if pretrained else "tiny")
     config.max_length = 88  # Tokens per example (prompt + answer); descriptions need ~80.
     config.length_bucket = 8  # Batches pad to a multiple of this past their longest example.
+    # True: each training batch holds one task (image batches ~48 tokens wide, description
+    # batches ~80) instead of padding to its longest example, a description: ~30% faster base
+    # steps. Off: with it, a 1,600-step base (same time) recalled held-out world views better
+    # (0.81 vs 0.665) but transferred less (image-trained 0.855 / 0.080; README).
+    config.batch_by_task = False
 
     # Sized by a FLOP budget: ~6 x 1.4M params x 2.3M tokens ~ 20 TFLOP, ~10 min on 2 cores.
     config.base = _train_config(num_steps=1200, batch_size=32, learning_rate=3e-3,
@@ -89,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (all trainable: target mean rank 44 of 100 -> frozen: 23-35; see README).
     config.finetune.optim.freeze_regex = r"^(vision_tower|multi_modal_projector)/|embed_tokens"
     config.finetune.optim.freeze_layers = 2
-    config.eval_every = 50
+    config.eval_every = 100  # 4 points a curve; 50 gives 7 at +15 s a run (scoring ~5 s).
     config.eval_batch_size = 64
 
     if pretrained:  # The checkpoint is the pretrained VLM: no base stage, no random control.

@@ -27,6 +27,7 @@ def main(argv):
         jax.distributed.initialize()  # Before any device is touched.
     from xmem_jax import experiments  # After flag parsing: Grain workers re-import main.
 
+    experiments.use_compilation_cache(_CONFIG.value.get("cache_dir"))
     command = "python -m xmem_jax.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     experiments.run(_CONFIG.value, _WORKDIR.value, command)
     print(f"Results in {_WORKDIR.value}: results.json, report.md and plots")

@@ -194,6 +194,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     command = "python -m xmem_jax.sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    experiments.use_compilation_cache(_CONFIG.value.experiment.get("cache_dir"))
     run_sweep(_CONFIG.value, _WORKDIR.value, command)
     print(f"Sweep results in {_WORKDIR.value}: sweep.json, sweep.md, sweep.png; each point's "
           "report in its own subdirectory")

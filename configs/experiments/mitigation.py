@@ -17,8 +17,6 @@ def get_config(arg: str | None = None):
     config.experiment = "mitigation"
     config.control = False
     config.seeds = (0,) if arg == "quick" else (0, 1, 2)
-    if arg != "quick":
-        config.eval_every = 100  # 4 points a curve: evaluation is a third of the time.
     quick = arg == "quick"
     # Each method's training tasks: {source} is the study task's kind (image_to_name or
     # description_to_name), {study} and {bridge} the persona ranges.

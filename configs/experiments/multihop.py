@@ -17,8 +17,6 @@ def get_config(arg: str | None = None):
     config.experiment = "multihop"
     config.control = False
     config.seeds = (0,) if arg == "quick" else (0, 1, 2)
-    if arg != "quick":
-        config.eval_every = 100  # 4 points a curve: evaluation is a third of the time.
     config.multihop = dict(fact="birth_city",
                            fact_repeat=4)  # name -> fact is 1 example a persona; images 14.
     fact = config.multihop.fact

@@ -18,8 +18,6 @@ def get_config(arg: str | None = None):
     config.experiment = "unlearning"
     config.control = False
     config.seeds = (0,) if quick else (0, 1, 2)
-    if not quick:
-        config.eval_every = 100  # Of the learn stage (unlearning.eval_every: of unlearning).
     config.unlearning = dict(
         modality="image",  # Unlearned through this modality; the other is watched.
         num_forget=5 if quick else 20,  # The first study personas are forgotten.

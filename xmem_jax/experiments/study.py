@@ -82,6 +82,7 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
     section.batch_size = batch_size
     section.max_length = int(config.max_length)
     section.length_bucket = int(config.length_bucket)
+    section.batch_by_task = bool(config.batch_by_task)
     section.image_size = model_config.vision.image_size
     section.num_image_tokens = model_config.mm_tokens_per_image
     section.seed = int(config.seed)
@@ -203,7 +204,8 @@ def train_base(config, data_dir: Path, model_config: VLMConfig) -> tuple[nnx.Sta
     does not recall held-out views of the personas it was trained on, fine-tuning it cannot
     transfer either."""
     key = config_hash(config.data, config.model, config.base, config.base_tasks,
-                      config.world_personas, config.max_length, config.seed)
+                      config.world_personas, config.max_length, config.seed,
+                      config.batch_by_task)
     workdir = Path(config.cache_dir) / "base" / key
     entries = [f"{entry} {_range(config.world_personas)}" for entry in config.base_tasks]
     train_pipeline = pipeline.build(pipeline_config(
