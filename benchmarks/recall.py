@@ -17,8 +17,10 @@ detokenize, normalise and exact-match against the references:
                 a `Gemma3Config` matching the preset and loaded with OUR weights, so both emit
                 the same tokens (checked and printed: a random model's logits rarely tie).
 
-Generation alone (`decoding.greedy_decode` vs `generate`) is timed too. Repeats are interleaved
-and medians compared. Threads: `--threads=1` (default) pins both sides to one thread (XLA's
+Generation alone (`decoding.greedy_decode` vs `generate`) and the prompt pass alone (our
+`decoding.prefill` vs the transformers forward pass keeping the last logits) are timed too: no
+scorer can beat its own prompt pass, so transformers' scoring time / our prefill time bounds
+the speedup. Repeats are interleaved and medians compared. Threads: `--threads=1` (default) pins both sides to one thread (XLA's
 single-threaded CPU runtime, `torch.set_num_threads(1)`): equal resources, and stable on a
 shared machine. `--threads=0` leaves both libraries their defaults (XLA: every core; torch:
 os.cpu_count() threads): on a loaded machine PyTorch's spinning OpenMP threads can then slow it
@@ -293,8 +295,18 @@ def main():
           f"of prompts; exact match ours {ours_score():.3f}, transformers {theirs_score():.3f}")
     print(f"first call (ours: trace + compile): ours {first['ours']:.2f} s, transformers "
           f"{first['transformers']:.2f} s")
+    prompt = left_padded_jax(batch, queries.pad_id)
+
+    def ours_prefill():  # The prompt pass alone: the same arithmetic on both sides.
+        return np.asarray(_prefill(model, *prompt, max_new_tokens))
+
+    def theirs_prefill():
+        with torch.inference_mode():
+            return torch_vlm(**hf_inputs, logits_to_keep=1).logits.numpy()
+
     runs = {"ours: scoring": ours_score, "transformers: scoring": theirs_score,
-            "ours: generation": ours_generate, "transformers: generation": theirs_generate}
+            "ours: generation": ours_generate, "transformers: generation": theirs_generate,
+            "ours: prefill": ours_prefill, "transformers: prefill": theirs_prefill}
     for fn in runs.values():
         fn()
     times = {name: [] for name in runs}
@@ -306,7 +318,10 @@ def main():
         print(f"{name:25s} median {median * 1e3:8.1f} ms per {len(lengths)} prompts (repeats "
               f"{', '.join(f'{t * 1e3:.0f}' for t in times[name])})")
     print(f"generation alone: transformers / ours = "
-          f"{medians['transformers: generation'] / medians['ours: generation']:.2f}")
+          f"{medians['transformers: generation'] / medians['ours: generation']:.2f}; prefill "
+          f"alone: {medians['transformers: prefill'] / medians['ours: prefill']:.2f}; ours "
+          f"can be at most transformers' scoring / our prefill = "
+          f"{medians['transformers: scoring'] / medians['ours: prefill']:.2f}x faster")
     if args.score:
         recall.score(model, queries, max_new_tokens=max_new_tokens)  # Compiles.
         score_times = [timed(lambda: recall.score(model, queries, max_new_tokens=max_new_tokens))
@@ -317,6 +332,11 @@ def main():
         choice_methods(model, batch, queries, max(1, args.repeats // 2))
     print(f"speedup_vs_transformers: "
           f"{medians['transformers: scoring'] / medians['ours: scoring']:.2f}")
+
+
+@functools.partial(nnx.jit, static_argnames="max_new_tokens")
+def _prefill(model, tokens, images, mask, max_new_tokens):
+    return decoding.prefill(model, tokens, mask, images, tokens.shape[1] + max_new_tokens)[0]
 
 
 @nnx.jit
