@@ -20,15 +20,15 @@ detokenize, normalise and exact-match against the references:
 Generation alone (`decoding.greedy_decode` vs `generate`) and the prompt pass alone (our
 `decoding.prefill` vs the transformers forward pass keeping the last logits) are timed too: no
 scorer can beat its own prompt pass, so transformers' scoring time / our prefill time bounds
-the speedup. Repeats are interleaved and medians compared. Threads: `--threads=1` (default) pins both sides to one thread (XLA's
-single-threaded CPU runtime, `torch.set_num_threads(1)`): equal resources, and stable on a
-shared machine. `--threads=0` leaves both libraries their defaults (XLA: every core; torch:
-os.cpu_count() threads): on a loaded machine PyTorch's spinning OpenMP threads can then slow it
-down by 10x or more, which says little about either implementation, so read such a figure
-with the printed load average. `--score` also times the full `recall.score` (greedy exact match
-and candidate choice over every name); `--choice_methods` times three ways to compute every
-candidate's log-likelihood. The last line is `speedup_vs_transformers: X` (transformers' time
-/ ours, for the scoring job).
+the speedup. Repeats are interleaved and medians compared. Threads: `--threads=1` (default)
+pins both sides to one thread (XLA's single-threaded CPU runtime, `torch.set_num_threads(1)`):
+equal resources, and stable on a shared machine. `--threads=0` leaves both libraries their
+defaults (XLA: every core; torch: os.cpu_count() threads): on a loaded machine PyTorch's
+spinning OpenMP threads can then slow it down by 10x or more, which says little about either
+implementation, so read such a figure with the printed load average. `--score` also times the
+full `recall.score` (greedy exact match and candidate choice over every name);
+`--choice_methods` times three ways to compute every candidate's log-likelihood. The last line
+is `speedup_vs_transformers: X` (transformers' time / ours, for the scoring job).
 """
 
 from __future__ import annotations
