@@ -287,7 +287,8 @@ def main():
     # Same weights: the forward passes agree, so the generations should too.
     with torch.inference_mode():
         hf_logits = torch_vlm(**hf_inputs).logits[:, -1].numpy()
-    ours_logits = np.asarray(_last_logits(model, *left_padded_jax(batch, queries.pad_id)))
+    prompt = left_padded_jax(batch, queries.pad_id)
+    ours_logits = np.asarray(_last_logits(model, *prompt))
     first = {"ours": timed(ours_score), "transformers": timed(theirs_score)}
     agree = np.mean([a == b for a, b in zip(ours_generate(), theirs_generate())])
     print(f"last-position logits, ours vs transformers: max |diff| "
@@ -295,7 +296,6 @@ def main():
           f"of prompts; exact match ours {ours_score():.3f}, transformers {theirs_score():.3f}")
     print(f"first call (ours: trace + compile): ours {first['ours']:.2f} s, transformers "
           f"{first['transformers']:.2f} s")
-    prompt = left_padded_jax(batch, queries.pad_id)
 
     def ours_prefill():  # The prompt pass alone: the same arithmetic on both sides.
         return np.asarray(_prefill(model, *prompt, max_new_tokens))

@@ -6,11 +6,10 @@
 
 All points share ONE dataset (900 personas) and ONE base model (world personas 0-400, as the
 default study's, built once, ~7 min on 2 cores; not the default study's own, whose dataset has
-600 personas). Point n
-fine-tunes on personas 500 to 500 + n for 3n steps (300 at n = 100, as the default study), so
-every persona gets as many fine-tuning examples (~7 epochs of its 14 training views) at every
-count, and recall is scored ~6 times a run. Chance accuracy is 1/n. No random-init control
-(`--config.experiment.control=True` adds it).
+600 personas). Point n fine-tunes on personas 500 to 500 + n for 3n steps (300 at n = 100, as
+the default study), so every persona gets as many fine-tuning examples (~7 epochs of its 14
+training views) at every count, and recall is scored ~6 times a run. Chance accuracy is 1/n. No
+random-init control (`--config.experiment.control=True` adds it).
 
 On a TPU, 10^3 to 10^4 personas with a pretrained Gemma 3 (LoRA, no base stage; the preset of
 `configs/default.py:gemma3_4b`, fine-tuning batch 64, the same examples per persona as its own

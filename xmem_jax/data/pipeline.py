@@ -501,10 +501,11 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
 
     if mode == "train" and config.get("batch_by_task", False) and len(specs) > 1:
         lengths = [task_set.task_length(t) for t in range(len(specs))]
-        streams = [batches(host_indices(length, process_index, process_count).map(
-                       _TaskIndex(task_set.offsets[t], length, len(task_set))),
-                           (int(config.seed) + t) % 2**32) for t, length in enumerate(lengths)]
-        host_examples = sum(len(host_indices(n, process_index, process_count)) for n in lengths)
+        per_task = [host_indices(n, process_index, process_count) for n in lengths]
+        host_examples = sum(len(indices) for indices in per_task)
+        streams = [batches(indices.map(_TaskIndex(task_set.offsets[t], lengths[t],
+                                                  len(task_set))), (int(config.seed) + t) % 2**32)
+                   for t, indices in enumerate(per_task)]
         ds = grain.MapDataset.mix(streams, weights=lengths)
     else:
         indices = host_indices(len(task_set), process_index, process_count)
