@@ -108,7 +108,7 @@ def test_other_experiments_give_their_summary_as_columns(tmp_path):
 
 @pytest.mark.parametrize("name, arg", [("persona_counts", ""), ("persona_counts", "quick"),
                                        ("persona_counts", "gemma3_4b"), ("views", ""),
-                                       ("model_size", "")])
+                                       ("model_size", ""), ("model_size", "tiny,small")])
 def test_sweep_configs_give_valid_study_configs(name, arg):
     import importlib
 
@@ -119,6 +119,16 @@ def test_sweep_configs_give_valid_study_configs(name, arg):
         if arg == "gemma3_4b":
             point_config.model.checkpoint = "/gemma-3-4b-it"  # Checked for presence only.
         study.check_config(point_config)
+
+
+def test_model_size_sweep_runs_the_named_sizes_only():
+    from configs.sweeps import model_size
+
+    config = model_size.get_config("tiny,small")
+    assert [point["name"] for point in config.points] == ["tiny", "small"]
+    assert [c.model.name for c in sweep.point_configs(config)] == ["tiny", "small"]
+    with pytest.raises(ValueError, match="Unknown model size.*huge.*known: tiny, small, base"):
+        model_size.get_config("tiny,huge")
 
 
 @pytest.mark.slow

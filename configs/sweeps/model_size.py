@@ -2,6 +2,8 @@
 base (~40M) of `xmem_jax.model.config`.
 
     python -m xmem_jax.sweep --config=configs/sweeps/model_size.py --workdir=runs/sweep_size
+    python -m xmem_jax.sweep --config=configs/sweeps/model_size.py:tiny,small \
+        --workdir=runs/sweep_size   # Some of the points (comma-separated preset names).
 
 The points share ONE dataset (the default study's; small and base read its images at 64 px,
 tiny at 32) but each trains its own base model on the same steps and batches, so compute grows
@@ -19,13 +21,18 @@ MILLION_PARAMETERS = {"tiny": 1.41, "small": 9.0, "base": 40.0}  # The presets' 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    """arg: the presets to run, comma-separated (default: all of them)."""
+    names = arg.split(",") if arg else list(MILLION_PARAMETERS)
+    unknown = [name for name in names if name not in MILLION_PARAMETERS]
+    if unknown:
+        raise ValueError(f"Unknown model size(s) {', '.join(unknown)} in the config arg; known: "
+                         f"{', '.join(MILLION_PARAMETERS)}")
     experiment = default.get_config()
     experiment.control = False
     config = ml_collections.ConfigDict()
     config.experiment = experiment
-    config.points = tuple({"name": name, "x": size, "overrides": {"model.name": name}}
-                          for name, size in MILLION_PARAMETERS.items())
+    config.points = tuple({"name": name, "x": MILLION_PARAMETERS[name],
+                           "overrides": {"model.name": name}} for name in names)
     config.x_label = "parameters (millions)"
     config.x_log = True
     return config
