@@ -244,3 +244,24 @@ def test_full_size_experiment_configs_are_consistent(name):
         mitigation.check_config(config)
     if name == "unlearning":
         assert unlearning.ranges(config)
+
+
+def test_compilation_cache_stores_programs_under_cache_dir(tmp_path):
+    import subprocess
+    import sys
+
+    # A fresh interpreter: the cache directory is process-wide JAX state.
+    code = (f"import jax, jax.numpy as jnp\n"
+            f"from xmem_jax import experiments\n"
+            f"experiments.use_compilation_cache({str(tmp_path)!r})\n"
+            f"jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            f"jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert any((tmp_path / "xla").iterdir())
+
+
+def test_no_compilation_cache_without_cache_dir():
+    before = jax.config.jax_compilation_cache_dir
+    experiments.use_compilation_cache("")
+    experiments.use_compilation_cache(None)
+    assert jax.config.jax_compilation_cache_dir == before
