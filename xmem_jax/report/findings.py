@@ -54,15 +54,22 @@ def transfer_rows(directions: dict | None) -> list[tuple[str, str, str, str]]:
 
 def scale_row(workdir: Path) -> tuple[str, str, str, str]:
     claim = "The gap persists for more capable models"
-    rule = "source - target choice >= 0.2 at every model size of the model_size sweep"
+    rule = ("source - target choice >= 0.2 at every model size of the model_size sweep, the "
+            "larger sizes recalling the source at least as well (else: inconclusive)")
     path = workdir / "model_size" / "sweep.json"
     if not path.exists():
         return claim, rule, *NOT_RUN
     rows = json.loads(path.read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
+    rows = sorted(rows["rows"] if isinstance(rows, dict) else rows, key=lambda r: r["x"])
+    sources = [r["source_choice_acc"] for r in rows]
     gaps = {r["name"]: r["source_choice_acc"] - r["target_choice_acc"] for r in rows}
-    verdict = "reproduced" if all(g >= 0.2 for g in gaps.values()) else "not reproduced"
-    return claim, rule, verdict, ", ".join(f"{n}: gap {g:.3f}" for n, g in gaps.items())
+    if any(later < earlier for earlier, later in zip(sources, sources[1:])):
+        verdict = "inconclusive: a larger size recalls the source worse"
+    else:
+        verdict = "reproduced" if all(g >= 0.2 for g in gaps.values()) else "not reproduced"
+    measured = "; ".join(f"{r['name']}: source {r['source_choice_acc']:.3f}, target "
+                         f"{r['target_choice_acc']:.3f}, gap {gaps[r['name']]:.3f}" for r in rows)
+    return claim, rule, verdict, measured
 
 
 def unlearning_row(results: dict | None) -> tuple[str, str, str, str]:
