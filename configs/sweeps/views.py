@@ -1,4 +1,4 @@
-"""Recall against the training views per persona: 4, 8 and 14, on the tiny CPU default.
+"""Recall against the training views per persona: 4, 8, 14 and 22, on the tiny CPU default.
 
     python -m xmem_jax.sweep --config=configs/sweeps/views.py --workdir=runs/sweep_views
 
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.points = tuple(
         {"name": f"views_{train_views}", "x": float(train_views),
          "overrides": {"data.num_views": train_views + heldout}}
-        for train_views in (4, 8, 14))
+        for train_views in (4, 8, 14, 22))
     config.x_label = "training views per persona"
     config.x_log = False
     return config
