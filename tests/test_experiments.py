@@ -215,8 +215,8 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
 
 
 @pytest.mark.parametrize("small_source, small_target, verdict", [
-    (0.8, 0.3, "| reproduced |"), (0.8, 0.7, "| not reproduced |"),
-    (0.25, 0.03, "| inconclusive: a larger size recalls the source worse |")])
+    (0.8, 0.3, "reproduced"), (0.8, 0.7, "not reproduced"),
+    (0.25, 0.03, "inconclusive: a larger size recalls the source worse")])
 def test_findings_scale_claim_needs_the_larger_model_to_be_more_capable(
         tmp_path, small_source, small_target, verdict):
     from xmem_jax.report import findings
@@ -226,8 +226,8 @@ def test_findings_scale_claim_needs_the_larger_model_to_be_more_capable(
             {"name": "tiny", "x": 1.4, "source_choice_acc": 0.7, "target_choice_acc": 0.1}]
     (tmp_path / "model_size").mkdir()
     (tmp_path / "model_size" / "sweep.json").write_text(json.dumps(rows))
-    claim, _, got, measured = findings.scale_row(tmp_path)
-    assert f"| {got} |" == verdict
+    _, _, got, measured = findings.scale_row(tmp_path)
+    assert got == verdict
     assert measured.startswith("tiny: source 0.700, target 0.100, gap 0.600; small: source")
 
 
