@@ -59,8 +59,7 @@ def scale_row(workdir: Path) -> tuple[str, str, str, str]:
     path = workdir / "model_size" / "sweep.json"
     if not path.exists():
         return claim, rule, *NOT_RUN
-    rows = json.loads(path.read_text())
-    rows = sorted(rows["rows"] if isinstance(rows, dict) else rows, key=lambda r: r["x"])
+    rows = sorted(json.loads(path.read_text()), key=lambda r: r["x"])  # sweep.write_outputs
     sources = [r["source_choice_acc"] for r in rows]
     gaps = {r["name"]: r["source_choice_acc"] - r["target_choice_acc"] for r in rows}
     if any(later < earlier for earlier, later in zip(sources, sources[1:])):
