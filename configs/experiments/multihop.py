@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     config.control = False
     config.seeds = (0,) if arg == "quick" else (0, 1, 2)
     config.multihop = dict(fact="birth_city",
-                           fact_repeat=4)  # name -> fact is 1 example a persona; images 14.
+                           fact_repeat=4)  # name -> fact is 1 example a persona; images 22.
     fact = config.multihop.fact
     config.base_tasks = tuple(config.base_tasks) + (
         f"name_to_fact facts={fact} repeat=4", f"image_to_fact split=train facts={fact}",

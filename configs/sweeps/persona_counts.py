@@ -4,10 +4,10 @@
     python -m xmem_jax.sweep --config=configs/sweeps/persona_counts.py:quick \
         --workdir=runs/sweep_quick  # 2 points, a few minutes
 
-All points share ONE dataset (900 personas) and ONE base model (world personas 0-400, as the
-default study's, built once, ~7 min on 2 cores; not the default study's own, whose dataset has
-600 personas). Point n fine-tunes on personas 500 to 500 + n for 3n steps (300 at n = 100, as
-the default study), so every persona gets as many fine-tuning examples (~7 epochs of its 14
+All points share ONE dataset (900 personas) and ONE base model (trained on the default study's
+world personas, built once, ~7 min on 2 cores; not the default study's own base, whose dataset
+has 600 personas). Point n fine-tunes on personas 500 to 500 + n for 3n steps (300 at n = 100, as
+the default study), so every persona gets as many fine-tuning examples (~4 epochs of its 22
 training views) at every count, and recall is scored ~6 times a run. Chance accuracy is 1/n. No
 random-init control (`--config.experiment.control=True` adds it).
 
