@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # True: each training batch holds one task (image batches ~48 tokens wide, description
     # batches ~80) instead of padding to its longest example, a description: ~30% faster base
     # steps. Off: with it, a 1,600-step base (same time) recalled held-out world views better
-    # (0.81 vs 0.665) but transferred less (image-trained 0.855 / 0.080; README).
+    # (0.81 vs 0.665) but transferred less (image-trained 0.855 / 0.080; 14 views, README).
     config.batch_by_task = False
 
     # Sized by a FLOP budget: ~6 x 1.4M params x 2.3M tokens ~ 20 TFLOP, ~10 min on 2 cores.
