@@ -382,8 +382,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         raise ValueError(f"num_steps={num_steps} must be at least 1")
     check_batch_size(batch_size, mesh, int(config.optim.grad_accum_steps))
 
-    init_fn = train_state_fn(config, model_fn)
-    graphdef, abstract_state = sharding.abstract_model(init_fn, mesh)
+    graphdef, abstract_state = sharding.abstract_model(train_state_fn(config, model_fn), mesh)
     logging.info("Model: %s", optim.describe_trainable(
         nnx.merge(graphdef, abstract_state).model, config.optim))
     state_shardings = sharding.state_shardings(abstract_state)
@@ -395,9 +394,12 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     try:
         restored = checkpointer.restore(saved(abstract_state), train_iter)
         if restored is None:
-            state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
-            if initial_state is not None:
-                state["model"] = placed_copy(initial_state, state_shardings["model"])
+            # A random init compiles the model alone: one program for every run of the same
+            # architecture and seed, whatever its optimizer (base and control share it).
+            weights = (nnx.state(sharding.create_sharded_model(model_fn, mesh))
+                       if initial_state is None else initial_state)
+            state = start_from(config, graphdef, abstract_state, weights,
+                               donate=initial_state is None)
         else:
             state = restored[1]
             if frozen:
@@ -419,6 +421,23 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     finally:
         checkpointer.wait_until_finished()  # Saves already started complete, even on errors.
         checkpointer.close()
+
+
+def start_from(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+               abstract_state: nnx.State, weights: nnx.State, donate: bool = False
+               ) -> nnx.State:
+    """The train state of model `weights` with a fresh optimizer, on `abstract_state`'s
+    shardings. Unless `donate`d, `weights` stay usable: the state gets fresh buffers (see
+    `placed_copy`). No random initialisation is compiled and run only to be overwritten."""
+    model_graphdef = nnx.split(nnx.merge(graphdef, abstract_state).model)[0]
+    shardings = sharding.state_shardings(abstract_state)
+
+    def init(weights):
+        copied = jax.tree.map(jnp.copy, weights)
+        return nnx.state(train_state_fn(config, lambda: nnx.merge(model_graphdef, copied))())
+
+    init = jax.jit(init, out_shardings=shardings, donate_argnums=(0,) if donate else ())
+    return init(jax.device_put(weights, shardings["model"]))
 
 
 def placed_copy(state: nnx.State, shardings: nnx.State) -> nnx.State:
