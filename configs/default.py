@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A preset of xmem_jax.model.config, or a Hugging Face checkpoint (see configs/models).
     config.model = models.get_config(arg if pretrained else "tiny")
     config.max_length = 88  # Tokens per example (prompt + answer); descriptions need ~80.
-    config.length_bucket = 8  # Batches pad to a multiple of this past their longest example.
+    config.length_bucket = 8  # Pad batches to a multiple of this past their longest; 0: max_length.
     # True: each training batch holds one task (image batches ~48 tokens wide, description
     # batches ~80) instead of padding to its longest example, a description: ~30% faster base
     # steps. Off: with it, a 1,600-step base (same time) recalled held-out world views better
@@ -125,4 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.finetune.optim.warmup_steps = 2
         config.eval_every = 10
         config.eval_batch_size = 32
+        # Every train batch max_length wide: one compiled train step per stage, not one per
+        # width (compiling, ~5 s a program, is most of a quick run).
+        config.length_bucket = 0
     return config
