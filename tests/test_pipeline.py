@@ -345,6 +345,46 @@ def test_length_bucket_trims_only_padding(persona_dataset_dir):
     assert len(widths) > 1  # Image and description batches differ in length.
 
 
+def _pixels(batch):
+    return np.round((batch["images"] + 1) * 127.5)
+
+
+def test_augmentation_shifts_and_brightens_train_images_only(persona_dataset_dir):
+    plain = list(build(persona_dataset_dir, shuffle=False, num_epochs=2))
+    shifted = list(build(persona_dataset_dir, shuffle=False, num_epochs=2, augment_shift=2))
+    brightened = list(build(persona_dataset_dir, shuffle=False, num_epochs=2,
+                            augment_brightness=0.2))
+    assert_batches_equal(list(build(persona_dataset_dir, shuffle=False, num_epochs=2,
+                                    augment_shift=2)), shifted)  # Seeded.
+    shifts, factors = set(), []
+    for a, b, c in zip(plain, shifted, brightened):
+        for key in a:
+            if key != "images":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+                np.testing.assert_array_equal(a[key], c[key], err_msg=key)
+        for row in np.flatnonzero(a["has_image"]):
+            x, y, z = _pixels(a)[row], _pixels(b)[row], _pixels(c)[row]
+            # The shifted image's centre is the original's, moved by some (dy, dx).
+            found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                     if np.array_equal(y[2:-2, 2:-2], x[2 - dy:x.shape[0] - 2 - dy,
+                                                       2 - dx:x.shape[1] - 2 - dx])]
+            assert found, "no shift of at most 2 px explains the augmented image"
+            shifts.add(found[0])
+            # The brightened one is the original scaled by one factor in [0.8, 1.2].
+            factor = np.median(z[(x > 50) & (z < 250)] / x[(x > 50) & (z < 250)])
+            assert 0.8 - 1e-2 <= factor <= 1.2 + 1e-2
+            assert np.abs(np.clip(x * factor, 0, 255) - z).max() <= 3
+            factors.append(factor)
+    assert len(shifts) > 3 and np.std(factors) > 0.05
+    # A new draw each epoch, and none when scoring (prompt mode).
+    epoch = len(plain) // 2
+    assert any(not np.array_equal(shifted[i]["images"], shifted[i + epoch]["images"])
+               for i in range(epoch))
+    assert_batches_equal(list(build(persona_dataset_dir, "prompt", augment_shift=2,
+                                    augment_brightness=0.2)),
+                         list(build(persona_dataset_dir, "prompt")))
+
+
 def test_too_long_example_is_an_error(persona_dataset_dir):
     built = build(persona_dataset_dir, max_length=12, tasks=["name_to_fact"])
     with pytest.raises(ValueError, match=r"name_to_fact.*too long: prompt \+ answer is "

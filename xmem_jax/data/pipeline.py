@@ -30,6 +30,12 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
                           long task's width (with length_bucket); default False (batches mix
                           tasks). A finite stream (num_epochs) ends when one task runs out
     image_size            the model's image size S: views are resized (bilinear) to S x S
+    augment_shift         train mode: shift each image by up to this many pixels in x and y
+                          (edge pixels repeated), drawn per example and epoch; 0 = none
+    augment_brightness    train mode: scale each image's brightness by a factor drawn from
+                          [1 - b, 1 + b]; 0 = none. Both are the kinds of variation between
+                          views (`data_gen.personas`), so the vision tower sees new views of a
+                          persona instead of memorising a few
     num_image_tokens      image soft tokens per image, from the model (tiny 16, Gemma 3 256)
     seed                  the shuffle seed (each epoch is shuffled differently)
     shuffle               shuffle the examples (False: task, persona, view / description, fact)
@@ -111,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.length_bucket = 0
     config.batch_by_task = False
     config.image_size = 64
+    config.augment_shift = 0
+    config.augment_brightness = 0.0
     config.num_image_tokens = 16
     config.seed = 0
     config.shuffle = True
@@ -332,6 +340,30 @@ class _Load(grain.transforms.Map):
             f"{field}={limit}. Raise {field} (answers are never truncated).")
 
 
+class _Augment(grain.transforms.RandomMap):
+    """A loaded example's image shifted and brightened at random (see `augment_shift`)."""
+
+    def __init__(self, max_shift: int, brightness: float):
+        self.max_shift = max_shift
+        self.brightness = brightness
+
+    def random_map(self, element, rng: np.random.Generator):
+        prompt, answer, image, *rest = element
+        if image is None:
+            return element
+        if self.max_shift:
+            dy, dx = rng.integers(-self.max_shift, self.max_shift + 1, size=2)
+            size = image.shape[0]
+            padded = np.pad(image, [(self.max_shift,) * 2, (self.max_shift,) * 2, (0, 0)],
+                            mode="edge")
+            y, x = self.max_shift - dy, self.max_shift - dx
+            image = padded[y:y + size, x:x + size]
+        if self.brightness:
+            factor = rng.uniform(1 - self.brightness, 1 + self.brightness)
+            image = np.clip(image * np.float32(factor), 0, 255).astype(np.uint8)
+        return (prompt, answer, np.ascontiguousarray(image), *rest)
+
+
 class _Batch:
     """Pads a list of loaded examples into one batch of fixed-shape arrays."""
 
@@ -445,6 +477,10 @@ def _check_config(config, mode: str) -> None:
             fail(field, "must be at least 1")
     if config.get("length_bucket", 0) < 0:
         fail("length_bucket", "must be 0 (always max_length) or positive")
+    if config.get("augment_shift", 0) < 0:
+        fail("augment_shift", "must be 0 (none) or positive")
+    if not 0 <= config.get("augment_brightness", 0.0) < 1:
+        fail("augment_brightness", "must be in [0, 1)")
     if config.get("max_answer_length", 0) < 0:
         fail("max_answer_length", "must be 0 (= max_length) or positive")
     if config.num_epochs is not None and config.num_epochs < 1:
@@ -491,13 +527,18 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
                       formatter.special[tok.BOS],
                       int(config.get("length_bucket", 0)) if process_count == 1 else 0)
 
+    augment = _Augment(int(config.get("augment_shift", 0)),
+                       float(config.get("augment_brightness", 0.0)))
+
     def batches(indices: grain.MapDataset, seed: int) -> grain.MapDataset:
         if config.shuffle:
             indices = indices.shuffle(seed=seed)
         if config.num_epochs != 1:
             indices = indices.repeat(config.num_epochs)
-        return indices.map(load).batch(batch_size, drop_remainder=mode == "train",
-                                       batch_fn=batch_fn)
+        examples = indices.map(load)
+        if mode == "train" and (augment.max_shift or augment.brightness):
+            examples = examples.random_map(augment, seed=seed)
+        return examples.batch(batch_size, drop_remainder=mode == "train", batch_fn=batch_fn)
 
     if mode == "train" and config.get("batch_by_task", False) and len(specs) > 1:
         lengths = [task_set.task_length(t) for t in range(len(specs))]

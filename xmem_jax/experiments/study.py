@@ -84,6 +84,9 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
     section.length_bucket = int(config.length_bucket)
     section.batch_by_task = bool(config.batch_by_task)
     section.image_size = model_config.vision.image_size
+    if train:
+        section.augment_shift = int(config.augment.shift)
+        section.augment_brightness = float(config.augment.brightness)
     section.num_image_tokens = model_config.mm_tokens_per_image
     section.seed = int(config.seed)
     section.shuffle = train
@@ -205,7 +208,7 @@ def train_base(config, data_dir: Path, model_config: VLMConfig) -> tuple[nnx.Sta
     transfer either."""
     key = config_hash(config.data, config.model, config.base, config.base_tasks,
                       config.world_personas, config.max_length, config.seed,
-                      config.batch_by_task)
+                      config.batch_by_task, config.augment)
     workdir = Path(config.cache_dir) / "base" / key
     entries = [f"{entry} {_range(config.world_personas)}" for entry in config.base_tasks]
     train_pipeline = pipeline.build(pipeline_config(
