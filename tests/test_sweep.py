@@ -91,6 +91,16 @@ def test_table_json_and_plot(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
+def test_aggregate_adds_mean_and_std_over_points(tmp_path):
+    config = fake_sweep_config()
+    config.aggregate = True
+    sweep.run_sweep(config, tmp_path, "cmd", run_fn=FakeRun())
+    # Source 0.1 and 0.2, target 0.05 and 0.1; every seconds 2.0.
+    assert ("| mean ± std |  |  | 0.150 ± 0.050 | 0.075 ± 0.025 | 0.075 ± 0.025 | "
+            "0.038 ± 0.013 | 2.0 ± 0.0 | 0.100 ± 0.000 | 5.5 ± 0.0 | 2 ± 0 |"
+            in (tmp_path / "sweep.md").read_text())
+
+
 def test_other_experiments_give_their_summary_as_columns(tmp_path):
     def run(config, workdir, command):
         del config, command
@@ -108,7 +118,8 @@ def test_other_experiments_give_their_summary_as_columns(tmp_path):
 
 @pytest.mark.parametrize("name, arg", [("persona_counts", ""), ("persona_counts", "quick"),
                                        ("persona_counts", "gemma3_4b"), ("views", ""),
-                                       ("model_size", ""), ("model_size", "tiny,small")])
+                                       ("model_size", ""), ("model_size", "tiny,small"),
+                                       ("base_seeds", ""), ("base_seeds", "3")])
 def test_sweep_configs_give_valid_study_configs(name, arg):
     import importlib
 

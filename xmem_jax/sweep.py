@@ -128,6 +128,14 @@ def format_cell(column: str, value) -> str:
     return f"{value:.1f}" if column.endswith("mean_rank") else f"{value:.3f}"
 
 
+def spread_of(values: list) -> tuple[float, float] | None:
+    """Mean and (population) standard deviation of numeric values; None for text."""
+    if not values or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
 def markdown(rows: list[dict], sweep_config: ml_collections.ConfigDict, command: str) -> str:
     columns = columns_of(rows)
     header = [sweep_config.x_label if column == "x" else column for column in columns]
@@ -138,6 +146,14 @@ def markdown(rows: list[dict], sweep_config: ml_collections.ConfigDict, command:
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(format_cell(c, row.get(c)) for c in columns) + " |"
               for row in rows]
+    if sweep_config.get("aggregate", False):  # Repeats of one setting (e.g. seeds).
+        stats = {column: spread_of([row[column] for row in rows if column in row])
+                 for column in columns if column not in ("name", "x")}
+        cells = ["mean ± std", ""] + [
+            "" if stats[c] is None else
+            f"{format_cell(c, stats[c][0])} ± {format_cell(c, stats[c][1])}"
+            for c in columns[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![recall vs the swept value](sweep.png)", ""]
     return "\n".join(lines)
 
