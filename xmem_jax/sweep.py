@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -132,8 +133,7 @@ def spread_of(values: list) -> tuple[float, float] | None:
     """Mean and (population) standard deviation of numeric values; None for text."""
     if not values or not all(isinstance(v, (int, float)) for v in values):
         return None
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def markdown(rows: list[dict], sweep_config: ml_collections.ConfigDict, command: str) -> str:
