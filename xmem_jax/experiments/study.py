@@ -84,9 +84,8 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
     section.length_bucket = int(config.length_bucket)
     section.batch_by_task = bool(config.batch_by_task)
     section.image_size = model_config.vision.image_size
-    if train:
-        section.augment_shift = int(config.augment.shift)
-        section.augment_brightness = float(config.augment.brightness)
+    section.augment_shift = int(config.augment.shift)  # The pipeline augments train mode only.
+    section.augment_brightness = float(config.augment.brightness)
     section.num_image_tokens = model_config.mm_tokens_per_image
     section.seed = int(config.seed)
     section.shuffle = train
