@@ -423,6 +423,15 @@ def test_bad_task_config_errors_name_the_value(persona_dataset_dir, entry, messa
         build(persona_dataset_dir, tasks=[entry])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"augment_shift": -1}, r"augment_shift=-1: must be 0 \(none\) or positive"),
+    ({"augment_brightness": 1.0}, r"augment_brightness=1.0: must be in \[0, 1\)"),
+])
+def test_bad_augmentation_settings_name_the_value(persona_dataset_dir, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(persona_dataset_dir, **overrides)
+
+
 def test_persona_range_outside_the_dataset_is_an_error(persona_dataset_dir):
     with pytest.raises(ValueError, match=r"personas=\(5, 40\) is outside the dataset's 12"):
         build(persona_dataset_dir, tasks=[{"kind": "image_to_name", "personas": (5, 40)}])
