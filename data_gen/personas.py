@@ -28,6 +28,9 @@ class GeneratorSpec:
     num_heldout_descriptions: int
     image_size: int
     attributes: tuple[str, ...]
+    # How much views of one persona differ (position, scale, tilt, background, lighting,
+    # noise): 1 is the default spread, 0 renders every view alike.
+    view_variation: float = 1.0
 
     def __post_init__(self):
         def fail(field, value, why):
@@ -57,6 +60,8 @@ class GeneratorSpec:
                 fail(f"num_heldout_{kind}", heldout, f"must be in [1, num_{kind}={total})")
         if not 16 <= self.image_size <= 512:
             fail("image_size", self.image_size, "must be between 16 and 512 pixels")
+        if not 0 <= self.view_variation <= 1:
+            fail("view_variation", self.view_variation, "must be in [0, 1]")
 
     @classmethod
     def from_config(cls, config) -> "GeneratorSpec":
@@ -72,6 +77,7 @@ class GeneratorSpec:
             num_heldout_descriptions=int(config.num_heldout_descriptions),
             image_size=int(config.image_size),
             attributes=tuple(attrs),
+            view_variation=float(config.view_variation),
         )
 
 
@@ -122,19 +128,22 @@ def visual_attributes(spec: GeneratorSpec, index: int) -> dict[str, str]:
     }
 
 
-def _view(rng: np.random.Generator, view_id: int) -> ViewSpec:
+def _view(rng: np.random.Generator, view_id: int, variation: float) -> ViewSpec:
+    """One view's draws; `variation` scales every spread about its neutral value (the draws
+    themselves stay the same, so a variation of 1 is the original dataset byte for byte)."""
+    v = variation
     hue_base = rng.uniform(0, 1)
-    grey = rng.uniform(110, 190)
-    tint = 25 * np.cos(2 * np.pi * (hue_base + np.array([0.0, 1 / 3, 2 / 3])))
+    grey = rng.uniform(150 - 40 * v, 150 + 40 * v)
+    tint = 25 * v * np.cos(2 * np.pi * (hue_base + np.array([0.0, 1 / 3, 2 / 3])))
     return ViewSpec(
         view_id=view_id,
-        offset=(float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.05, 0.05))),
-        scale=float(rng.uniform(0.88, 1.08)),
-        tilt_degrees=float(rng.uniform(-8, 8)),
-        background=tuple(int(v) for v in np.clip(grey + tint, 0, 255)),
-        background_gradient=float(rng.uniform(0, 0.35)),
-        light=float(rng.uniform(0.85, 1.12)),
-        noise_std=float(rng.uniform(0, 6)),
+        offset=(float(rng.uniform(-0.06 * v, 0.06 * v)), float(rng.uniform(-0.05 * v, 0.05 * v))),
+        scale=float(rng.uniform(1 - 0.12 * v, 1 + 0.08 * v)),
+        tilt_degrees=float(rng.uniform(-8 * v, 8 * v)),
+        background=tuple(int(c) for c in np.clip(grey + tint, 0, 255)),
+        background_gradient=float(rng.uniform(0, 0.35 * v)),
+        light=float(rng.uniform(1 - 0.15 * v, 1 + 0.12 * v)),
+        noise_std=float(rng.uniform(0, 6 * v)),
         noise_seed=int(rng.integers(2**31)),
     )
 
@@ -146,7 +155,7 @@ def make_persona(spec: GeneratorSpec, index: int) -> Persona:
         for fact, (_, values) in attributes.FACTS.items()
     }
     view_rng = _rng(spec.seed, index, _VIEWS_STREAM)
-    views = tuple(_view(view_rng, v) for v in range(spec.num_views))
+    views = tuple(_view(view_rng, v, spec.view_variation) for v in range(spec.num_views))
     visual = visual_attributes(spec, index)
     texts = descriptions.describe(
         visual, spec.attributes, spec.num_descriptions,

@@ -132,6 +132,20 @@ def test_generation_is_deterministic_per_seed_and_index():
     assert personas.make_persona(spec, 7) != personas.make_persona(other_seed, 7)
 
 
+def test_view_variation_scales_how_much_views_differ():
+    def spread(variation):
+        views = [v for i in range(20)
+                 for v in personas.make_persona(spec_of(view_variation=variation), i).views]
+        return {field: np.ptp([np.asarray(getattr(v, field), float) for v in views], axis=0).max()
+                for field in ("offset", "scale", "tilt_degrees", "background",
+                              "background_gradient", "light", "noise_std")}
+
+    full, half, none = spread(1.0), spread(0.5), spread(0.0)
+    for field in full:
+        assert full[field] > 0 and none[field] == 0, field
+        assert half[field] == pytest.approx(full[field] / 2, rel=0.05, abs=1), field
+
+
 def test_names_are_unique_at_100k_personas():
     full_names = [names.persona_name(0, i) for i in range(100_000)]
     assert len(set(full_names)) == 100_000
@@ -153,6 +167,7 @@ def test_visual_attribute_sets_are_unique_at_1k_and_100k():
     ({"num_heldout_descriptions": 5}, "num_heldout_descriptions=5"),
     ({"attributes": "hair_colour,tattoo"}, "attributes='tattoo'.*unknown attribute"),
     ({"renderer": {"name": "raytracer"}}, "renderer.name='raytracer'"),
+    ({"view_variation": 1.5}, "view_variation=1.5"),
     ({"num_shards": 13}, "num_shards=13"),
     ({"shard_index": 1}, "shard_index=1"),
 ])

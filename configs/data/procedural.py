@@ -20,6 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_descriptions = 8
     config.num_heldout_descriptions = 2
     config.image_size = 64
+    # How much views of one persona differ (position, scale, tilt, background, lighting,
+    # noise), in [0, 1]: 1 is the full spread, 0 renders every view alike.
+    config.view_variation = 1.0
     # Visual attributes that vary (comma-separated); the others keep their first value.
     config.attributes = ",".join(ATTRIBUTE_NAMES)
     config.renderer = ml_collections.ConfigDict()
