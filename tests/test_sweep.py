@@ -119,7 +119,8 @@ def test_other_experiments_give_their_summary_as_columns(tmp_path):
 @pytest.mark.parametrize("name, arg", [("persona_counts", ""), ("persona_counts", "quick"),
                                        ("persona_counts", "gemma3_4b"), ("views", ""),
                                        ("model_size", ""), ("model_size", "tiny,small"),
-                                       ("base_seeds", ""), ("base_seeds", "3")])
+                                       ("base_seeds", ""), ("base_seeds", "3"),
+                                       ("view_variation", ""), ("view_variation", "0.25,0.75")])
 def test_sweep_configs_give_valid_study_configs(name, arg):
     import importlib
 
