@@ -68,13 +68,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.attributes = ",".join(VISIBLE_ATTRIBUTES)
     # Views of one persona differ half as much as the generator's full spread (position, scale,
     # tilt, background, lighting, noise): images the tiny vision tower can learn quickly.
-    # Image-trained source / target (target mean rank), description-trained source / target:
-    # full spread 0.885 / 0.135 (19.8), 0.985 / 0.105; half 0.980 / 0.200 (15.8), 1.000 /
-    # 0.130 (README, with the base seeds and the view_variation sweep).
+    # Over five base seeds, image-trained source / target, description-trained source / target:
+    # full spread 0.885 / 0.114, 0.992 / 0.107; half 0.976 / 0.159, 0.995 / 0.103 (README).
     config.data.view_variation = 0.5
     # Seen by the base model only. More world personas, more transfer but a weaker base in the
     # same steps (image-trained source / target, description-trained target; README). With 22
-    # views and fine-tuning rate 2e-3: 300: 0.885 / 0.135, 0.105; 400: 0.790 / 0.200, 0.140.
+    # views, the full view spread and fine-tuning rate 2e-3: 300: 0.885 / 0.135, 0.105; 400:
+    # 0.790 / 0.200, 0.140.
     # 300 is the only setting tried with every target >= 10x chance and the source near 0.9.
     config.world_personas = (0, 300)
     config.study_personas = (500, 600)  # Fine-tuned on and scored; never seen by the base.
@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_by_task = False
     # Training images (base, fine-tuning, control) shifted by up to `shift` pixels and
     # brightened by a factor in [1 - brightness, 1 + brightness], per example and epoch. Off:
-    # shift 2 and brightness 0.1 left the base's held-out world images where they were (0.835
+    # with the full view spread, shift 2 and brightness 0.1 left the base's held-out world images where they were (0.835
     # against 0.845) and cost the image-trained run 0.820 / 0.095 against 0.885 / 0.135.
     config.augment = ml_collections.ConfigDict(dict(shift=0, brightness=0.0))
 

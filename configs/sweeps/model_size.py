@@ -7,11 +7,11 @@ base (~40M) of `xmem_jax.model.config`.
 
 The points share ONE dataset (the default study's; small and base read its images at 64 px,
 tiny at 32) but each trains its own base model on the same steps and batches, so compute grows
-with the parameters: on 2 CPU cores ~10 min (tiny, the default study's, cached), 40 min (small,
-measured) and ~5 h (base). The optimiser settings are those tuned for tiny, and fine-tuning
-freezes the first 2 decoder layers of each (of 4, 6 and 8). With them small's base recognises
-held-out world views at 0.145 only (tiny: 0.665; both on the previous default, 14 views and
-400 world personas; README): tune each size's base before reading the sweep as a scaling law.
+with the parameters: on 2 CPU cores ~10 min (tiny, the default study's, cached), 40-50 min
+(small, measured) and ~5 h (base). The optimiser settings are those tuned for tiny, and
+fine-tuning freezes the first 2 decoder layers of each (of 4, 6 and 8). With them small's base
+recognises held-out world views at 0.765 (tiny: 0.970; README): tune each size's base before
+reading the sweep as a scaling law.
 No random-init control (`--config.experiment.control=True` adds it).
 """
 
