@@ -91,8 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_by_task = False
     # Training images (base, fine-tuning, control) shifted by up to `shift` pixels and
     # brightened by a factor in [1 - brightness, 1 + brightness], per example and epoch. Off:
-    # with the full view spread, shift 2 and brightness 0.1 left the base's held-out world images where they were (0.835
-    # against 0.845) and cost the image-trained run 0.820 / 0.095 against 0.885 / 0.135.
+    # with the full view spread, shift 2 and brightness 0.1 left the base's held-out world
+    # images where they were (0.835 against 0.845) and cost the image-trained run 0.820 / 0.095
+    # against 0.885 / 0.135.
     config.augment = ml_collections.ConfigDict(dict(shift=0, brightness=0.0))
 
     # Sized by a FLOP budget: ~6 x 1.4M params x 2.3M tokens ~ 20 TFLOP, ~10 min on 2 cores.
