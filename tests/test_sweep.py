@@ -133,12 +133,22 @@ def test_sweep_configs_give_valid_study_configs(name, arg):
         study.check_config(point_config)
 
 
-def test_model_size_sweep_runs_the_named_sizes_only():
+def test_model_size_sweep_runs_the_named_sizes_at_width_scaled_rates():
+    from configs import default
     from configs.sweeps import model_size
 
     config = model_size.get_config("tiny,small")
     assert [point["name"] for point in config.points] == ["tiny", "small"]
-    assert [c.model.name for c in sweep.point_configs(config)] == ["tiny", "small"]
+    tiny, small = sweep.point_configs(config)
+    assert (tiny.model.name, small.model.name) == ("tiny", "small")
+    # tiny keeps the default's tuned rates (and so its cached base); small's decoder is twice
+    # as wide, so its rates are halved.
+    default_config = default.get_config()
+    assert tiny.base.optim.learning_rate == default_config.base.optim.learning_rate
+    assert tiny.finetune.optim.learning_rate == default_config.finetune.optim.learning_rate
+    assert small.base.optim.learning_rate == pytest.approx(tiny.base.optim.learning_rate / 2)
+    assert small.finetune.optim.learning_rate == pytest.approx(
+        tiny.finetune.optim.learning_rate / 2)
     with pytest.raises(ValueError, match="Unknown model size.*huge.*known: tiny, small, base"):
         model_size.get_config("tiny,huge")
 
