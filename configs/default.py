@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_personas = 600
     # 22 training views per persona (2 more held out): with 6, the vision tower memorises views
     # (held-out image recall 0.57 vs 0.67 with 22, from scratch on 100 personas; patch 4 then
-    # 0.86). The views sweep (image-trained source / target): 14 views 0.745 / 0.115, 22 views
-    # 0.780 / 0.155 (400 world personas, fine-tuning rate 1e-3; README).
+    # 0.86). The views sweep (image-trained source / target): 8 views 0.970 / 0.060, 14 views
+    # 0.975 / 0.115, 22 views 0.980 / 0.200 (README).
     config.data.num_views = 24
     # Only attributes a 32 px view shows: a description that also names eye colour, age, gender
     # presentation or a small accessory identifies personas by what no image carries, and the
