@@ -8,8 +8,9 @@ base (~40M) of `xmem_jax.model.config`.
 The points share ONE dataset (the default study's; small and base read its images at 64 px,
 tiny at 32) but each trains its own base model on the same steps and batches, so compute grows
 with the parameters: on 2 CPU cores ~10 min (tiny, the default study's, cached), ~40 min
-(small, measured) and ~2 h (base, estimated from benchmarks/model_speed.py; README). Fine-tuning freezes the first 2 decoder layers of each (of
-4, 6 and 8). No random-init control (`--config.experiment.control=True` adds it).
+(small, measured) and ~1.5 h (base, estimated from its first steps; README). Fine-tuning
+freezes the first 2 decoder layers of each (of 4, 6 and 8). No random-init control
+(`--config.experiment.control=True` adds it).
 
 Learning rates: tiny's tuned rates (base 3e-3, fine-tuning 2e-3) times 128 / the decoder width,
 so 1/2 for small and 1/4 for base: Adam's update size does not shrink with width, so wider
