@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xmem_jax.model import VLM, VLMConfig, get_model_config
+from xmem_jax.model import VLM, VLMConfig, count_parameters, get_model_config
 
 
 def make_batch(config: VLMConfig, batch: int, length: int) -> dict[str, jax.Array]:
@@ -68,8 +68,7 @@ def main():
     config = get_model_config(args.config)
     batch = make_batch(config, args.batch, args.length)
     graphdef, state = nnx.split(nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(0)))())
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state), nnx.Param)))
-    print(f"{args.config}: {num_params:,} parameters on {jax.devices()[0].platform}")
+    print(f"{args.config}: {count_parameters(config):,} parameters on {jax.devices()[0].platform}")
 
     step = jax.jit(train_step_fn(graphdef))
     jax.block_until_ready(step(state, batch))

@@ -66,7 +66,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
 from xmem_jax.data import pipeline  # noqa: E402
 from xmem_jax.data.tokenizer import END_OF_TURN, EOS, IMAGE_TOKEN  # noqa: E402
-from xmem_jax.model import VLM, get_model_config, hf  # noqa: E402
+from xmem_jax.model import VLM, count_parameters, get_model_config, hf  # noqa: E402
 from xmem_jax.score import decoding, recall  # noqa: E402
 
 
@@ -243,9 +243,8 @@ def main():
     stop_ids = (vocab[END_OF_TURN], vocab[EOS])
     config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
     model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     lengths = batch["prompt_length"]
-    print(f"{args.config}: {num_params:,} parameters; {len(lengths)} held-out image -> name "
+    print(f"{args.config}: {count_parameters(config):,} parameters; {len(lengths)} held-out image -> name "
           f"prompts of {lengths.min()}-{lengths.max()} tokens; max_new_tokens {max_new_tokens}; "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}; threads: "
           f"{'1 each' if args.threads == 1 else 'library defaults'} (torch "

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from xmem_jax.model import VLM, VLMConfig, get_model_config, hf
+from xmem_jax.model import VLM, VLMConfig, count_parameters, get_model_config, hf
 from xmem_jax.train import sharding, trainer
 
 ANSWER_LENGTH = 8
@@ -154,9 +154,7 @@ def main():
     config = get_model_config(args.config, remat=bool(args.remat))
     batch = make_batch(config, args.batch, args.length)
     flops = train_step_flops(config, args.batch, args.length)
-    num_params = sum(x.size for x in jax.tree.leaves(
-        nnx.state(nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0))), nnx.Param)))
-    print(f"{args.config}: {num_params:,} parameters; batch {args.batch} x {args.length} tokens; "
+    print(f"{args.config}: {count_parameters(config):,} parameters; batch {args.batch} x {args.length} tokens; "
           f"{flops / 1e9:.2f} GFLOP per train step (analytic); {os.cpu_count()} CPU cores; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 

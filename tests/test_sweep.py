@@ -139,6 +139,7 @@ def test_model_size_sweep_runs_the_named_sizes_at_width_scaled_rates():
 
     config = model_size.get_config("tiny,small")
     assert [point["name"] for point in config.points] == ["tiny", "small"]
+    assert [point["x"] for point in config.points] == [1.41, 9.46]  # Millions, counted.
     tiny, small = sweep.point_configs(config)
     assert (tiny.model.name, small.model.name) == ("tiny", "small")
     # tiny keeps the default's tuned rates (and so its cached base); small's decoder is twice

@@ -1,5 +1,5 @@
-"""Recall against model size: the from-scratch presets tiny (~1.4M parameters), small (~9M) and
-base (~40M) of `xmem_jax.model.config`.
+"""Recall against model size: the from-scratch presets tiny (1.41M parameters), small (9.46M) and
+base (42.9M) of `xmem_jax.model.config`; the plot's x is each preset's counted parameters.
 
     python -m xmem_jax.sweep --config=configs/sweeps/model_size.py --workdir=runs/sweep_size
     python -m xmem_jax.sweep --config=configs/sweeps/model_size.py:tiny,small \
@@ -25,26 +25,28 @@ import ml_collections
 
 from configs import default
 from xmem_jax.model import config as model_config
+from xmem_jax.model.vlm import count_parameters
 
-MILLION_PARAMETERS = {"tiny": 1.41, "small": 9.0, "base": 40.0}  # The presets' docstrings.
+SIZES = ("tiny", "small", "base")
 REFERENCE_WIDTH = model_config.get_model_config("tiny").text.embed_dim  # Rates tuned for it.
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: the presets to run, comma-separated (default: all of them)."""
-    names = arg.split(",") if arg else list(MILLION_PARAMETERS)
-    unknown = [name for name in names if name not in MILLION_PARAMETERS]
+    names = arg.split(",") if arg else list(SIZES)
+    unknown = [name for name in names if name not in SIZES]
     if unknown:
         raise ValueError(f"Unknown model size(s) {', '.join(unknown)} in the config arg; known: "
-                         f"{', '.join(MILLION_PARAMETERS)}")
+                         f"{', '.join(SIZES)}")
     experiment = default.get_config()
     experiment.control = False
     config = ml_collections.ConfigDict()
     config.experiment = experiment
     points = []
     for name in names:
-        scale = REFERENCE_WIDTH / model_config.get_model_config(name).text.embed_dim
-        points.append({"name": name, "x": MILLION_PARAMETERS[name], "overrides": {
+        preset = model_config.get_model_config(name)
+        scale = REFERENCE_WIDTH / preset.text.embed_dim
+        points.append({"name": name, "x": round(count_parameters(preset) / 1e6, 2), "overrides": {
             "model.name": name,
             "base.optim.learning_rate": experiment.base.optim.learning_rate * scale,
             "finetune.optim.learning_rate": experiment.finetune.optim.learning_rate * scale}})

@@ -118,7 +118,7 @@ class VLMConfig:
 
 
 def tiny() -> VLMConfig:
-    """~1.41M parameters; trains from scratch on a laptop CPU. Patch 4 on 32 px (64 patches pooled
+    """1.41M parameters; trains from scratch on a laptop CPU. Patch 4 on 32 px (64 patches pooled
     to 16 tokens): held-out views are recognised far better than with patch 8 (README)."""
     return VLMConfig(
         vision=VisionConfig(image_size=32, patch_size=4, width=128, depth=2, mlp_dim=256,
@@ -132,7 +132,7 @@ def tiny() -> VLMConfig:
 
 
 def small() -> VLMConfig:
-    """~9M parameters."""
+    """9.46M parameters."""
     return VLMConfig(
         vision=VisionConfig(image_size=64, patch_size=8, width=256, depth=4, mlp_dim=1024,
                             num_heads=4),
@@ -145,7 +145,7 @@ def small() -> VLMConfig:
 
 
 def base() -> VLMConfig:
-    """~40M parameters."""
+    """42.9M parameters."""
     return VLMConfig(
         vision=VisionConfig(image_size=64, patch_size=8, width=384, depth=6, mlp_dim=1536,
                             num_heads=6),

@@ -186,3 +186,9 @@ class VLM(nnx.Module):
         logits = self.language_model.logits(hidden)[:, 0]
         return logits, Cache(k=k, v=v, kv_mask=kv_mask, end_index=slot + 1,
                              next_position=cache.next_position + 1)
+
+
+def count_parameters(config: VLMConfig) -> int:
+    """The number of parameters `VLM(config)` has, from shapes alone (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
