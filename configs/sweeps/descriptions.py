@@ -4,7 +4,7 @@ trained on descriptions (the mirror of `views.py`, which varies the images of im
     python -m xmem_jax.sweep --config=configs/sweeps/descriptions.py --workdir=runs/sweep_descriptions
 
 Descriptions are a dataset setting, so every point generates its own dataset and trains its own
-base model (~11 min a point on 2 cores; the 6-description point is the default study's and
+base model (~8 min a point on 2 cores; the 6-description point is the default study's and
 reuses its base). Two descriptions a persona stay held out at every point; steps stay fixed
 (base 1200, fine-tuning 300), so fewer descriptions mean more epochs over each. The source is
 the descriptions, the target the held-out images. No random-init control
