@@ -117,7 +117,8 @@ def test_other_experiments_give_their_summary_as_columns(tmp_path):
 
 
 @pytest.mark.parametrize("name, arg", [("persona_counts", ""), ("persona_counts", "quick"),
-                                       ("persona_counts", "gemma3_4b"), ("views", ""), ("descriptions", ""),
+                                       ("persona_counts", "gemma3_4b"), ("views", ""),
+                                       ("descriptions", ""),
                                        ("model_size", ""), ("model_size", "tiny,small"),
                                        ("base_seeds", ""), ("base_seeds", "3"),
                                        ("view_variation", ""), ("view_variation", "0.25,0.75")])

@@ -1,7 +1,8 @@
 """Recall against the training descriptions per persona: 2, 4, 6 and 12, on the tiny CPU default
 trained on descriptions (the mirror of `views.py`, which varies the images of image-trained runs).
 
-    python -m xmem_jax.sweep --config=configs/sweeps/descriptions.py --workdir=runs/sweep_descriptions
+    python -m xmem_jax.sweep --config=configs/sweeps/descriptions.py \
+        --workdir=runs/sweep_descriptions
 
 Descriptions are a dataset setting, so every point generates its own dataset and trains its own
 base model (~8 min a point on 2 cores; the 6-description point is the default study's and
