@@ -67,8 +67,9 @@ def main():
 
     config = get_model_config(args.config)
     batch = make_batch(config, args.batch, args.length)
-    graphdef, state = nnx.split(nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(0)))())
-    print(f"{args.config}: {count_parameters(config):,} parameters on {jax.devices()[0].platform}")
+    model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(0)))()
+    print(f"{args.config}: {count_parameters(model):,} parameters on {jax.devices()[0].platform}")
+    graphdef, state = nnx.split(model)
 
     step = jax.jit(train_step_fn(graphdef))
     jax.block_until_ready(step(state, batch))

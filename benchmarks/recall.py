@@ -244,7 +244,7 @@ def main():
     config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
     model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
     lengths = batch["prompt_length"]
-    print(f"{args.config}: {count_parameters(config):,} parameters; {len(lengths)} held-out "
+    print(f"{args.config}: {count_parameters(model):,} parameters; {len(lengths)} held-out "
           f"image -> name prompts of {lengths.min()}-{lengths.max()} tokens; "
           f"max_new_tokens {max_new_tokens}; "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}; threads: "

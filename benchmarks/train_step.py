@@ -154,7 +154,8 @@ def main():
     config = get_model_config(args.config, remat=bool(args.remat))
     batch = make_batch(config, args.batch, args.length)
     flops = train_step_flops(config, args.batch, args.length)
-    print(f"{args.config}: {count_parameters(config):,} parameters; batch {args.batch} x "
+    num_params = count_parameters(nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0))))
+    print(f"{args.config}: {num_params:,} parameters; batch {args.batch} x "
           f"{args.length} tokens; {flops / 1e9:.2f} GFLOP per train step (analytic); "
           f"{os.cpu_count()} CPU cores; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

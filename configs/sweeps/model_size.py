@@ -22,10 +22,11 @@ at 0.765; with their own rates small's and base's reach 0.022 and 0.030 and reco
 """
 
 import ml_collections
+from flax import nnx
 
 from configs import default
+from xmem_jax.model import VLM, count_parameters
 from xmem_jax.model import config as model_config
-from xmem_jax.model.vlm import count_parameters
 
 SIZES = ("tiny", "small", "base")
 REFERENCE_WIDTH = model_config.get_model_config("tiny").text.embed_dim  # Rates tuned for it.
@@ -46,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for name in names:
         preset = model_config.get_model_config(name)
         scale = REFERENCE_WIDTH / preset.text.embed_dim
-        points.append({"name": name, "x": round(count_parameters(preset) / 1e6, 2), "overrides": {
+        parameters = count_parameters(nnx.eval_shape(lambda: VLM(preset, rngs=nnx.Rngs(0))))
+        points.append({"name": name, "x": round(parameters / 1e6, 2), "overrides": {
             "model.name": name,
             "base.optim.learning_rate": experiment.base.optim.learning_rate * scale,
             "finetune.optim.learning_rate": experiment.finetune.optim.learning_rate * scale}})

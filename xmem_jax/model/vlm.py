@@ -188,7 +188,7 @@ class VLM(nnx.Module):
                              next_position=cache.next_position + 1)
 
 
-def count_parameters(config: VLMConfig) -> int:
-    """The number of parameters `VLM(config)` has, from shapes alone (nothing is allocated)."""
-    model = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
-    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def count_parameters(model: nnx.Module, filter: nnx.filterlib.Filter = nnx.Param) -> int:
+    """The number of parameter values `filter` selects in `model`. Works on abstract models too,
+    so a size is counted without allocating it: `count_parameters(nnx.eval_shape(build))`."""
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, filter)))

@@ -36,7 +36,7 @@ def estimate(model: str, mesh_shape: tuple[int, int, int], batch_size: int, seq_
     import numpy as np
     from flax import nnx
 
-    from xmem_jax.model import VLM, get_model_config, lora
+    from xmem_jax.model import VLM, count_parameters, get_model_config, lora
     from xmem_jax.train import optim, sharding, trainer
 
     config = dataclasses.replace(get_model_config(model), remat=remat)
@@ -84,11 +84,10 @@ def estimate(model: str, mesh_shape: tuple[int, int, int], batch_size: int, seq_
         compiled = step.lower(abstract, batch, None).compile()
     analysis = compiled.memory_analysis()
     model_state = nnx.merge(graphdef, abstract).model
-    count = lambda s: sum(x.size for x in jax.tree.leaves(s))  # noqa: E731
-    trainable = count(nnx.state(model_state, optim.trainable_filter(train_config.optim)))
     figures = {
-        "params": count(nnx.state(model_state, nnx.Param)),
-        "trainable_params": trainable,
+        "params": count_parameters(model_state),
+        "trainable_params": count_parameters(model_state,
+                                             optim.trainable_filter(train_config.optim)),
         "argument_bytes": analysis.argument_size_in_bytes,
         "output_bytes": analysis.output_size_in_bytes,
         "alias_bytes": analysis.alias_size_in_bytes,

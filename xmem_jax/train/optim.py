@@ -35,6 +35,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from xmem_jax.model.vlm import count_parameters
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -179,9 +181,8 @@ def describe_trainable(model: nnx.Module, config: ml_collections.ConfigDict) -> 
     A freeze_regex that matches nothing is only logged: a shared config may freeze a tower that
     some models (text-only ones) do not have.
     """
-    count = lambda state: sum(x.size for x in jax.tree.leaves(state))
-    total = count(nnx.state(model, nnx.Param))
-    trainable = count(nnx.state(model, trainable_filter(config)))
+    total = count_parameters(model)
+    trainable = count_parameters(model, trainable_filter(config))
     if not config.freeze_regex:
         return f"{trainable:,} parameters, all trainable"
     if trainable == 0:
