@@ -15,6 +15,7 @@ the descriptions, the target the held-out images. No random-init control
 import ml_collections
 
 from configs import default
+from configs.sweeps import views
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,13 +23,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     experiment = default.get_config()
     experiment.control = False
     experiment.train_modality = "description"
-    heldout = experiment.data.num_heldout_descriptions
-    config = ml_collections.ConfigDict()
-    config.experiment = experiment
-    config.points = tuple(
-        {"name": f"descriptions_{train_descriptions}", "x": float(train_descriptions),
-         "overrides": {"data.num_descriptions": train_descriptions + heldout}}
-        for train_descriptions in (2, 4, 6, 12))
-    config.x_label = "training descriptions per persona"
-    config.x_log = False
-    return config
+    return views.per_persona_sweep(experiment, "descriptions", (2, 4, 6, 12))

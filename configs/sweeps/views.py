@@ -14,17 +14,24 @@ import ml_collections
 from configs import default
 
 
+def per_persona_sweep(experiment: ml_collections.ConfigDict, kind: str,
+                      train_counts: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """A sweep over the training `kind` ("views" or "descriptions") per persona: each point sets
+    `data.num_<kind>` to its count plus the held-out ones, which stay as `experiment` has them."""
+    heldout = experiment.data[f"num_heldout_{kind}"]
+    config = ml_collections.ConfigDict()
+    config.experiment = experiment
+    config.points = tuple(
+        {"name": f"{kind}_{count}", "x": float(count),
+         "overrides": {f"data.num_{kind}": count + heldout}}
+        for count in train_counts)
+    config.x_label = f"training {kind} per persona"
+    config.x_log = False
+    return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     experiment = default.get_config()
     experiment.control = False
-    heldout = experiment.data.num_heldout_views
-    config = ml_collections.ConfigDict()
-    config.experiment = experiment
-    config.points = tuple(
-        {"name": f"views_{train_views}", "x": float(train_views),
-         "overrides": {"data.num_views": train_views + heldout}}
-        for train_views in (4, 8, 14, 22))
-    config.x_label = "training views per persona"
-    config.x_log = False
-    return config
+    return per_persona_sweep(experiment, "views", (4, 8, 14, 22))
