@@ -1,7 +1,10 @@
 """Hugging Face checkpoints: tiny random transformers Gemma 3 models built in-process, saved
 with `save_pretrained`, loaded by `xmem_jax.model.hf`: logits and greedy parity, both key
-layouts, export round trip, LoRA merge, and errors that name the file or tensor."""
+layouts, export round trip, LoRA merge, config.json as the hub writes it, every config field
+honoured or refused, the model-plus-processor API on processor output, and errors that name
+the file, tensor or field."""
 
+import dataclasses
 import json
 import shutil
 
@@ -40,7 +43,8 @@ def vlm_config(text=None, **vision_overrides):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, image_size=16, patch_size=4, vision_use_head=False)
     vision.update(vision_overrides)
-    return Gemma3Config(text_config=text or text_config(), vision_config=SiglipVisionConfig(**vision),
+    return Gemma3Config(text_config=text or text_config(),
+                        vision_config=SiglipVisionConfig(**vision),
                         mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=BOI,
                         eoi_token_index=EOI)
 
@@ -268,7 +272,7 @@ def test_unsupported_architecture(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     config["architectures"] = ["PaliGemmaForConditionalGeneration"]
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf.CheckpointError, match="Unsupported architecture.*PaliGemma"):
+    with pytest.raises(hf.CheckpointError, match="unsupported architecture.*PaliGemma"):
         hf.load_model(model_dir)
 
 
@@ -277,7 +281,8 @@ def test_missing_shard(model_dir):
     keys = sorted(tensors)
     (model_dir / "model.safetensors").unlink()
     half = len(keys) // 2
-    save_file({k: tensors[k] for k in keys[:half]}, str(model_dir / "model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in keys[:half]},
+              str(model_dir / "model-00001-of-00002.safetensors"))
     index = {"weight_map": {k: ("model-00001-of-00002.safetensors" if i < half
                                 else "model-00002-of-00002.safetensors")
                             for i, k in enumerate(keys)}}
@@ -319,5 +324,211 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     model = hf.load_model(tmp_path / "bf16", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     ours = model.language_model.layers.mlp.up_proj.kernel[...]
     assert ours.dtype == jnp.bfloat16
-    theirs = torch_model.model.language_model.layers[2].mlp.up_proj.weight.detach().float().numpy().T
+    theirs = torch_model.model.language_model.layers[2].mlp.up_proj.weight.detach()
+    theirs = theirs.float().numpy().T
     np.testing.assert_array_equal(np.asarray(ours[2], np.float32), theirs)
+
+
+# -- config.json as the hub writes it. ---------------------------------------------------------
+
+_SIGLIP_SO400M = {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                  "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                  "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}
+
+
+def _hub_vlm(text):
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+            "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+            "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+            "text_config": {"model_type": "gemma3_text", **text}, "torch_dtype": "bfloat16",
+            "transformers_version": "4.50.0.dev0", "vision_config": _SIGLIP_SO400M}
+
+
+_LINEAR_8 = {"rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+# config.json of google/gemma-3-{1b,4b,27b}-it as released: the VLMs name only what differs
+# from Gemma3TextConfig's defaults; the 1B spells RoPE and the layer pattern in legacy keys.
+HUB_CONFIGS = {
+    "gemma3_1b": {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2,
+        "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912,
+        "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+        "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512,
+        "sliding_window_pattern": 6, "torch_dtype": "bfloat16",
+        "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144},
+    "gemma3_4b": _hub_vlm({"hidden_size": 2560, "intermediate_size": 10240,
+                           "num_hidden_layers": 34, **_LINEAR_8}),
+    "gemma3_27b": _hub_vlm({"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
+                            "num_attention_heads": 32, "num_hidden_layers": 62,
+                            "num_key_value_heads": 16, "query_pre_attn_scalar": 168,
+                            **_LINEAR_8}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_config_json_resolves_to_the_preset(name, tmp_path):
+    """Defaults (vocab, heads, head dim, RoPE thetas, eps) and legacy keys are filled in as
+    transformers fills them: the result is the preset with the checkpoint's exact shapes."""
+    from xmem_jax.model import get_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS[name]))
+    preset = get_model_config(name)
+    assert hf.load_config(tmp_path, dtype=preset.dtype, param_dtype=preset.param_dtype) == preset
+
+
+def _compact(multimodal):
+    """A tiny config.json in the hub's older compact style: legacy RoPE and layer-pattern keys,
+    no layer_types or rope_parameters, defaults left out (query_pre_attn_scalar 256, eps)."""
+    text = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "sliding_window": 6, "sliding_window_pattern": 2,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "rope_local_base_freq": 100.0, "rope_theta": 5000.0}
+    if not multimodal:
+        return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **text}
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": {"model_type": "gemma3_text", **text},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32,
+                              "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "image_size": 16, "patch_size": 4,
+                              "vision_use_head": False},
+            "mm_tokens_per_image": 4, "image_token_index": IMAGE, "boi_token_index": BOI,
+            "eoi_token_index": EOI}
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["1b_style", "4b_style"])
+def test_compact_config_json_loads_with_transformers_logits(multimodal, tmp_path):
+    from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    (tmp_path / "config.json").write_text(json.dumps(_compact(multimodal)))
+    cls = Gemma3ForConditionalGeneration if multimodal else Gemma3ForCausalLM
+    random_model(AutoConfig.from_pretrained(tmp_path)).save_pretrained(tmp_path / "saved")
+    shutil.copy(tmp_path / "config.json", tmp_path / "saved" / "config.json")  # Compact again.
+    theirs = cls.from_pretrained(tmp_path / "saved", attn_implementation="eager").eval()
+    config = hf.load_config(tmp_path / "saved")
+    assert (config.text.query_pre_attn_scalar, config.text.rope_global_scale,
+            config.text.rope_local_base, config.text.sliding_window_pattern) == (256, 8.0, 100, 2)
+    tokens, mask, images = prompts(multimodal)
+    error = relative_error(our_logits(hf.load_model(tmp_path / "saved"), tokens, mask, images),
+                           torch_logits(theirs, tokens, mask, images), mask)
+    assert error <= 1e-4, error
+
+
+# -- Every config field honoured or refused. ---------------------------------------------------
+
+LOCAL_LINEAR_ROPE = {"sliding_attention": {"rope_type": "linear", "rope_theta": 10_000.0,
+                                           "factor": 4.0},
+                     "full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+SUPPORTED_FIELDS = {
+    "attention_bias": lambda: vlm_config(text_config(attention_bias=True)),
+    "untied_lm_head_vlm": lambda: _untied(vlm_config()),
+    "untied_lm_head_text_only": lambda: text_config(tie_word_embeddings=False),
+    "local_linear_rope": lambda: text_config(rope_parameters=LOCAL_LINEAR_ROPE),
+    # transformers applies final_logit_softcapping on Gemma3ForCausalLM only.
+    "softcap_vlm": lambda: vlm_config(text_config(final_logit_softcapping=0.5)),
+    "softcap_text_only": lambda: text_config(final_logit_softcapping=0.5),
+}
+
+
+def _untied(config):
+    config.tie_word_embeddings = False  # The VLM's own (top-level) flag is the one that counts.
+    return config
+
+
+@pytest.mark.parametrize("field", sorted(SUPPORTED_FIELDS))
+def test_supported_field_matches_transformers_and_exports(field, tmp_path):
+    """Random weights make every field matter: a field ignored on load changes the logits."""
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    torch_model = random_model(SUPPORTED_FIELDS[field]())
+    torch_model.save_pretrained(tmp_path / "model")
+    multimodal = hasattr(torch_model.config, "vision_config")
+    model = hf.load_model(tmp_path / "model")
+    tokens, mask, images = prompts(multimodal)
+    ours = our_logits(model, tokens, mask, images)
+    error = relative_error(ours, torch_logits(torch_model, tokens, mask, images), mask)
+    assert error <= 1e-4, f"{field}: relative logit error {error:.2e}"
+    if field == "softcap_vlm":
+        return  # Export refuses a soft cap transformers' VLM would not apply (test below).
+    cls = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
+    reloaded = cls.from_pretrained(hf.export_model(model, tmp_path / "export"),
+                                   attn_implementation="eager").eval()
+    error = relative_error(ours, torch_logits(reloaded, tokens, mask, images), mask)
+    assert error <= 1e-4, f"{field} export: relative logit error {error:.2e}"
+
+
+def test_vlm_softcap_is_not_exported():
+    from xmem_jax.model import get_model_config
+
+    config = get_model_config("tiny")
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text,
+                                                                  final_logit_softcap=30.0))
+    with pytest.raises(ValueError, match="final_logit_softcap=30.0.*never applies it"):
+        hf.hf_config_dict(config)
+
+
+REFUSED_FIELDS = {
+    "global_rope_type": (
+        lambda t: t["rope_parameters"].update(
+            full_attention={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6}),
+        r"rope_parameters\['full_attention'\]\.rope_type='yarn'"),
+    "local_rope_type": (
+        lambda t: t["rope_parameters"].update(
+            sliding_attention={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+        r"rope_parameters\['sliding_attention'\]\.rope_type='dynamic'"),
+    "partial_rotary_factor": (
+        lambda t: t["rope_parameters"]["full_attention"].update(partial_rotary_factor=0.5),
+        r"partial_rotary_factor=0\.5"),
+    "hidden_activation": (lambda t: t.update(hidden_activation="gelu"),
+                          "hidden_activation='gelu'"),
+    "bidirectional": (lambda t: t.update(use_bidirectional_attention=True),
+                      "use_bidirectional_attention=True"),
+    "irregular_layer_types": (
+        lambda t: t.update(layer_types=["full_attention", "sliding_attention"] * 2),
+        r"layer_types=\['full_attention'"),
+    "vision_activation": (None, "vision_config.hidden_act='gelu'"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_FIELDS))
+def test_unsupported_field_is_refused_by_name(field, tmp_path):
+    from xmem_jax.model import get_model_config
+
+    config = hf.hf_config_dict(get_model_config("tiny"))
+    change, message = REFUSED_FIELDS[field]
+    if change is None:
+        config["vision_config"]["hidden_act"] = "gelu"
+    else:
+        change(config["text_config"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.CheckpointError, match=message):
+        hf.load_config(tmp_path)
+
+
+def test_leftover_tensors_are_named(model_dir):
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    tensors["language_model.model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    tensors["model.extra_adapter.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match=r"2 tensors map to no parameter.*"
+                       r"language_model\.model\.layers\.0\.self_attn\.q_proj\.bias"):
+        hf.load_model(model_dir)
+
+
+def test_lm_head_alongside_tied_embedding(model_dir):
+    """A copy of the embedding loads (tied); a different head is refused, since transformers
+    would silently untie it."""
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    embedding = tensors["language_model.model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embedding.copy()
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    model = hf.load_model(model_dir)
+    assert model.language_model.lm_head is None
+    tensors["lm_head.weight"] = embedding * 2
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match="differs from the embedding.*tie_word_embeddings"):
+        hf.load_model(model_dir)

@@ -73,6 +73,9 @@ class TextConfig:
     rope_global_scale: float = 1.0  # Linear RoPE scaling (positions / scale) on global layers.
     final_logit_softcap: float | None = None
     rms_norm_eps: float = 1e-6
+    rope_local_scale: float = 1.0  # Linear RoPE scaling on local (sliding-window) layers.
+    attention_bias: bool = False  # Biases on the q, k, v and o projections.
+    tie_word_embeddings: bool = True  # False: a separate LM head (`lm_head`), not the embedding.
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

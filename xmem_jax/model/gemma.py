@@ -19,6 +19,9 @@ weights are [out, in] and transpose, `[i]` indexes the stacked 'layers' axis:
   layers.{i}.{input,post_attention,pre_feedforward,post_feedforward}_layernorm.weight
                                                 -> layers.{same}.scale[i]
   norm.weight                                   -> norm.scale
+  lm_head.weight [V, E] (only if untied)        -> lm_head.embedding
+  layers.{i}.self_attn.{q,k,v,o}_proj.bias (only with attention_bias)
+                                                -> layers.self_attn.{q,k,v,o}_proj.bias[i]
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class Embedder(nnx.Module):
-    """Token embedding, scaled by sqrt(embed_dim) on input and tied to the output projection."""
+    """Token embedding, scaled by sqrt(embed_dim) on input and tied to the output projection
+    (an untied LM head is a second `Embedder`, used only to decode)."""
 
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         text = config.text
@@ -118,7 +122,8 @@ class Attention(nnx.Module):
         text = config.text
         embed, heads, kv_heads, head_dim = (text.embed_dim, text.num_heads, text.num_kv_heads,
                                             text.head_dim)
-        kwargs = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        kwargs = dict(use_bias=text.attention_bias, dtype=config.dtype,
+                      param_dtype=config.param_dtype, rngs=rngs)
         q_shape, kv_shape = (embed, heads, head_dim), (embed, kv_heads, head_dim)
         kv_axes = ("embed", "kv_heads", "head_dim")
         self.q_proj = Einsum("...e,enh->...nh", q_shape, ("embed", "heads", "head_dim"), **kwargs)
@@ -144,7 +149,7 @@ class Attention(nnx.Module):
         inv_freq = jnp.where(
             is_global,
             _rope_inv_freq(text.head_dim, text.rope_global_base, text.rope_global_scale),
-            _rope_inv_freq(text.head_dim, text.rope_local_base, 1.0))
+            _rope_inv_freq(text.head_dim, text.rope_local_base, text.rope_local_scale))
         q = apply_rope(self.q_norm(self.q_proj(x)), positions, inv_freq)
         k = apply_rope(self.k_norm(self.k_proj(x)), positions, inv_freq)
         v = self.v_proj(x)
@@ -223,7 +228,8 @@ def empty_kv(config: VLMConfig, batch_size: int, cache_size: int) -> tuple[jax.A
 
 
 class Gemma3TextModel(nnx.Module):
-    """Embedder, scanned decoder layers, final norm; `logits` applies the tied LM head."""
+    """Embedder, scanned decoder layers, final norm; `logits` applies the LM head (the
+    embedding, or `lm_head` when `tie_word_embeddings` is False)."""
 
     def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -231,6 +237,7 @@ class Gemma3TextModel(nnx.Module):
         text = config.text
         self.layers = stack_layers(lambda r: DecoderLayer(config, rngs=r), text.num_layers, rngs)
         self.norm = RMSNorm(text.embed_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
+        self.lm_head = None if text.tie_word_embeddings else Embedder(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
@@ -268,7 +275,8 @@ class Gemma3TextModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, L, E] -> [B, L, V] float32, soft-capped if the config says so."""
-        logits = self.embed_tokens.decode(hidden)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        logits = head.decode(hidden)
         if (cap := self.config.text.final_logit_softcap) is not None:
             logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -4,6 +4,10 @@
     model = hf.load_model(model_dir, mesh)              # weights streamed onto their shards
     hf.export_model(model, out_dir)                     # a directory transformers loads
 
+config.json is resolved by transformers' own config classes (defaults and legacy keys as
+transformers reads them); every field that changes the function is honoured or refused by
+name (`config_from_hf`).
+
 Supported `architectures` (config.json): `Gemma3ForConditionalGeneration` (Gemma 3 4B/12B/27B:
 SigLIP + Gemma 3) and `Gemma3ForCausalLM` (Gemma 3 1B, text only). PaliGemma 2 is not
 supported: its prefix-LM attention and Gemma 2 decoder would need a second decoder.
@@ -11,14 +15,16 @@ supported: its prefix-LM attention and Gemma 2 decoder would need a second decod
 Both key layouts transformers writes are read: `model.language_model.*` /
 `model.vision_tower.*` (its in-memory names) and `language_model.model.*` / `vision_tower.*`
 (what `save_pretrained` writes; older hub checkpoints add `vision_tower.vision_model.*`).
-`lm_head.weight` is tied to the embedding and never read. `weight_table` is the one table of the
-mapping, used in both directions: torch Linear weights are [out, in] and ours are
-[in, ...heads] or [...heads, out], so they transpose; per-layer tensors stack along our
-leading 'layers' axis.
+`lm_head.weight` is read only when untied (`tie_word_embeddings=false`). `weight_table` is the
+one table of the mapping, used in both directions: torch Linear weights are [out, in] and ours
+are [in, ...heads] or [...heads, out], so they transpose; per-layer tensors stack along our
+leading 'layers' axis. Every tensor in the files must map to a parameter: leftovers are an
+error that names them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -35,6 +42,7 @@ from xmem_jax.model.config import TextConfig, VisionConfig, VLMConfig
 from xmem_jax.model.vlm import VLM
 from xmem_jax.train import sharding as sharding_lib
 
+# The multimodal architecture first.
 ARCHITECTURES = ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")
 
 
@@ -116,7 +124,7 @@ def _vision_weights() -> list[Weight]:
     return weights
 
 
-def _text_weights() -> list[Weight]:
+def _text_weights(config: VLMConfig) -> list[Weight]:
     layer = "lm.layers.{i}."
     ours = "language_model/layers/"
     weights = [
@@ -124,6 +132,11 @@ def _text_weights() -> list[Weight]:
         Weight("language_model/norm/scale", "lm.norm.weight"),
         Weight(ours + "self_attn/o_proj/kernel", layer + "self_attn.o_proj.weight", "out_last"),
     ]
+    if not config.text.tie_word_embeddings:
+        weights.append(Weight("language_model/lm_head/embedding", "lm_head.weight"))
+    if config.text.attention_bias:
+        weights += [Weight(f"{ours}self_attn/{p}/bias", f"{layer}self_attn.{p}.bias")
+                    for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     weights += [Weight(f"{ours}self_attn/{p}/kernel", f"{layer}self_attn.{p}.weight", "in_first")
                 for p in ("q_proj", "k_proj", "v_proj")]
     weights += [Weight(f"{ours}self_attn/{n}/scale", f"{layer}self_attn.{n}.weight")
@@ -138,11 +151,24 @@ def _text_weights() -> list[Weight]:
 
 def weight_table(config: VLMConfig) -> list[Weight]:
     """Every parameter of a `VLM(config)` (LoRA adapters aside) and its HF tensor."""
-    return _text_weights() + (_vision_weights() if config.vision is not None else [])
+    return _text_weights(config) + (_vision_weights() if config.vision is not None else [])
+
+
+def checkpoint_names(config: VLMConfig) -> set[str]:
+    """The canonical name of every tensor a checkpoint of `config` holds (layers expanded)."""
+    names = set()
+    for weight in weight_table(config):
+        if not weight.stacked:
+            names.add(weight.hf)
+            continue
+        depth = config.text.num_layers if weight.hf.startswith("lm.") else config.vision.depth
+        names.update(weight.hf.format(i=i) for i in range(depth))
+    return names
 
 
 # Checkpoint prefixes -> canonical ones (first match wins: longer prefixes first).
 _PREFIXES = (
+    ("language_model.lm_head.", "lm_head."),
     ("model.vision_tower.vision_model.", "vision."),
     ("vision_tower.vision_model.", "vision."),
     ("model.vision_tower.", "vision."),
@@ -153,13 +179,14 @@ _PREFIXES = (
     ("language_model.model.", "lm."),
     ("model.", "lm."),  # Gemma3ForCausalLM.
 )
-_TIED = re.compile(r"^(language_model\.)?lm_head\.weight$")
+# Tensors transformers' Gemma 3 holds but never computes with: SigLIP's pooling head (with
+# `vision_use_head=true`; Gemma 3 reads the last hidden state).
+_UNUSED = re.compile(r"^vision\.head\.")
+_LM_HEAD = "lm_head.weight"
 
 
-def canonical_name(key: str) -> str | None:
-    """A checkpoint key in the canonical layout; None for the tied `lm_head.weight`."""
-    if _TIED.match(key):
-        return None
+def canonical_name(key: str) -> str:
+    """A checkpoint key in the canonical layout."""
     for prefix, canonical in _PREFIXES:
         if key.startswith(prefix):
             return canonical + key[len(prefix):]
@@ -180,84 +207,163 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def _rope(text: dict) -> tuple[float, float, float]:
-    """(local base, global base, global linear scale) from either config.json spelling."""
-    params = text.get("rope_parameters")
-    if params and "full_attention" in params:  # transformers >= 5.
-        full, local = params["full_attention"], params.get("sliding_attention", {})
-        scale = full.get("factor", 1.0) if full.get("rope_type", "default") == "linear" else 1.0
-        return (float(local.get("rope_theta", 10_000.0)), float(full.get("rope_theta", 1e6)),
-                float(scale))
-    scaling = text.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
-        raise CheckpointError(f"Unsupported rope_scaling {scaling}: only 'linear' is")
-    return (float(text.get("rope_local_base_freq", 10_000.0)),
-            float(text.get("rope_theta", 1e6)), float(scaling.get("factor", 1.0)))
+def _refuse(source: str, field: str, value, why: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {field}={value!r} is not supported: {why}")
 
 
-def _sliding_window_pattern(text: dict) -> int:
-    """Our `sliding_window_pattern` p (layer i global iff (i + 1) % p == 0) for config.json's
-    layer types; an irregular pattern is an error."""
-    num_layers = int(text["num_hidden_layers"])
-    types = text.get("layer_types")
-    if types is None:
-        return int(text.get("sliding_window_pattern", text.get("_sliding_window_pattern", 6)))
-    is_global = [t == "full_attention" for t in types]
-    pattern = is_global.index(True) + 1 if any(is_global) else num_layers + 1
-    expected = [(i + 1) % pattern == 0 for i in range(num_layers)]
-    if is_global != expected:
-        raise CheckpointError(f"Unsupported layer_types {types}: only a sliding window layer "
-                              "pattern repeating every p layers (global last) is")
+def _transformers_config(hf: dict, source: str):
+    """config.json resolved by transformers' own `Gemma3Config` / `Gemma3TextConfig` (what
+    `from_pretrained` does with the file), so every default and legacy key (`rope_scaling`,
+    `rope_local_base_freq`, `sliding_window_pattern`) means what it means to transformers."""
+    from transformers import Gemma3Config, Gemma3TextConfig
+
+    architectures = hf.get("architectures") or []
+    if not architectures or architectures[0] not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{source}: unsupported architecture {architectures or None} (model_type "
+            f"{hf.get('model_type')!r}); supported: {', '.join(ARCHITECTURES)}")
+    cls = Gemma3Config if architectures[0] == ARCHITECTURES[0] else Gemma3TextConfig
+    if hf.get("model_type", cls.model_type) != cls.model_type:
+        raise CheckpointError(f"{source}: model_type {hf['model_type']!r} does not match "
+                              f"{architectures[0]} (which needs {cls.model_type!r})")
+    try:
+        return cls.from_dict(copy.deepcopy(hf))
+    except Exception as e:  # transformers' strict validation raises its own error types.
+        raise CheckpointError(f"{source} is not a valid {cls.__name__}: {e}") from None
+
+
+def _rope(text, layer_type: str, source: str) -> tuple[float, float]:
+    """(theta, linear scale) of one layer type's RoPE. transformers' 'default' and 'linear'
+    types are supported; the others ('yarn', 'llama3', 'dynamic', ...) are refused: no Gemma 3
+    checkpoint uses them, and the dynamic ones depend on the sequence length."""
+    field = f"rope_parameters[{layer_type!r}]"
+    params = text.rope_parameters.get(layer_type)
+    if params is None:
+        raise _refuse(source, field, params, "every layer needs RoPE")
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "linear"):
+        raise _refuse(source, f"{field}.rope_type", kind, "only 'default' and 'linear' are")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse(source, f"{field}.partial_rotary_factor",
+                      params["partial_rotary_factor"], "RoPE rotates the whole head here")
+    return float(params["rope_theta"]), float(params["factor"]) if kind == "linear" else 1.0
+
+
+def _sliding_window_pattern(layer_types: list[str], source: str) -> int:
+    """Our `sliding_window_pattern` p (layer i global iff (i + 1) % p == 0) for the resolved
+    layer types; an irregular pattern is refused."""
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise _refuse(source, "layer_types", unknown, "only 'full_attention' and "
+                      "'sliding_attention' layers are")
+    is_global = [t == "full_attention" for t in layer_types]
+    pattern = is_global.index(True) + 1 if any(is_global) else len(layer_types) + 1
+    if is_global != [(i + 1) % pattern == 0 for i in range(len(layer_types))]:
+        raise _refuse(source, "layer_types", layer_types, "only a sliding window layer "
+                      "pattern repeating every p layers (global last) is")
     return pattern
 
 
-def config_from_hf(hf: dict, **overrides) -> VLMConfig:
-    """A `VLMConfig` from a config.json dict; `overrides` set VLMConfig fields (dtype, ...)."""
-    architectures = hf.get("architectures") or []
-    if not architectures or architectures[0] not in ARCHITECTURES:
-        raise CheckpointError(f"Unsupported architecture {architectures or None} in "
-                              f"config.json; supported: {', '.join(ARCHITECTURES)}")
-    multimodal = architectures[0] == "Gemma3ForConditionalGeneration"
-    text = hf["text_config"] if multimodal else hf
-    local_base, global_base, global_scale = _rope(text)
-    try:
-        text_config = TextConfig(
-            vocab_size=int(text["vocab_size"]), embed_dim=int(text["hidden_size"]),
-            mlp_dim=int(text["intermediate_size"]), num_layers=int(text["num_hidden_layers"]),
-            num_heads=int(text["num_attention_heads"]),
-            num_kv_heads=int(text["num_key_value_heads"]), head_dim=int(text["head_dim"]),
-            query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
-            sliding_window=int(text["sliding_window"]),
-            sliding_window_pattern=_sliding_window_pattern(text),
-            rope_local_base=local_base, rope_global_base=global_base,
-            rope_global_scale=global_scale,
-            final_logit_softcap=text.get("final_logit_softcapping"),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)))
-        extra = {}
-        if multimodal:
-            vision = hf["vision_config"]
-            extra = {
-                "vision": VisionConfig(
-                    image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
-                    width=int(vision["hidden_size"]), depth=int(vision["num_hidden_layers"]),
-                    mlp_dim=int(vision["intermediate_size"]),
-                    num_heads=int(vision["num_attention_heads"]),
-                    layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6))),
-                "mm_tokens_per_image": int(hf.get("mm_tokens_per_image", 256)),
-                "image_token_id": int(hf.get("image_token_index",
-                                             hf.get("image_token_id", 262_144)))}
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
-    return VLMConfig(text=text_config, **extra, **overrides)
+def _text_config(text, *, multimodal: bool, tie_word_embeddings: bool,
+                 source: str) -> TextConfig:
+    """Our decoder config from a resolved `Gemma3TextConfig`; fields we cannot honour are
+    refused, not dropped."""
+    if text.hidden_activation != "gelu_pytorch_tanh":
+        raise _refuse(source, "hidden_activation", text.hidden_activation,
+                      "the MLP is GELU with the tanh approximation ('gelu_pytorch_tanh')")
+    if text.use_bidirectional_attention:
+        raise _refuse(source, "use_bidirectional_attention", True, "the decoder is causal")
+    if text.sliding_window is None:
+        raise _refuse(source, "sliding_window", None, "local layers need a window")
+    kinds = set(text.layer_types)
+    local = (_rope(text, "sliding_attention", source) if "sliding_attention" in kinds
+             else (10_000.0, 1.0))
+    global_ = (_rope(text, "full_attention", source) if "full_attention" in kinds
+               else (1_000_000.0, 1.0))
+    return TextConfig(
+        vocab_size=text.vocab_size, embed_dim=text.hidden_size, mlp_dim=text.intermediate_size,
+        num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads, head_dim=text.head_dim,
+        query_pre_attn_scalar=float(text.query_pre_attn_scalar),
+        sliding_window=text.sliding_window,
+        sliding_window_pattern=_sliding_window_pattern(text.layer_types, source),
+        rope_local_base=local[0], rope_local_scale=local[1],
+        rope_global_base=global_[0], rope_global_scale=global_[1],
+        # transformers' Gemma3ForConditionalGeneration never soft-caps its logits.
+        final_logit_softcap=None if multimodal else text.final_logit_softcapping,
+        rms_norm_eps=float(text.rms_norm_eps), attention_bias=bool(text.attention_bias),
+        tie_word_embeddings=bool(tie_word_embeddings))
+
+
+def _vision_config(vision, source: str) -> VisionConfig:
+    for field, value, expected in (("hidden_act", vision.hidden_act, "gelu_pytorch_tanh"),
+                                   ("num_channels", vision.num_channels, 3)):
+        if value != expected:
+            raise _refuse(source, f"vision_config.{field}", value, f"only {expected!r} is")
+    for field in ("image_size", "patch_size"):
+        if not isinstance(getattr(vision, field), int):
+            raise _refuse(source, f"vision_config.{field}", getattr(vision, field),
+                          "only square images (one int) are")
+    return VisionConfig(
+        image_size=vision.image_size, patch_size=vision.patch_size, width=vision.hidden_size,
+        depth=vision.num_hidden_layers, mlp_dim=vision.intermediate_size,
+        num_heads=vision.num_attention_heads, layer_norm_eps=float(vision.layer_norm_eps))
+
+
+def _check_dtypes(overrides: dict) -> None:
+    for name in ("dtype", "param_dtype"):
+        if name not in overrides:
+            continue
+        try:
+            floating = jnp.issubdtype(jnp.dtype(overrides[name]), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(f"{name}={overrides[name]!r} cannot hold the checkpoint's weights: "
+                             "use a floating dtype (float32, bfloat16, float16)")
+
+
+def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> VLMConfig:
+    """A `VLMConfig` from a config.json dict, resolved by transformers' config classes;
+    `overrides` set VLMConfig fields (dtype, ...).
+
+    Every field that changes the function is honoured as transformers computes it or refused
+    with a `CheckpointError` naming it: attention biases, an untied LM head
+    (`tie_word_embeddings=false`; the VLM's flag is the top-level one) and linear RoPE scaling
+    on either layer type are supported; other RoPE types, other activations, bidirectional
+    attention, irregular layer patterns and non-square images are refused.
+    `final_logit_softcapping` applies to `Gemma3ForCausalLM` only (transformers'
+    `Gemma3ForConditionalGeneration` never applies it), and `attn_logit_softcapping` to neither
+    (transformers' Gemma 3 attention never reads it).
+    """
+    _check_dtypes(overrides)
+    resolved = _transformers_config(hf, source)
+    multimodal = hf["architectures"][0] == ARCHITECTURES[0]
+    text = resolved.text_config if multimodal else resolved
+    text_config = _text_config(text, multimodal=multimodal,
+                               tie_word_embeddings=resolved.tie_word_embeddings, source=source)
+    if not multimodal:
+        return VLMConfig(text=text_config, **overrides)
+    return VLMConfig(text=text_config, vision=_vision_config(resolved.vision_config, source),
+                     mm_tokens_per_image=resolved.mm_tokens_per_image,
+                     image_token_id=resolved.image_token_index, **overrides)
 
 
 def load_config(model_dir: str | Path, **overrides) -> VLMConfig:
-    """The `VLMConfig` of a Hugging Face model directory (its config.json)."""
-    return config_from_hf(_read_json(Path(model_dir) / "config.json"), **overrides)
+    """The `VLMConfig` of a Hugging Face model directory (its config.json; see
+    `config_from_hf`)."""
+    path = Path(model_dir) / "config.json"
+    return config_from_hf(_read_json(path), source=str(path), **overrides)
 
 
 def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
+
+
+def _rope_parameters(base: float, scale: float) -> dict:
+    if scale == 1.0:
+        return {"rope_type": "default", "rope_theta": base}
+    return {"rope_type": "linear", "rope_theta": base, "factor": scale}
 
 
 def hf_config_dict(config: VLMConfig) -> dict:
@@ -266,10 +372,10 @@ def hf_config_dict(config: VLMConfig) -> dict:
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     text, vision = config.text, config.vision
-    global_rope = {"rope_type": "default", "rope_theta": text.rope_global_base}
-    if text.rope_global_scale != 1.0:
-        global_rope = {"rope_type": "linear", "rope_theta": text.rope_global_base,
-                       "factor": text.rope_global_scale}
+    if vision is not None and text.final_logit_softcap is not None:
+        raise ValueError(f"final_logit_softcap={text.final_logit_softcap}: transformers' "
+                         "Gemma3ForConditionalGeneration never applies it, so the exported "
+                         "model would compute different logits")
     text_config = Gemma3TextConfig(
         vocab_size=text.vocab_size, hidden_size=text.embed_dim, intermediate_size=text.mlp_dim,
         num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
@@ -277,10 +383,11 @@ def hf_config_dict(config: VLMConfig) -> dict:
         query_pre_attn_scalar=_int_if_whole(text.query_pre_attn_scalar),
         sliding_window=text.sliding_window,
         layer_types=["full_attention" if g else "sliding_attention" for g in text.global_layers],
-        rope_parameters={"sliding_attention": {"rope_type": "default",
-                                               "rope_theta": text.rope_local_base},
-                         "full_attention": global_rope},
+        rope_parameters={
+            "sliding_attention": _rope_parameters(text.rope_local_base, text.rope_local_scale),
+            "full_attention": _rope_parameters(text.rope_global_base, text.rope_global_scale)},
         final_logit_softcapping=text.final_logit_softcap, rms_norm_eps=text.rms_norm_eps,
+        attention_bias=text.attention_bias, tie_word_embeddings=text.tie_word_embeddings,
         hidden_activation="gelu_pytorch_tanh")
     if vision is None:
         text_config.architectures = ["Gemma3ForCausalLM"]
@@ -293,13 +400,19 @@ def hf_config_dict(config: VLMConfig) -> dict:
         vision_use_head=False)
     hf = Gemma3Config(text_config=text_config, vision_config=vision_config,
                       mm_tokens_per_image=config.mm_tokens_per_image,
-                      image_token_index=config.image_token_id)
+                      image_token_index=config.image_token_id,
+                      tie_word_embeddings=text.tie_word_embeddings)
     hf.architectures = ["Gemma3ForConditionalGeneration"]
     return hf.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading.
+
+
+# safetensors dtypes the loader converts; integer and 8-bit float tensors (quantized
+# checkpoints) would need their scales, which the model has no place for.
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class _Tensors:
@@ -331,16 +444,42 @@ class _Tensors:
             self.handles[name] = handle
             for key in handle.keys():
                 canonical = canonical_name(key)
-                if canonical is not None:
-                    self.location[canonical] = name
-                    self.raw_key[canonical] = key
+                self.location[canonical] = name
+                self.raw_key[canonical] = key
+
+    def check_names(self, config: VLMConfig) -> None:
+        """Every tensor the config.json model needs is present, and every tensor present is
+        read (a tied `lm_head.weight` must equal the embedding)."""
+        expected, present = checkpoint_names(config), set(self.location)
+        missing = sorted(expected - present)
+        if missing:
+            raise CheckpointError(
+                f"{self.model_dir}: {len(missing)} tensors the config.json model needs are in "
+                f"none of the files ({', '.join(self.handles)}), in any key layout: "
+                f"{', '.join(missing[:5])}")
+        leftover = sorted(self.raw_key[n] for n in present - expected - {_LM_HEAD}
+                          if not _UNUSED.match(n))
+        if leftover:
+            raise CheckpointError(
+                f"{self.model_dir}: {len(leftover)} tensors map to no parameter of the "
+                f"config.json model: {', '.join(leftover[:5])}")
+        if _LM_HEAD in present and _LM_HEAD not in expected and not np.array_equal(
+                self.get(_LM_HEAD), self.get("lm.embed_tokens.weight")):
+            raise CheckpointError(
+                f"{self.model_dir / self.location[_LM_HEAD]} holds a "
+                f"{self.raw_key[_LM_HEAD]!r} that differs from the embedding, but config.json "
+                "ties them (tie_word_embeddings=true; transformers would then use it untied): "
+                "set \"tie_word_embeddings\": false (for Gemma3ForConditionalGeneration, the "
+                "top-level field) to load it as the LM head")
 
     def get(self, canonical: str) -> np.ndarray:
-        if canonical not in self.location:
-            raise CheckpointError(f"Tensor {canonical!r} (any of its key layouts) is in none of "
-                                  f"the checkpoint's files: {', '.join(self.handles)}")
         name, key = self.location[canonical], self.raw_key[canonical]
-        if self.handles[name].get_slice(key).get_dtype() == "BF16":
+        dtype = self.handles[name].get_slice(key).get_dtype()
+        if dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"Tensor {key!r} in {self.model_dir / name} is {dtype}; the loader reads only "
+                f"{', '.join(_FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+        if dtype == "BF16":
             return self._bfloat16(name, key)
         return self.handles[name].get_tensor(key)
 
@@ -392,6 +531,7 @@ def load_model(model_dir: str | Path, mesh: jax.sharding.Mesh | None = None, *,
     model_dir = Path(model_dir)
     config = load_config(model_dir, **config_overrides)
     tensors = _Tensors(model_dir)
+    tensors.check_names(config)
     mesh = mesh or sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     build = (lambda: VLM(config, rngs=nnx.Rngs(0))) if model_fn is None else (
         lambda: model_fn(config))
@@ -428,8 +568,8 @@ def _is_adapter(path) -> bool:
 # Canonical prefixes -> the layout `save_pretrained` writes.
 _EXPORT_PREFIXES = {
     True: {"lm.": "language_model.model.", "vision.": "vision_tower.",
-           "projector.": "multi_modal_projector."},
-    False: {"lm.": "model."},
+           "projector.": "multi_modal_projector.", "lm_head.": "lm_head."},
+    False: {"lm.": "model.", "lm_head.": "lm_head."},
 }
 
 
@@ -487,3 +627,4 @@ def export_model(model: nnx.Module, out_dir: str | Path, *, dtype=None,
                                                     "chat_template.jinja")):
                 shutil.copy(path, out_dir / path.name)
     return out_dir
+

@@ -14,7 +14,8 @@ them `vision_tower.vision_model.*` and `language_model.model.*`) map onto ours a
   multi_modal_projector.mm_soft_emb_norm.weight
                                               -> multi_modal_projector.mm_soft_emb_norm.scale
   language_model.*                            -> language_model.*
-  lm_head.weight                              -> (tied to language_model.embed_tokens.embedding)
+  lm_head.weight                              -> language_model.lm_head.embedding if untied;
+                                                 else tied to language_model.embed_tokens
 """
 
 from __future__ import annotations
