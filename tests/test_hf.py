@@ -532,3 +532,175 @@ def test_lm_head_alongside_tied_embedding(model_dir):
     save_file(tensors, str(model_dir / "model.safetensors"))
     with pytest.raises(hf.CheckpointError, match="differs from the embedding.*tie_word_embeddings"):
         hf.load_model(model_dir)
+
+
+def test_config_from_another_model_family(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(hf.CheckpointError, match=r"unsupported architecture "
+                       r"\['LlamaForCausalLM'\] \(model_type 'llama'\)"):
+        hf.load_config(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(architectures=["Gemma3ForCausalLM"], model_type="gemma2")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.CheckpointError, match="model_type 'gemma2' does not match "
+                       "Gemma3ForCausalLM"):
+        hf.load_config(tmp_path)
+
+
+def test_dtypes_the_loader_cannot_hold(model_dir):
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    with pytest.raises(ValueError, match="dtype=.*int8.* cannot hold"):
+        hf.load_config(model_dir, dtype=jnp.int8)
+    tensors = load_torch(str(model_dir / "model.safetensors"))
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_torch(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match=rf"{key}' in .*model\.safetensors is F8_E4M3"):
+        hf.load_model(model_dir)
+
+
+# -- Model, tokenizer and processor together (hf.load). ---------------------------------------
+
+CHAT_VOCAB = 272  # The in-process BPE tokenizer's 265 tokens, rounded up.
+
+
+def _image(seed, size=(20, 24)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _conversation(question, num_images, seed=0):
+    content = [{"type": "image", "image": _image(seed + i)} for i in range(num_images)]
+    return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny random Gemma 3 VLM saved by transformers with a Gemma3Processor (a BPE trained
+    in-process, Gemma 3's chat template) and a generation_config.json stopping at <eos> or
+    <end_of_turn>."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from xmem_jax.data import tasks
+    from xmem_jax.data import tokenizer as tok
+
+    path = tmp_path_factory.mktemp("chat")
+    corpus = ["What is in this image? A cat sits on the mat. The dog runs in the park."] * 8
+    tok.train_tokenizer(corpus, vocab_size=256).save_pretrained(path / "tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        path / "tokenizer", extra_special_tokens={"boi_token": tok.START_OF_IMAGE,
+                                                  "eoi_token": tok.END_OF_IMAGE,
+                                                  "image_token": tok.IMAGE_TOKEN})
+    ids = tokenizer.convert_tokens_to_ids
+    config = vlm_config(text_config(vocab_size=CHAT_VOCAB))
+    config.image_token_index = ids(tok.IMAGE_TOKEN)
+    config.boi_token_index, config.eoi_token_index = ids(tok.START_OF_IMAGE), ids(tok.END_OF_IMAGE)
+    torch_model = random_model(config)
+    torch_model.generation_config = GenerationConfig(
+        eos_token_id=[ids(tok.EOS), ids(tok.END_OF_TURN)], pad_token_id=ids(tok.PAD),
+        bos_token_id=ids(tok.BOS))
+    torch_model.save_pretrained(path / "model")
+    processor = transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessorPil(size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, chat_template=tasks.CHAT_TEMPLATE, image_seq_length=4)
+    processor.save_pretrained(path / "model")
+    return path / "model", torch_model, processor
+
+
+def _transformers_answer(torch_model, processor, conversation, max_new_tokens):
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = torch_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_readme_example_answers_as_transformers_generate(chat_checkpoint):
+    path, torch_model, processor = chat_checkpoint
+    image = _image(0)
+    # The README's example, with a tiny checkpoint and a random image.
+    gemma = hf.load(path)
+    inputs = gemma.chat("What is in this image?", images=[image])
+    answer = gemma.generate(inputs, max_new_tokens=8)[0]
+
+    assert gemma.stop_ids == (1, 5)  # generation_config.json's <eos>, <end_of_turn>.
+    theirs = _transformers_answer(torch_model, processor,
+                                  _conversation("What is in this image?", 1), 8)
+    assert answer == theirs and answer
+
+
+def test_generate_and_score_take_processor_batches_as_they_come(chat_checkpoint):
+    """Left-padded prompts with one, two and no images: each row's answer is transformers'
+    answer to that prompt alone, and candidate scores are transformers' log-likelihoods."""
+    path, torch_model, processor = chat_checkpoint
+    gemma = hf.load(path)
+    conversations = [_conversation("What is in this image?", 1, seed=1),
+                     _conversation("The dog runs?", 2, seed=2),
+                     _conversation("A cat sits on the mat. What runs in the park?", 0)]
+    inputs = gemma.processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="np", processor_kwargs={"padding": True, "padding_side": "left"})
+    assert not inputs["attention_mask"][:, 0].all()  # Left padding.
+    answers = gemma.generate(inputs, max_new_tokens=6)
+    for conversation, answer in zip(conversations, answers):
+        assert answer == _transformers_answer(torch_model, processor, conversation, 6)
+
+    candidates = ["The dog", "A cat sits", "mat"]
+    scores = gemma.score(inputs, candidates)
+    for row, conversation in enumerate(conversations):
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        for column, candidate in enumerate(candidates):
+            ids = processor.tokenizer(candidate, add_special_tokens=False,
+                                      return_tensors="pt")["input_ids"]
+            full = {**prompt, "input_ids": torch.cat([prompt["input_ids"], ids], 1),
+                    "attention_mask": torch.ones(1, prompt["input_ids"].shape[1] + ids.shape[1],
+                                                 dtype=torch.long)}
+            full["token_type_ids"] = (full["input_ids"] == torch_model.config.image_token_id).long()
+            with torch.no_grad():
+                log_probs = torch_model(**full).logits[0].log_softmax(-1)
+            start = prompt["input_ids"].shape[1]
+            theirs = sum(log_probs[start - 1 + i, t].item() for i, t in enumerate(ids[0]))
+            np.testing.assert_allclose(scores[row, column], theirs, rtol=1e-4,
+                                       err_msg=f"row {row}, {candidate!r}")
+
+
+def test_model_inputs_regroup_images_and_undo_either_padding(chat_checkpoint):
+    path, _, processor = chat_checkpoint
+    config = hf.load_config(path)
+    conversations = [_conversation("Which?", 2, seed=3), _conversation("What runs?", 0),
+                     _conversation("And this one?", 1, seed=5)]
+    converted = {}
+    for side in ("left", "right"):
+        inputs = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="np", processor_kwargs={"padding": True, "padding_side": side})
+        converted[side] = hf.model_inputs(inputs, config)
+    pixels = inputs["pixel_values"].transpose(0, 2, 3, 1)  # 3 images, in prompt order.
+    for left, right in zip(converted["left"], converted["right"]):
+        np.testing.assert_array_equal(left, right)
+    tokens, lengths, images = converted["right"]
+    assert images.shape == (3, 2, 16, 16, 3)
+    np.testing.assert_array_equal(images[0], pixels[:2])
+    assert not images[1].any() and not images[2, 1].any()  # Blank padding images.
+    np.testing.assert_array_equal(images[2, 0], pixels[2])
+    assert (tokens[np.arange(3), lengths - 1] != 0).all() and (lengths < tokens.shape[1]).any()
+
+
+def test_load_needs_the_tokenizer_and_processor(chat_checkpoint, tmp_path):
+    path, _, _ = chat_checkpoint
+    shutil.copytree(path, tmp_path / "model")
+    (tmp_path / "model" / "processor_config.json").unlink()
+    with pytest.raises(hf.CheckpointError, match="has no processor"):
+        hf.load(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    with pytest.raises(hf.CheckpointError, match="has no tokenizer.*tokenizer.json"):
+        hf.load(tmp_path / "model")
+    hf.load_model(tmp_path / "model")  # The weights alone need neither.

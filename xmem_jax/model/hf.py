@@ -30,7 +30,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ from safetensors import safe_open
 
 from xmem_jax.model.config import TextConfig, VisionConfig, VLMConfig
 from xmem_jax.model.vlm import VLM
+from xmem_jax.score import decoding
 from xmem_jax.train import sharding as sharding_lib
 
 # The multimodal architecture first.
@@ -628,3 +629,174 @@ def export_model(model: nnx.Module, out_dir: str | Path, *, dtype=None,
                 shutil.copy(path, out_dir / path.name)
     return out_dir
 
+
+# ---------------------------------------------------------------------------------------------
+# Model, tokenizer and processor together; generation and scoring on Hugging Face inputs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A loaded model directory (`load`): the model, its tokenizer, its processor (None for a
+    text-only checkpoint) and the stop tokens of its generation_config.json.
+
+    `generate` and `score` take what the processor (or, text only, the tokenizer) returns, as
+    it comes: left or right padding, any number of images per prompt, numpy or torch tensors.
+    """
+
+    model: nnx.Module
+    tokenizer: Any
+    processor: Any
+    stop_ids: tuple[int, ...]
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+    def chat(self, question: str, images: Sequence[Any] = ()) -> dict:
+        """The inputs for one user turn (its images, then the question) with the generation
+        prompt, through the checkpoint's chat template."""
+        if images and self.processor is None:
+            raise ValueError("This checkpoint is text-only: it takes no images")
+        content = [{"type": "image", "image": image} for image in images]
+        content.append({"type": "text", "text": question})
+        messages = [{"role": "user", "content": content}]
+        template = self.processor or self.tokenizer
+        return template.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True, return_tensors="np")
+
+    def generate(self, inputs: Mapping[str, Any], *, max_new_tokens: int = 64,
+                 stop_ids: Sequence[int] | None = None) -> list[str]:
+        """The greedy answer to each prompt, decoded without special tokens. A row stops at
+        its first stop token (default: the checkpoint's `stop_ids`) or after `max_new_tokens`.
+        """
+        stop_ids = self.stop_ids if stop_ids is None else tuple(stop_ids)
+        if not stop_ids:
+            raise ValueError("No stop tokens: the checkpoint's generation_config.json and "
+                             "config.json name no eos_token_id; pass stop_ids")
+        tokens, lengths, images = model_inputs(inputs, self.model.config, self.pad_id)
+        ids, generated = decoding.greedy_decode(
+            self.model, tokens, lengths, images, max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids, pad_id=self.pad_id)
+        rows = [row[:n] for row, n in zip(np.asarray(ids), np.asarray(generated))]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def score(self, inputs: Mapping[str, Any],
+              candidates: Sequence[str] | Sequence[Sequence[str]]) -> np.ndarray:
+        """[B, C] sum over each candidate's tokens of log p(token | prompt, earlier tokens):
+        the same C candidate strings for every prompt, or one list per prompt (shorter lists
+        are padded with -inf). Candidates are tokenized without special tokens."""
+        tokens, lengths, images = model_inputs(inputs, self.model.config, self.pad_id)
+        per_prompt = not isinstance(candidates[0], str)
+        groups = [list(c) for c in candidates] if per_prompt else [list(candidates)]
+        if any(not text for group in groups for text in group):
+            raise ValueError("An empty candidate string has no tokens to score")
+        encoded = [self.tokenizer(group, add_special_tokens=False)["input_ids"]
+                   for group in groups]
+        width = max(len(ids) for group in encoded for ids in group)
+        count = max(len(group) for group in encoded)
+        ids = np.zeros((len(groups), count, width), np.int32)
+        length = np.zeros((len(groups), count), np.int32)
+        for g, group in enumerate(encoded):
+            for c, row in enumerate(group):
+                ids[g, c, :len(row)], length[g, c] = row, len(row)
+        if not per_prompt:
+            ids, length = ids[0], length[0]
+        return np.asarray(decoding.candidate_log_likelihoods(
+            self.model, tokens, lengths, images, ids, length, pad_id=self.pad_id))
+
+
+def model_inputs(inputs: Mapping[str, Any], config: VLMConfig, pad_id: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Processor output -> what the model and `xmem_jax.score.decoding` take.
+
+    `input_ids` [B, L] with `attention_mask` (left or right padding; absent: all real) become
+    right-padded int32 tokens and lengths [B]; `pixel_values` [M, 3, S, S] (every prompt's
+    images in order, channels first) become [B, N, S, S, 3] channels last, N the most images
+    of any prompt, blank images padding prompts with fewer (their soft tokens are never
+    placed). A prompt's image count is its `image_token_id` placeholders over
+    `mm_tokens_per_image`.
+    """
+    tokens = np.asarray(inputs["input_ids"])
+    mask = np.asarray(inputs["attention_mask"] if "attention_mask" in inputs
+                      else np.ones_like(tokens)).astype(bool)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    right = np.full(tokens.shape, pad_id, np.int32)
+    for row, (ids, real) in enumerate(zip(tokens, mask)):
+        where = np.flatnonzero(real)
+        if not where.size or where[-1] - where[0] + 1 != where.size:
+            raise ValueError(f"attention_mask row {row} is not one run of real tokens (left or "
+                             "right padding)")
+        right[row, :where.size] = ids[real]
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        return right, lengths, None
+    if config.vision is None:
+        raise ValueError("The model is text-only (config.vision is None) but got pixel_values")
+    pixels = np.asarray(pixels, np.float32).transpose(0, 2, 3, 1)
+    size = config.vision.image_size
+    if pixels.shape[1:] != (size, size, 3):
+        raise ValueError(f"pixel_values are {pixels.shape[1]}x{pixels.shape[2]} with "
+                         f"{pixels.shape[3]} channels; the model takes {size}x{size} RGB")
+    placeholders = (right == config.image_token_id).sum(axis=1)
+    counts = placeholders // config.mm_tokens_per_image
+    if (placeholders % config.mm_tokens_per_image).any() or counts.sum() != len(pixels):
+        raise ValueError(f"The prompts hold {placeholders.tolist()} image placeholders (id "
+                         f"{config.image_token_id}) for {len(pixels)} images of "
+                         f"{config.mm_tokens_per_image} tokens each")
+    images = np.zeros((len(right), max(counts.max(), 1), size, size, 3), np.float32)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for row, count in enumerate(counts):
+        images[row, :count] = pixels[starts[row]:starts[row] + count]
+    return right, lengths, images
+
+
+def _stop_ids(model_dir: Path) -> tuple[int, ...]:
+    """`eos_token_id` of generation_config.json, else of config.json (as transformers does)."""
+    path = model_dir / "generation_config.json"
+    source = _read_json(path) if path.exists() else _read_json(model_dir / "config.json")
+    eos = source.get("eos_token_id", source.get("text_config", {}).get("eos_token_id"))
+    if eos is None:
+        return ()
+    return tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+
+
+def _load_processor(model_dir: Path, config: VLMConfig):
+    from transformers import AutoProcessor
+
+    if not any((model_dir / name).exists()
+               for name in ("processor_config.json", "preprocessor_config.json")):
+        raise CheckpointError(
+            f"{model_dir} has no processor (processor_config.json or preprocessor_config.json): "
+            "hf.load needs it to turn images into model inputs; save the checkpoint's processor "
+            "there, or use hf.load_model for the weights alone")
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    seq_length = getattr(processor, "image_seq_length", None)
+    if seq_length != config.mm_tokens_per_image:
+        raise CheckpointError(f"{model_dir}: the processor writes {seq_length} tokens per image; "
+                              f"config.json's mm_tokens_per_image is {config.mm_tokens_per_image}")
+    return processor
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(
+            f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model): hf.load needs "
+            "it; copy the checkpoint's tokenizer files there, or use hf.load_model for the "
+            "weights alone")
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def load(model_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
+         **config_overrides) -> Checkpoint:
+    """The model of a Hugging Face directory with its tokenizer, processor (multimodal
+    checkpoints) and stop tokens; arguments as `load_model`. The tokenizer and processor are
+    read first, so a directory without them fails before any weight is read."""
+    model_dir = Path(model_dir)
+    config = load_config(model_dir, **config_overrides)
+    tokenizer = _load_tokenizer(model_dir)
+    processor = _load_processor(model_dir, config) if config.vision is not None else None
+    model = load_model(model_dir, mesh, **config_overrides)
+    return Checkpoint(model=model, tokenizer=tokenizer, processor=processor,
+                      stop_ids=_stop_ids(model_dir))
