@@ -431,6 +431,10 @@ SUPPORTED_FIELDS = {
     # transformers applies final_logit_softcapping on Gemma3ForCausalLM only.
     "softcap_vlm": lambda: vlm_config(text_config(final_logit_softcapping=0.5)),
     "softcap_text_only": lambda: text_config(final_logit_softcapping=0.5),
+    # Neither does transformers' Gemma 3 attention apply attn_logit_softcapping.
+    "attention_softcap": lambda: text_config(attn_logit_softcapping=0.05),
+    # SigLIP's pooling head is in the files but Gemma 3 reads the last hidden state.
+    "vision_head": lambda: vlm_config(vision_use_head=True),
 }
 
 
