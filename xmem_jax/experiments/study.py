@@ -93,14 +93,21 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
     return section
 
 
-def model_config_for(config, tokenizer) -> VLMConfig:
+def model_config_for(config, tokenizer=None) -> VLMConfig:
     """The preset `model.name`, or the architecture of `model.checkpoint` (a Hugging Face
-    directory), in `model.dtype`."""
+    directory), in `model.dtype`, with `model.remat`. Without a `tokenizer` (an ahead-of-time
+    compile, which needs shapes only) a preset keeps its own image token id."""
     dtype = jnp.dtype(config.model.dtype)
+    remat = bool(config.model.remat)
     if config.model.checkpoint:
-        return hf.load_config(config.model.checkpoint, dtype=dtype, param_dtype=dtype)
+        return dataclasses.replace(
+            hf.load_config(config.model.checkpoint, dtype=dtype, param_dtype=dtype), remat=remat)
     model_config = get_model_config(config.model.name, dtype=dtype, param_dtype=dtype,
-                                    image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+                                    remat=remat)
+    if tokenizer is None:
+        return model_config
+    model_config = dataclasses.replace(
+        model_config, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     if len(tokenizer) > model_config.text.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model "
                          f"{config.model.name!r} embeds {model_config.text.vocab_size}")

@@ -30,7 +30,6 @@ so a stream of batches compiles once per bucket used, not once per longest promp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
@@ -272,9 +271,11 @@ def _candidate_loop(model: VLM, first_log_probs: jax.Array, cache: Cache, width:
     return jnp.where(rows["length"] > 0, total, -jnp.inf)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "stop_ids", "pad_id"))
-def _score(model, tokens, prompt_length, images, packed, group, *, max_new_tokens: int,
-           stop_ids: tuple[int, ...], pad_id: int):
+def score_program(model, tokens, prompt_length, images, packed, group, *, max_new_tokens: int,
+                  stop_ids: tuple[int, ...], pad_id: int):
+    """`score_batch`'s traced body: prefill, then greedy decoding and/or packed candidates
+    (`packed`: a `PackedCandidates` as a dict of arrays). `xmem_jax.aot` compiles it ahead of
+    time, so it stays a plain function."""
     width = tokens.shape[1]
     tokens, input_mask = left_align(tokens, prompt_length, pad_id)
     extra = max_new_tokens
@@ -289,6 +290,9 @@ def _score(model, tokens, prompt_length, images, packed, group, *, max_new_token
         out["candidate_log_likelihoods"] = _candidate_loop(model, first, cache, width, packed,
                                                            group)
     return out
+
+
+_score = nnx.jit(score_program, static_argnames=("max_new_tokens", "stop_ids", "pad_id"))
 
 
 def fit_width(tokens, width: int, pad_id: int):

@@ -105,21 +105,27 @@ class TrainResult:
 # Mesh and batches.
 
 
-def mesh_from_config(mesh_config: ml_collections.ConfigDict,
-                     devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh`; one axis may be -1 (the rest)."""
-    devices = jax.devices() if devices is None else devices
+def mesh_sizes(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """The (data, fsdp, tensor) sizes of `config.mesh` on `num_devices`; one may be -1 (the
+    rest)."""
     sizes = {axis: int(mesh_config[axis]) for axis in sharding.MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"Invalid mesh config {sizes}: sizes must be positive, at most one -1")
     if free:
         fixed = math.prod(size for size in sizes.values() if size != -1)
-        if len(devices) % fixed:
-            raise ValueError(f"Mesh config {sizes}: {len(devices)} devices do not split into "
+        if num_devices % fixed:
+            raise ValueError(f"Mesh config {sizes}: {num_devices} devices do not split into "
                              f"groups of {fixed}")
-        sizes[free[0]] = len(devices) // fixed
-    return sharding.make_mesh(**sizes, devices=devices)
+        sizes[free[0]] = num_devices // fixed
+    return sizes
+
+
+def mesh_from_config(mesh_config: ml_collections.ConfigDict,
+                     devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh` (see `mesh_sizes`)."""
+    devices = jax.devices() if devices is None else devices
+    return sharding.make_mesh(**mesh_sizes(mesh_config, len(devices)), devices=devices)
 
 
 def batch_partition(rules: sharding.LogicalRules = sharding.LOGICAL_AXIS_RULES) -> PartitionSpec:
