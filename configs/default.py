@@ -118,8 +118,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.control = False
         config.finetune = _train_config(num_steps=300, batch_size=16, learning_rate=1e-4,
                                         warmup_steps=20)
+        # Full fine-tuning (--config.model.lora.rank=0) leaves the vision tower and projector
+        # as pretrained; LoRA trains its adapters only.
+        config.finetune.optim.freeze_regex = r"^(vision_tower|multi_modal_projector)/"
         config.eval_batch_size = 16
         config.max_length = 400  # 256 image soft tokens + the prompt and answer.
+        # Coarse widths: image batches (~270 tokens) compile at 384, description batches at
+        # 128; a handful of programs, each ~minutes to compile for a slice.
+        config.length_bucket = 128
     if quick:
         config.data.num_personas = 60
         config.data.num_views = 4

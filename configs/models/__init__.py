@@ -3,7 +3,9 @@
 
 A section holds the preset `name`, an optional Hugging Face `checkpoint` directory (its
 config.json then defines the architecture and its weights replace the base model), the compute
-and parameter `dtype`, and `lora` (rank 0 = full fine-tuning).
+and parameter `dtype`, `remat` (recompute each layer's activations in the backward pass: the
+Gemma 3 sizes need it to fit at their fine-tuning shapes, see `python -m xmem_jax.compile`) and
+`lora` (rank 0 = full fine-tuning).
 """
 
 import ml_collections
@@ -19,6 +21,7 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
     config.name = name
     config.checkpoint = ""
     config.dtype = "bfloat16" if name in GEMMA3 else "float32"
+    config.remat = name in GEMMA3
     config.lora = lora.default_config()
     if name in GEMMA3:
         config.lora.rank = 16
