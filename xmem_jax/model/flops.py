@@ -114,7 +114,9 @@ def count(model: nnx.Module, shape: Rows, *, trainable: Callable[[tuple], bool] 
         flops += (shape.rows * pairs * 4 * text.num_heads * text.head_dim
                   * (1 + 2 * int(is_train and below)))
 
-    # The LM head (tied to the embedding) at the positions that are read.
+    # The LM head (the embedding, or an untied `lm_head`) at the positions that are read.
+    head_trains = (embed_trains if text.tie_word_embeddings
+                   else is_train and trainable(("language_model", "lm_head", "embedding")))
     head = 2 * text.embed_dim * text.vocab_size * shape.rows * shape.head_positions
-    flops += head * factor(embed_trains, below)
+    flops += head * factor(head_trains, below)
     return flops
