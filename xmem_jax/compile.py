@@ -31,8 +31,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from xmem_jax.aot import analysis, programs
+from xmem_jax.aot import topology as topology_lib
+from xmem_jax.experiments import study
+from xmem_jax.train import optim, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -80,8 +87,6 @@ def parse_mesh(text: str, chips: int, topology: str) -> tuple[int, int, int]:
 
 
 def config_mesh(config, chips: int) -> tuple[int, int, int]:
-    from xmem_jax.train import sharding, trainer
-
     sizes = trainer.mesh_sizes(config.finetune.mesh, chips)
     return tuple(sizes[axis] for axis in sharding.MESH_AXES)
 
@@ -114,36 +119,23 @@ def batch_hint(config, chips: int, kv_heads: int) -> str:
         ",".join(map(str, layout)) for layout in fitting)
 
 
-def _make_mesh(sizes, devices):
-    from xmem_jax.train import sharding
-
-    return sharding.make_mesh(*sizes, devices=devices)
+def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
+    return int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
 
 
 def state_bytes_per_chip(state) -> int:
-    import jax
-    import numpy as np
-
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-               for x in jax.tree.leaves(state))
+    return sum(_shard_bytes(x) for x in jax.tree.leaves(state))
 
 
 def largest_state(state, top: int = 3) -> list[tuple[str, int]]:
     """The training state's largest arrays per chip: (path, bytes)."""
-    import jax
-    import numpy as np
-
-    from xmem_jax.train import optim
-
-    sizes = [(optim.path_name(path), int(np.prod(x.sharding.shard_shape(x.shape)))
-              * x.dtype.itemsize) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+    sizes = [(optim.path_name(path), _shard_bytes(x))
+             for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
     return sorted(sizes, key=lambda item: -item[1])[:top]
 
 
 def choose_mesh(config, model_config, devices, chip, answer_tokens, log) -> tuple:
     """--mesh=auto: (sizes, compiled fine-tuning step, its memory figures, search log)."""
-    from xmem_jax.aot import analysis, programs
-
     kv_heads = model_config.text.num_kv_heads
     batch = int(config.finetune.batch_size)
     accum = int(config.finetune.optim.grad_accum_steps)
@@ -153,7 +145,7 @@ def choose_mesh(config, model_config, devices, chip, answer_tokens, log) -> tupl
             search.append({"mesh": sizes, "skipped": f"batch {batch} does not split over "
                                                      f"{sizes[0] * sizes[1]} x {accum}"})
             continue
-        mesh = _make_mesh(sizes, devices)
+        mesh = sharding.make_mesh(*sizes, devices=devices)
         try:
             program = programs.train_program(config, "finetune", model_config, mesh,
                                              answer_tokens)
@@ -233,9 +225,6 @@ def run(config, topology: str, mesh_arg: str = "config", names=None,
     `topology` and returns their figures; raises `DoesNotFit` after logging them if the
     fine-tuning step does not fit. `model_config` replaces the config's architecture (e.g. a
     preset with fewer layers)."""
-    from xmem_jax.aot import analysis, programs, topology as topology_lib
-    from xmem_jax.experiments import study
-
     devices = topology_lib.slice_devices(topology)
     chip = topology_lib.chip_of(devices[0])
     model_config = model_config or study.model_config_for(config)
@@ -250,7 +239,7 @@ def run(config, topology: str, mesh_arg: str = "config", names=None,
     else:
         sizes = (config_mesh(config, chips) if mesh_arg == "config"
                  else parse_mesh(mesh_arg, chips, topology))
-        mesh = _make_mesh(sizes, devices)
+        mesh = sharding.make_mesh(*sizes, devices=devices)
     data, fsdp, tensor = sizes
     log(f"mesh: data={data} fsdp={fsdp} tensor={tensor} (main job: --config.finetune.mesh.data="
         f"{data} --config.finetune.mesh.fsdp={fsdp} --config.finetune.mesh.tensor={tensor})")

@@ -1,0 +1,142 @@
+"""The README's TPU tables: every Gemma 3 size x (LoRA rank 16, full fine-tuning with the
+vision tower frozen) x slice, and every program of Gemma 3 4B full fine-tuning on a v5p-16,
+compiled ahead of time with `python -m xmem_jax.compile --mesh=auto`.
+
+    python benchmarks/tpu_fit.py                # compile what is missing, then render
+    python benchmarks/tpu_fit.py --render_only  # rewrite the README tables from the results
+
+Each cell's figures go to `docs/results/tpu_fit/<size>_<mode>_<slice>.json`, the 4B example's
+to `docs/results/compile_gemma3_4b_full_v5p-16.json` (a file already there is kept), and the
+tables between the README's `tpu-fit` and `tpu-example` markers are rewritten from them. Cells
+compile the fine-tuning step only, without XLA's FLOP count (~30 s a cell more), so the
+lower-bound time is from the useful FLOPs and XLA's bytes accessed. The batch is the Gemma
+configs' 16 rows of 400 tokens, or one row per chip on slices of more than 16 chips (16 rows
+cannot split over 64 chips for Gemma 3 1B, whose one KV head rules out tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only rewrite the README table.")
+_JOBS = flags.DEFINE_integer("jobs", 2, "Cells compiled at once.")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "tpu_fit"
+SIZES = ("gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b")
+MODES = {"lora16": ["--config.model.lora.rank=16"], "full": ["--config.model.lora.rank=0"]}
+SLICES = {"v5p-8": ("v5p:2x2x1", 4), "v5p-16": ("v5p:2x2x2", 8), "v5p-128": ("v5p:4x4x4", 64),
+          "v6e-8": ("v6e:2x4", 8), "v6e-16": ("v6e:4x4", 16), "v6e-64": ("v6e:8x8", 64)}
+EXAMPLE = ROOT / "docs" / "results" / "compile_gemma3_4b_full_v5p-16.json"
+EXAMPLE_COMMAND = ["-m", "xmem_jax.compile", "--config=configs/default.py:gemma3_4b",
+                   "--topology=v5p:2x2x2", "--mesh=auto", "--config.model.lora.rank=0"]
+
+
+def cell_command(size: str, mode: str, slice_name: str) -> list[str]:
+    topology, chips = SLICES[slice_name]
+    command = [sys.executable, "-m", "xmem_jax.compile", f"--config=configs/default.py:{size}",
+               f"--topology={topology}", "--mesh=auto", "--programs=train_finetune",
+               "--count_flops=false", *MODES[mode]]
+    if chips > 16:
+        command.append(f"--config.finetune.batch_size={chips}")
+    return command
+
+
+def run_cell(size: str, mode: str, slice_name: str) -> str:
+    out = RESULTS / f"{size}_{mode}_{slice_name}.json"
+    if out.exists():
+        return f"{out.name}: kept"
+    command = cell_command(size, mode, slice_name) + [f"--out={out}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if not out.exists():  # A failure before any figure: keep its message as the cell.
+        out.write_text(json.dumps({"error": done.stderr.strip().splitlines()[-1:],
+                                   "command": " ".join(["python", *command[1:-1]])}))
+    return f"{out.name}: exit {done.returncode}"
+
+
+def _cell_text(result: dict) -> str:
+    step = result.get("programs", {}).get("train_finetune")
+    if step is None:
+        search = [e for e in result.get("search", []) if "peak_bytes" in e]
+        if search:
+            lowest = min(search, key=lambda e: e["peak_bytes"])
+            return f"does not fit ({lowest['peak_bytes'] / 2**30:.0f} GiB at best)"
+        return "error"
+    mesh = result["mesh"]
+    layout = "x".join(str(mesh[a]) for a in ("data", "fsdp", "tensor"))
+    fits = "" if step["peak_hbm_fraction"] <= 1 else " (does not fit)"
+    return (f"{layout}: {step['peak_bytes'] / 2**30:.1f} GiB ({step['peak_hbm_fraction']:.0%})"
+            f", {step['lower_bound_seconds'] * 1e3:.0f} ms{fits}")
+
+
+def render() -> str:
+    header = "| size, mode | " + " | ".join(SLICES) + " |"
+    lines = [header, "|" + " --- |" * (len(SLICES) + 1)]
+    for size in SIZES:
+        for mode in MODES:
+            cells = []
+            for slice_name in SLICES:
+                path = RESULTS / f"{size}_{mode}_{slice_name}.json"
+                cells.append(_cell_text(json.loads(path.read_text())) if path.exists()
+                             else "not compiled")
+            label = "LoRA 16" if mode == "lora16" else "full, tower frozen"
+            lines.append(f"| {size}, {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_example(result: dict) -> str:
+    mesh = result["mesh"]
+    lines = [f"Mesh chosen: data {mesh['data']} x fsdp {mesh['fsdp']} x tensor {mesh['tensor']}"
+             f" (`{result['command']}`).", "",
+             "| program | peak per chip (HBM) | arguments / temporaries | FLOPs per chip: XLA / "
+             "useful (ratio) | lower bound | collectives | compile |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, p in result["programs"].items():
+        collectives = ", ".join(f"{kind} {c['count']}" for kind, c in p["collectives"].items())
+        lines.append(
+            f"| {name} ({p['unit']}) | {p['peak_bytes'] / 2**30:.2f} GiB "
+            f"({p['peak_hbm_fraction']:.1%}) | {p['argument_bytes'] / 2**30:.2f} / "
+            f"{p['temp_bytes'] / 2**30:.2f} GiB | {p['xla_flops_per_chip']:.3g} / "
+            f"{p['useful_flops_per_chip']:.3g} ({p['xla_to_useful_flops']:.2f}) | "
+            f"{p['lower_bound_seconds'] * 1e3:.1f} ms | {collectives} | "
+            f"{p['compile_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def write_readme(name: str, table: str) -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        sys.exit(f"README.md lacks the {begin} ... {end} markers")
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{table}\n{end}", text))
+
+
+def main(argv):
+    del argv
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not _RENDER_ONLY.value:
+        if not EXAMPLE.exists():
+            subprocess.run([sys.executable, *EXAMPLE_COMMAND,
+                            f"--out={EXAMPLE.relative_to(ROOT)}"], cwd=ROOT, check=True)
+        cells = [(s, m, c) for s in SIZES for m in MODES for c in SLICES]
+        with concurrent.futures.ThreadPoolExecutor(_JOBS.value) as pool:
+            for line in pool.map(lambda cell: run_cell(*cell), cells):
+                print(line, flush=True)
+    example = render_example(json.loads(EXAMPLE.read_text()))
+    write_readme("tpu-example", example)
+    table = render()
+    write_readme("tpu-fit", table)
+    print(example, table, sep="\n\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
