@@ -51,14 +51,15 @@ def model_fn(config=MODEL):
     return lambda: VLM(config, rngs=nnx.Rngs(0))
 
 
-def make_batch(seed, batch=BATCH, length=LENGTH):
+def make_batch(seed, batch=BATCH, length=LENGTH, images=True):
     """A train batch as the pipeline makes it: <bos>, an image's placeholders (on rows with an
-    image), prompt text, the answer, then padding; answers of varying length."""
+    image: 3 in 4 rows, none without `images`), prompt text, the answer, then padding; answers
+    of varying length."""
     rng = np.random.default_rng(seed)
     tokens = np.zeros((batch, length), np.int32)
     input_mask = np.zeros((batch, length), np.int32)
     loss_mask = np.zeros((batch, length), np.float32)
-    has_image = np.arange(batch) % 4 != 3
+    has_image = (np.arange(batch) % 4 != 3) & images
     for row in range(batch):
         image = [MODEL.image_token_id] * MODEL.mm_tokens_per_image if has_image[row] else []
         prompt = [BOS, *image, *rng.integers(9, MODEL.text.vocab_size, rng.integers(3, 8))]
@@ -92,14 +93,15 @@ def one_device_mesh(data=1):
     return sharding.make_mesh(data, 1, 1, devices=jax.devices()[:data])
 
 
-def run_steps(config, mesh, batches, model_config=MODEL):
+def run_steps(config, mesh, batches, model_config=MODEL, answer_cap=None):
     """Builds the train state on `mesh`, runs one jitted step per batch; returns the initial
     params, the final model and each step's metrics."""
     init_fn = trainer.train_state_fn(config, model_fn(model_config))
     graphdef, abstract = sharding.abstract_model(init_fn, mesh)
     state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
     initial = params_of(nnx.merge(graphdef, state).model)
-    step = trainer.make_train_step(graphdef, config, sharding.state_shardings(abstract), mesh)
+    step = trainer.make_train_step(graphdef, config, sharding.state_shardings(abstract), mesh,
+                                   answer_cap=answer_cap)
     batch_sharding = NamedSharding(mesh, trainer.batch_partition())
     history = []
     with sharding.use_mesh(mesh):
@@ -137,6 +139,113 @@ def test_loss_counts_only_answer_tokens():
     np.testing.assert_allclose(losses.next_token_loss(unused, tokens, loss_mask)[0], loss,
                                rtol=1e-6)
     assert losses.next_token_loss(logits, tokens, np.zeros_like(loss_mask))[0] == 0.0
+
+
+def full_and_lean_losses(objective=None, cap=None, chunk_logits=losses.CHUNK_LOGITS,
+                         images=True):
+    """The loss and its gradient, from full [B, L, V] logits and from the train step's lean
+    path (`answer_positions`, gathered hidden states, chunked head), on one batch."""
+    batch = make_batch(0)
+    forget = np.arange(BATCH) % 2 == 0
+    tokens, mask = batch["tokens"], batch["input_mask"].astype(bool)
+    inputs = (tokens, batch["images"] if images else None, mask)
+    reference = VLM(MODEL, rngs=nnx.Rngs(1)) if objective and objective.needs_reference else None
+
+    def full(model, reference):
+        logits = model(*inputs)
+        if objective is None:
+            total, count = losses.next_token_loss_sums(logits, tokens, batch["loss_mask"])
+        else:
+            total, count = losses.unlearning_loss_sums(
+                objective, logits, tokens, batch["loss_mask"], forget,
+                None if reference is None else reference(*inputs))
+        return total / count
+
+    def lean(model, reference):
+        answers = losses.answer_positions(tokens, batch["loss_mask"], cap)
+        hidden = losses.gather_positions(model.hidden_states(*inputs), answers.index)
+        reference_args = () if reference is None else (
+            reference.language_model.logits,
+            losses.gather_positions(reference.hidden_states(*inputs), answers.index))
+        token_losses = losses.answer_token_losses(model.language_model.logits, hidden,
+                                                  answers.targets, *reference_args,
+                                                  chunk_logits=chunk_logits)
+        if objective is None:
+            total, count = losses.token_loss_sums(token_losses.nll, answers.weights)
+        else:
+            total, count = losses.objective_loss_sums(objective, token_losses,
+                                                      answers.weights, forget)
+        return total / count
+
+    model = VLM(MODEL, rngs=nnx.Rngs(0))
+    return [nnx.jit(nnx.value_and_grad(fn))(model, reference) for fn in (full, lean)]
+
+
+def assert_same_loss_and_grads(results):
+    (loss, grads), (lean_loss, lean_grads) = results
+    np.testing.assert_allclose(lean_loss, loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 lean_grads, grads)
+
+
+@pytest.mark.parametrize("cap, chunk_logits", [
+    (None, losses.CHUNK_LOGITS),  # Every position, one chunk.
+    (5, losses.CHUNK_LOGITS),  # The longest answer: answer positions only.
+    (8, BATCH * MODEL.text.vocab_size * 3),  # Chunks of 3 positions, the last one padded.
+])
+def test_lean_loss_equals_full_logits(cap, chunk_logits):
+    assert_same_loss_and_grads(full_and_lean_losses(cap=cap, chunk_logits=chunk_logits))
+
+
+@pytest.mark.parametrize("name", losses.UNLEARNING_METHODS)
+def test_lean_unlearning_objectives_equal_full_logits(name):
+    assert_same_loss_and_grads(full_and_lean_losses(
+        losses.Objective(name), cap=5, chunk_logits=BATCH * MODEL.text.vocab_size * 2))
+
+
+def test_answer_positions_in_order_then_unused_slots():
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+    loss_mask = np.array([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]], np.float32)
+    answers = losses.answer_positions(tokens, loss_mask, 3)
+    np.testing.assert_array_equal(answers.index[:, :2], [[1, 2], [4, 0]])
+    np.testing.assert_array_equal(answers.targets[0, :2], [2, 3])
+    np.testing.assert_array_equal(answers.weights, [[1, 1, 0], [1, 0, 0]])
+
+
+def test_answer_cap_per_batch_or_fixed():
+    assert [trainer.choose_answer_cap(n, 0) for n in (0, 5, 8, 9, 70)] == [8, 8, 8, 16, 128]
+    assert trainer.choose_answer_cap(5, 12) == 12
+    with pytest.raises(ValueError, match="13 answer tokens but max_answer_tokens=12"):
+        trainer.choose_answer_cap(13, 12)
+
+
+def test_train_step_loss_is_the_full_logits_loss():
+    """The step reads the head at the per-batch cap of answer positions only."""
+    batch = make_batch(0)
+    cap = trainer.choose_answer_cap(trainer.batch_facts(batch)[0], 0)
+    assert cap < LENGTH - 1
+    initial, _, history = run_steps(train_config(), one_device_mesh(), [batch], answer_cap=cap)
+    model = VLM(MODEL, rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.State.from_flat_path(
+        [(tuple(path.split("/")), value) for path, value in initial.items()]))
+    logits = model(batch["tokens"], batch["images"], batch["input_mask"].astype(bool))
+    loss, _ = losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+    np.testing.assert_allclose(history[0]["loss"], loss, rtol=1e-5)
+
+
+def test_text_only_batch_skips_the_tower_with_the_same_step():
+    """A batch without image rows trains the same without `images` (the trainer drops them,
+    and the tower does not run) as with zero images through the tower."""
+    batch = make_batch(0, images=False)
+    assert not trainer.batch_facts(batch)[1]
+    without_images = {key: value for key, value in batch.items() if key != "images"}
+    (_, with_tower, tower_history), (_, skipped, skipped_history) = (
+        run_steps(train_config(), one_device_mesh(), [b]) for b in (batch, without_images))
+    np.testing.assert_allclose(skipped_history[0]["loss"], tower_history[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(skipped_history[0]["grad_norm"], tower_history[0]["grad_norm"],
+                               rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 params_of(skipped), params_of(with_tower))
 
 
 # -- Optimizer. -------------------------------------------------------------------------------

@@ -134,9 +134,18 @@ class VLM(nnx.Module):
         Returns:
           [B, L, V] float32 logits; position t predicts token t + 1.
         """
+        return self.language_model.logits(self.hidden_states(tokens, images, input_mask,
+                                                             frozen_layers=frozen_layers))
+
+    def hidden_states(self, tokens: jax.Array, images: jax.Array | None = None,
+                      input_mask: jax.Array | None = None, *, frozen_layers: int = 0
+                      ) -> jax.Array:
+        """The decoder's normed output, [B, L, E], before the LM head (arguments as in
+        `__call__`): a loss gathers the positions it needs and applies
+        `language_model.logits` to those only, not to [B, L, V]."""
         hidden, _ = self.language_model(*self._decoder_inputs(tokens, images, input_mask),
                                         frozen_layers=frozen_layers)
-        return self.language_model.logits(hidden)
+        return hidden
 
     def layer_outputs(self, tokens: jax.Array, images: jax.Array | None = None,
                       input_mask: jax.Array | None = None) -> jax.Array:

@@ -16,6 +16,7 @@ Config (`default_config()`):
 | `num_steps` | optimizer steps to train for (the schedule decays over them) |
 | `batch_size` | global examples per optimizer step, over all hosts and micro-batches |
 | `mesh.data`, `mesh.fsdp`, `mesh.tensor` | mesh axis sizes; one may be -1 (= the remaining devices) |
+| `max_answer_tokens` | answer positions the LM head reads per row; 0: set per batch |
 | `log_every` | write a metrics row every this many steps (and at the last step) |
 | `progress_bar` | show a tqdm bar on process 0 |
 | `optim` | see `xmem_jax.train.optim` |
@@ -46,12 +47,14 @@ import optax
 import tqdm
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from xmem_jax.train import checkpoints, losses, optim, sharding
 
 # Batch entries the train step reads; the rest (ids, has_image) stay on the host. `forget`
-# ([B] bool) marks the rows an unlearning objective pushes away from.
+# ([B] bool) marks the rows an unlearning objective pushes away from. A batch whose
+# `has_image` is False on every row goes without `images`: its step skips the vision tower.
 MODEL_INPUTS = ("tokens", "input_mask", "loss_mask", "images", "forget")
 OPTIONAL_INPUTS = ("images", "forget")
 
@@ -64,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_steps = 1000
     config.batch_size = 32
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.max_answer_tokens = 0
     config.log_every = 10
     config.progress_bar = True
     config.optim = optim.default_config()
@@ -187,6 +191,43 @@ def make_global_batch(local_batch: Batch, batch_sharding: NamedSharding, batch_s
     return batch
 
 
+# The smallest per-batch answer cap (`choose_answer_cap`): names and short facts share one program.
+_MIN_ANSWER_CAP = 8
+
+
+def batch_facts(local_batch: Batch) -> tuple[int, bool]:
+    """(the most answer tokens in a row, whether any row holds an image) over every host's rows.
+
+    They choose the compiled step (`choose_answer_cap`, the vision tower or not), so all hosts must
+    agree. A batch without `has_image` counts as holding images.
+    """
+    loss_mask = np.asarray(local_batch["loss_mask"])
+    longest = int(np.count_nonzero(loss_mask[:, 1:], axis=1).max(initial=0))
+    has_image = local_batch.get("has_image")
+    any_image = has_image is None or bool(np.any(has_image))
+    if jax.process_count() > 1:
+        gathered = multihost_utils.process_allgather(np.array([longest, any_image]))
+        longest, any_image = int(gathered[:, 0].max()), bool(gathered[:, 1].any())
+    return longest, any_image
+
+
+def choose_answer_cap(longest_answer: int, max_answer_tokens: int) -> int:
+    """The answer positions per row a batch's step gathers (`losses.answer_positions`).
+
+    `max_answer_tokens` > 0 fixes it: one program per batch width, the one an ahead-of-time
+    compile lowers, and a batch with a longer answer is an error. 0 derives it from the batch:
+    its longest answer rounded up to a power of two, at least 8, so any task (names, facts,
+    captions) is exact with a handful of programs.
+    """
+    if max_answer_tokens:
+        if longest_answer > max_answer_tokens:
+            raise ValueError(
+                f"A batch row has {longest_answer} answer tokens but max_answer_tokens="
+                f"{max_answer_tokens}: raise it (0 sizes the LM head's positions per batch)")
+        return max_answer_tokens
+    return max(_MIN_ANSWER_CAP, 1 << max(longest_answer - 1, 0).bit_length())
+
+
 def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
     """[B, ...] -> [num, B / num, ...], micro-batch j holding rows j, j + num, j + 2 num, ...
 
@@ -205,7 +246,7 @@ def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.
 
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
                     state_shardings: nnx.State, mesh: jax.sharding.Mesh,
-                    objective: losses.Objective | None = None):
+                    objective: losses.Objective | None = None, answer_cap: int | None = None):
     """`step(state, batch, reference) -> (state, metrics)`, jitted with explicit shardings.
 
     The state (a `TrainState`'s `nnx.State`) is donated and comes back with the same shardings;
@@ -213,8 +254,14 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
     tokens) come back replicated. The loss is the answer tokens' cross-entropy, or `objective`
     (unlearning), which reads the batch's `forget` rows and, for npo / kl, the logits of the
     `reference` model state (None otherwise). Trace it inside `sharding.use_mesh(mesh)`.
+
+    The LM head runs only at `answer_cap` answer positions per row (`losses.answer_positions`;
+    None: `config.max_answer_tokens`, and if that is 0 every position), so a row must not
+    hold more answer tokens than that (`choose_answer_cap` checks a batch). Without `images` in the
+    batch the vision tower does not run.
     """
     accum = int(config.optim.grad_accum_steps)
+    answer_cap = answer_cap or int(config.get("max_answer_tokens", 0)) or None
     wrt = optim.trainable_filter(config.optim)
     frozen_layers = int(config.optim.get("freeze_layers", 0))
     schedule = optim.learning_rate_schedule(config.optim, config.num_steps)
@@ -232,17 +279,23 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
             model = nnx.merge(model_def, trainable, frozen)
             images = micro_batch.get("images") if has_vision else None
             inputs = (micro_batch["tokens"], images, micro_batch["input_mask"].astype(bool))
-            logits = model(*inputs, frozen_layers=frozen_layers)
-            if objective is None:
-                return losses.next_token_loss_sums(logits, micro_batch["tokens"],
-                                                   micro_batch["loss_mask"])
-            reference_logits = None
+            answers = losses.answer_positions(micro_batch["tokens"], micro_batch["loss_mask"],
+                                              answer_cap)
+            hidden = losses.gather_positions(
+                model.hidden_states(*inputs, frozen_layers=frozen_layers), answers.index)
+            reference_head = reference_hidden = None
             if reference is not None:
                 reference_model = nnx.merge(nnx.graphdef(model), reference)
-                reference_logits = jax.lax.stop_gradient(reference_model(*inputs))
-            return losses.unlearning_loss_sums(objective, logits, micro_batch["tokens"],
-                                               micro_batch["loss_mask"], micro_batch["forget"],
-                                               reference_logits)
+                reference_head = reference_model.language_model.logits
+                reference_hidden = jax.lax.stop_gradient(losses.gather_positions(
+                    reference_model.hidden_states(*inputs), answers.index))
+            token_losses = losses.answer_token_losses(
+                model.language_model.logits, hidden, answers.targets, reference_head,
+                reference_hidden)
+            if objective is None:
+                return losses.token_loss_sums(token_losses.nll, answers.weights)
+            return losses.objective_loss_sums(objective, token_losses, answers.weights,
+                                              micro_batch["forget"])
 
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
         if accum == 1:
@@ -469,7 +522,7 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
          train_iter, eval_fn, eval_every, objective, reference_state) -> TrainResult:
     num_steps, batch_size = int(config.num_steps), int(config.batch_size)
     log_every = max(int(config.log_every), 1)
-    train_step = make_train_step(graphdef, config, state_shardings, mesh, objective)
+    train_steps = {}  # By answer cap.
     batch_sharding = NamedSharding(mesh, batch_partition())
     metrics_log = MetricsLog(workdir / "metrics.jsonl", step)
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step",
@@ -519,8 +572,15 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                         f"train_iter ran out after step {step} of num_steps={num_steps}; "
                         "give the pipeline more epochs (num_epochs=None repeats forever)"
                     ) from None
+                longest_answer, any_image = batch_facts(local_batch)
+                cap = choose_answer_cap(longest_answer, int(config.get("max_answer_tokens", 0)))
+                if cap not in train_steps:
+                    train_steps[cap] = make_train_step(graphdef, config, state_shardings, mesh,
+                                                       objective, cap)
+                if not any_image:
+                    local_batch = {k: v for k, v in local_batch.items() if k != "images"}
                 batch = make_global_batch(local_batch, batch_sharding, batch_size)
-                state, metrics = train_step(state, batch, reference_state)
+                state, metrics = train_steps[cap](state, batch, reference_state)
                 step += 1
                 if pending is not None:
                     record(*pending, write=pending[0] % log_every == 0)
