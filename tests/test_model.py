@@ -53,6 +53,11 @@ def test_unknown_config_lists_known_names():
         get_model_config("huge")
 
 
+def test_unknown_remat_policy_lists_known_names():
+    with pytest.raises(ValueError, match="none, full, dots, qkv"):
+        dataclasses.replace(TINY, remat="some")
+
+
 def test_tiny_forward_shapes_and_finite(model):
     tokens, images = make_tokens(2, 15), make_images(2)
     logits = forward(model, tokens, images)
@@ -180,7 +185,8 @@ def test_scanned_and_unrolled_layers_agree(model):
 
 
 @pytest.mark.slow
-def test_remat_keeps_loss_and_gradients():
+@pytest.mark.parametrize("remat", [True, "full", "dots", "qkv"])
+def test_remat_keeps_loss_and_gradients(remat):
     tokens, images = make_tokens(2, 15), make_images(2)
     targets = jnp.roll(tokens, -1, axis=1)
 
@@ -192,7 +198,7 @@ def test_remat_keeps_loss_and_gradients():
             return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
         return nnx.value_and_grad(loss)(model)
 
-    configs = (dataclasses.replace(TINY, remat=remat) for remat in (False, True))
+    configs = (dataclasses.replace(TINY, remat=policy) for policy in (False, remat))
     (loss, grads), (remat_loss, remat_grads) = (
         loss_and_grads(nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(0)))()) for config in configs)
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)

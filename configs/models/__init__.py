@@ -3,8 +3,9 @@
 
 A section holds the preset `name`, an optional Hugging Face `checkpoint` directory (its
 config.json then defines the architecture and its weights replace the base model), the compute
-and parameter `dtype`, `remat` (recompute each layer's activations in the backward pass: the
-Gemma 3 sizes need it to fit at their fine-tuning shapes, see `python -m xmem_jax.compile`) and
+and parameter `dtype`, `remat` (the `VLMConfig.remat` policy: what each layer keeps for the
+backward pass, recomputing the rest; the Gemma 3 sizes keep nothing ('full') to fit at their
+fine-tuning shapes, see `python -m xmem_jax.compile`) and
 `lora` (rank 0 = full fine-tuning).
 """
 
@@ -21,7 +22,7 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
     config.name = name
     config.checkpoint = ""
     config.dtype = "bfloat16" if name in GEMMA3 else "float32"
-    config.remat = name in GEMMA3
+    config.remat = "full" if name in GEMMA3 else "none"
     config.lora = lora.default_config()
     if name in GEMMA3:
         config.lora.rank = 16

@@ -98,7 +98,7 @@ def model_config_for(config, tokenizer=None) -> VLMConfig:
     directory), in `model.dtype`, with `model.remat`. Without a `tokenizer` (an ahead-of-time
     compile, which needs shapes only) a preset keeps its own image token id."""
     dtype = jnp.dtype(config.model.dtype)
-    remat = bool(config.model.remat)
+    remat = config.model.remat  # A policy name, or False / True (none / full).
     if config.model.checkpoint:
         return dataclasses.replace(
             hf.load_config(config.model.checkpoint, dtype=dtype, param_dtype=dtype), remat=remat)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 # Id of `<image_soft_token>` in the project tokenizer (index in `SPECIAL_TOKENS`).
 _TINY_IMAGE_TOKEN_ID = 8
 _GEMMA3_IMAGE_TOKEN_ID = 262_144
+# `VLMConfig.remat` policies (`xmem_jax.model.layers.REMAT_POLICIES` defines them).
+_REMAT_NAMES = ("none", "full", "dots", "qkv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +97,9 @@ class VLMConfig:
     """Vision-language model: SigLIP tower, projector, Gemma 3 decoder.
 
     `vision=None` gives a text-only model (e.g. Gemma 3 1B). `scan_layers` compiles each tower's
-    layers once (compile time flat in depth); `remat` recomputes layer activations in the
-    backward pass instead of storing them.
+    layers once (compile time flat in depth); `remat` names what each layer keeps for the
+    backward pass, the rest being recomputed (`layers.REMAT_POLICIES`: 'none', 'full', 'dots',
+    'qkv'; False and True mean 'none' and 'full').
     """
 
     text: TextConfig
@@ -106,9 +109,12 @@ class VLMConfig:
     dtype: Any = jnp.float32  # Activations and matmuls.
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
-    remat: bool = False
+    remat: bool | str = False
 
     def __post_init__(self):
+        if not isinstance(self.remat, bool) and self.remat not in _REMAT_NAMES:
+            raise ValueError(f"Unknown remat policy {self.remat!r}; known: "
+                             f"{', '.join(_REMAT_NAMES)} (or False / True)")
         if self.vision is None:
             return
         tokens_per_side = round(self.mm_tokens_per_image**0.5)

@@ -32,6 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from xmem_jax.model.config import VLMConfig
 from xmem_jax.model.layers import (Einsum, RMSNorm, attend, constrain, logical, run_layers,
@@ -150,9 +151,10 @@ class Attention(nnx.Module):
             is_global,
             _rope_inv_freq(text.head_dim, text.rope_global_base, text.rope_global_scale),
             _rope_inv_freq(text.head_dim, text.rope_local_base, text.rope_local_scale))
-        q = apply_rope(self.q_norm(self.q_proj(x)), positions, inv_freq)
-        k = apply_rope(self.k_norm(self.k_proj(x)), positions, inv_freq)
-        v = self.v_proj(x)
+        # Named for the 'qkv' remat policy (`layers.REMAT_POLICIES`).
+        q = checkpoint_name(apply_rope(self.q_norm(self.q_proj(x)), positions, inv_freq), "query")
+        k = checkpoint_name(apply_rope(self.k_norm(self.k_proj(x)), positions, inv_freq), "key")
+        v = checkpoint_name(self.v_proj(x), "value")
         q = constrain(q, _Q_AXES)
         if kv_cache is not None:
             k, v = (jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype),

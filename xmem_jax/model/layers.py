@@ -18,6 +18,16 @@ from flax import nnx
 Axes = Sequence[str | None]
 Initializer = Callable[..., jax.Array]
 
+# What a rematerialised layer keeps for its backward pass (`VLMConfig.remat`); the rest is
+# recomputed. 'dots': the outputs of weight matmuls (no batch dims: not attention's scores);
+# 'qkv': only the decoder's projected queries, keys and values (`checkpoint_name`d in
+# `gemma.Attention`; the vision tower tags none, so it keeps nothing).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),
+}
+
 # Softmax of masked logits: finite so a fully masked row (padding) gives uniform weights, not NaN.
 _MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
 
@@ -163,13 +173,20 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
     return make(rngs)
 
 
+def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy of `VLMConfig.remat`; None for no remat."""
+    name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+    return None if name == "none" else REMAT_POLICIES[name]
+
+
 def run_layers(step: Callable, layers: nnx.Module, carry: Any, per_layer: Any, *, num_layers: int,
-               scan: bool, remat: bool, frozen: int = 0) -> tuple[Any, Any]:
+               scan: bool, remat: bool | str, frozen: int = 0) -> tuple[Any, Any]:
     """Applies `step(carry, layer, per_layer_slice) -> (carry, out)` over stacked layers in order.
 
     `per_layer` leaves have a leading layer axis; the outs are stacked likewise. With `scan` the
     body compiles once (flat compile time in depth); without it each layer is unrolled, which is
-    easier to profile and debug but computes the same function. The first `frozen` layers run
+    easier to profile and debug but computes the same function. `remat` is a `VLMConfig.remat`
+    policy. The first `frozen` layers run
     on `stop_gradient` weights: a frozen layer costs no weight gradient, and when nothing below
     it trains either (the embeddings, the vision tower) no backward pass at all.
     """
@@ -192,8 +209,8 @@ def run_layers(step: Callable, layers: nnx.Module, carry: Any, per_layer: Any, *
 
 
 def _run_layers(step, layers, carry, per_layer, num_layers, scan, remat):
-    if remat:
-        step = nnx.remat(step, prevent_cse=not scan)
+    if (policy := remat_policy(remat)) is not None:
+        step = nnx.remat(step, prevent_cse=not scan, policy=policy)
     if scan:
         scanned = nnx.scan(step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                            transform_metadata={nnx.PARTITION_NAME: "layers"})
