@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -289,6 +290,19 @@ def run(config, topology: str, mesh_arg: str = "config", names=None,
     return report
 
 
+def source_commit() -> str:
+    """The checkout's commit, '+' marking uncommitted changes ('' outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + ("+" if dirty else "")
+
+
 def main(argv):
     del argv
     error = None
@@ -303,6 +317,7 @@ def main(argv):
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     report["command"] = "python -m xmem_jax.compile " + " ".join(sys.argv[1:])
+    report["commit"] = source_commit()
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"figures: {out}")
     step = report.get("programs", {}).get("train_finetune")

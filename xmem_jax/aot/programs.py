@@ -7,10 +7,13 @@
     greedy           prefill, then greedy decoding (exact match)
     candidates       prefill, then the packed candidate answers (choice and rank)
 
-Shapes are the worst the config allows: train rows `max_length` wide, prompts of the bucket
-that holds `max_length`, every query with an image. Candidates are `answer_tokens`-token
-names of every study persona with no shared prefix (the tries share nothing), and greedy
-decoding runs `answer_tokens + 2` steps, as the scorer does for answers that long.
+Shapes are the worst the config allows: train rows `max_length` wide, with images where the
+stage trains on any (the trainer drops them from image-free batches), the LM head at the answer
+positions the trainer chooses for `answer_tokens`-token answers (`trainer.choose_answer_cap`);
+prompts of the bucket that holds `max_length`, every query with an image. Candidates are
+`answer_tokens`-token names of every study persona with no shared prefix (the tries share
+nothing), and greedy decoding runs `answer_tokens + 2` steps, as the scorer does for answers
+that long.
 
 A `Program` lowers itself for any model config and mesh, so `analysis` can compile shallow
 unrolled copies of it, unpartitioned, next to the real one.
@@ -111,14 +114,14 @@ def _abstract(shape, dtype, spec: NamedSharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=spec)
 
 
-def train_batch(rows: int, length: int, model_config: VLMConfig, mesh: jax.sharding.Mesh
-                ) -> dict[str, jax.ShapeDtypeStruct]:
+def train_batch(rows: int, length: int, model_config: VLMConfig, mesh: jax.sharding.Mesh,
+                images: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
     """The abstract batch of `trainer.MODEL_INPUTS` the pipeline feeds a train step."""
     spec = _batch_spec(mesh)
     batch = {"tokens": _abstract((rows, length), jnp.int32, spec),
              "input_mask": _abstract((rows, length), jnp.int32, spec),
              "loss_mask": _abstract((rows, length), jnp.float32, spec)}
-    if model_config.vision is not None:
+    if images and model_config.vision is not None:
         size = model_config.vision.image_size
         batch["images"] = _abstract((rows, size, size, 3), jnp.float32, spec)
     return batch
@@ -138,6 +141,8 @@ def train_program(config: ml_collections.ConfigDict, stage: str, model_config: V
     accum = int(train_config.optim.grad_accum_steps)
     batch_size, length = int(train_config.batch_size), int(config.max_length)
     trainer.check_batch_size(batch_size, mesh, accum, process_count=1)
+    share = image_share(config, stage)
+    answer_cap = trainer.choose_answer_cap(answer_tokens, int(train_config.max_answer_tokens))
 
     def build_rows(rows: int, accum_steps: int) -> Build:
         step_config = ml_collections.ConfigDict(train_config.to_dict())
@@ -148,16 +153,16 @@ def train_program(config: ml_collections.ConfigDict, stage: str, model_config: V
             graphdef, state = sharding.abstract_model(
                 trainer.train_state_fn(step_config, study.model_fn(config, model_config)), mesh)
             step = trainer.make_train_step(graphdef, step_config,
-                                           sharding.state_shardings(state), mesh)
-            return step, (state, train_batch(rows, length, model_config, mesh), None)
+                                           sharding.state_shardings(state), mesh,
+                                           answer_cap=answer_cap)
+            return step, (state, train_batch(rows, length, model_config, mesh, share > 0), None)
 
         return build
 
     model = nnx.eval_shape(study.model_fn(config, model_config))
     trainable = trainable_paths(model, train_config.optim)
     frozen_layers = int(train_config.optim.get("freeze_layers", 0))
-    rows = flops.Rows(batch_size, length, batch_size * image_share(config, stage),
-                      answer_tokens)
+    rows = flops.Rows(batch_size, length, batch_size * share, answer_tokens)
     useful = flops.count(model, rows, trainable=trainable.__contains__,
                          frozen_layers=frozen_layers)
     return Program(f"train_{stage}", build_rows(batch_size, accum), useful, frozen_layers,
