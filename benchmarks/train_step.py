@@ -2,6 +2,7 @@
 the same architecture in transformers + PyTorch (eager), on CPU, in one run.
 
     python benchmarks/train_step.py --config=tiny --batch=16 --length=64 --repeats=5
+    python benchmarks/train_step.py --text_only   # rows without images: the tower skipped or not
 
 Both sides get the same sizes (a `Gemma3ForConditionalGeneration` built from the preset's
 config.json, `hf.hf_config_dict`), batch, sequence length, answer-only loss and optimizer.
@@ -9,6 +10,11 @@ Each repeat times
 `--steps` consecutive steps; the medians of the per-step times are compared. FLOPs are counted
 analytically (matmuls and attention, backward = 2 x forward); MFU is against `--peak_gflops`.
 The last line is `speedup_vs_transformers: X` (PyTorch step time / JAX step time).
+
+`--text_only` gives every row text only (no image placeholders, zero pixels, `has_image`
+False): the trainer then drops the images and skips the vision tower; each JAX variant is also
+timed as `+tower`, fed the zero images as before that change, which measures the skip.
+`--remat` takes a `VLMConfig.remat` policy (none, full, dots, qkv).
 """
 
 from __future__ import annotations
@@ -29,33 +35,37 @@ from xmem_jax.train import sharding, trainer
 ANSWER_LENGTH = 8
 
 
-def make_batch(config: VLMConfig, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """<bos>, one image's placeholders, random text; the last ANSWER_LENGTH tokens are the
-    answer (loss_mask = 1)."""
+def make_batch(config: VLMConfig, batch: int, length: int, seed: int = 0,
+               text_only: bool = False) -> dict[str, np.ndarray]:
+    """<bos>, one image's placeholders (none if `text_only`), random text; the last
+    ANSWER_LENGTH tokens are the answer (loss_mask = 1)."""
     rng = np.random.default_rng(seed)
     image_tokens = config.mm_tokens_per_image
     if length < 2 + image_tokens + ANSWER_LENGTH:
         raise ValueError(f"--length must be at least {2 + image_tokens + ANSWER_LENGTH}")
     tokens = rng.integers(9, config.text.vocab_size, (batch, length)).astype(np.int32)
     tokens[:, 0] = 2
-    tokens[:, 1:1 + image_tokens] = config.image_token_id
+    if not text_only:
+        tokens[:, 1:1 + image_tokens] = config.image_token_id
     loss_mask = np.zeros((batch, length), np.float32)
     loss_mask[:, -ANSWER_LENGTH:] = 1
     size = config.vision.image_size
+    images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     return {"tokens": tokens, "input_mask": np.ones((batch, length), np.int32),
-            "loss_mask": loss_mask,
-            "images": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)}
+            "loss_mask": loss_mask, "images": images * (not text_only),
+            "has_image": np.full(batch, not text_only)}
 
 
-def train_step_flops(config: VLMConfig, batch: int, length: int) -> float:
-    """Matmul and attention FLOPs of forward + backward (3 x forward), full L x L attention."""
+def train_step_flops(config: VLMConfig, batch: int, length: int, images: bool = True) -> float:
+    """Matmul and attention FLOPs of forward + backward (3 x forward), full L x L attention;
+    the tower's only with `images`."""
     text, vision = config.text, config.vision
     e, q, kv = text.embed_dim, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
     per_token = text.num_layers * (2 * e * (2 * q + 2 * kv) + 2 * 3 * e * text.mlp_dim
                                    + 2 * 2 * length * q)
     per_token += 2 * e * text.vocab_size  # Tied LM head.
     forward = batch * length * per_token
-    if vision is not None:
+    if vision is not None and images:
         w, patches = vision.width, vision.num_patches
         per_patch = 2 * vision.patch_size**2 * 3 * w + vision.depth * (
             2 * 4 * w * w + 2 * 2 * w * vision.mlp_dim + 2 * 2 * patches * w)
@@ -76,8 +86,11 @@ def time_steps(step, repeats: int, steps: int) -> list[float]:
     return medians
 
 
-def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int):
-    """Our trainer's jitted step on one device; returns a callable running one step."""
+def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int,
+             skip_tower: bool = True):
+    """Our trainer's jitted step on one device; returns a callable running one step. As in
+    `trainer.train`, a batch without image rows goes without images (unless not `skip_tower`)
+    and the LM head reads only its answer positions."""
     train_config = trainer.default_config()
     train_config.batch_size = batch["tokens"].shape[0]
     train_config.num_steps = num_steps
@@ -86,8 +99,11 @@ def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int):
     init_fn = trainer.train_state_fn(train_config, lambda: VLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract = sharding.abstract_model(init_fn, mesh)
     state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
+    longest_answer, any_image = trainer.batch_facts(batch)
     step = trainer.make_train_step(graphdef, train_config, sharding.state_shardings(abstract),
-                                   mesh)
+                                   mesh, answer_cap=trainer.choose_answer_cap(longest_answer, 0))
+    if skip_tower and not any_image:
+        batch = {key: value for key, value in batch.items() if key != "images"}
     batch_sharding = jax.sharding.NamedSharding(mesh, trainer.batch_partition())
     device_batch = trainer.make_global_batch(batch, batch_sharding, train_config.batch_size)
     holder = {"state": state}
@@ -118,9 +134,11 @@ def torch_step(config: VLMConfig, batch: dict[str, np.ndarray], attention: str):
         "input_ids": tokens,
         "attention_mask": torch.from_numpy(batch["input_mask"]).long(),
         "token_type_ids": (tokens == config.image_token_id).long(),
-        "pixel_values": torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous(),
         "labels": torch.where(torch.from_numpy(batch["loss_mask"]) > 0, tokens, -100),
     }
+    if batch["has_image"].any():
+        inputs["pixel_values"] = torch.from_numpy(batch["images"]).permute(0, 3, 1,
+                                                                           2).contiguous()
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -144,16 +162,18 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per repeat.")
     parser.add_argument("--layers", default="scanned,unrolled",
                         help="JAX variants to time: 'scanned' and/or 'unrolled' decoder layers.")
-    parser.add_argument("--remat", type=int, default=0)
+    parser.add_argument("--remat", default="none", help="A VLMConfig.remat policy.")
+    parser.add_argument("--text_only", action="store_true",
+                        help="Rows without images; also time the tower run on zero images.")
     parser.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
     parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
     parser.add_argument("--peak_gflops", type=float, default=150.0,
                         help="Peak float32 GFLOP/s of this machine, for MFU.")
     args = parser.parse_args()
 
-    config = get_model_config(args.config, remat=bool(args.remat))
-    batch = make_batch(config, args.batch, args.length)
-    flops = train_step_flops(config, args.batch, args.length)
+    config = get_model_config(args.config, remat=args.remat)
+    batch = make_batch(config, args.batch, args.length, text_only=args.text_only)
+    flops = train_step_flops(config, args.batch, args.length, images=not args.text_only)
     num_params = count_parameters(nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0))))
     print(f"{args.config}: {num_params:,} parameters; batch {args.batch} x "
           f"{args.length} tokens; {flops / 1e9:.2f} GFLOP per train step (analytic); "
@@ -170,10 +190,13 @@ def main():
             parser.error(f"--layers: unknown variant {layers!r}")
         variant = dataclasses.replace(config, scan_layers=layers == "scanned")
         runs[f"jax {layers}"] = jax_step(variant, batch, total_steps)
+        if args.text_only:
+            runs[f"jax {layers} +tower"] = jax_step(variant, batch, total_steps,
+                                                    skip_tower=False)
     torch_name = f"torch {args.torch_attention}"
     runs[torch_name] = torch_step(config, batch, args.torch_attention)
     for name, (_, loss, first) in runs.items():
-        print(f"{name:16s} first step {first:6.2f} s (JAX: with compilation), loss {loss:.3f}")
+        print(f"{name:20s} first step {first:6.2f} s (JAX: with compilation), loss {loss:.3f}")
     # Interleaved repeats, so that load from other processes hits every side alike.
     times = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -182,10 +205,11 @@ def main():
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name, median in medians.items():
         achieved = flops / median / 1e9
-        print(f"{name:16s} median {median * 1e3:7.1f} ms/step (repeats "
+        print(f"{name:20s} median {median * 1e3:7.1f} ms/step (repeats "
               f"{', '.join(f'{t * 1e3:.1f}' for t in times[name])}), "
               f"{achieved:5.1f} GFLOP/s, MFU {achieved / args.peak_gflops:.1%}")
-    best_jax = min((m, name) for name, m in medians.items() if name.startswith("jax"))
+    best_jax = min((m, name) for name, m in medians.items()
+                   if name.startswith("jax") and not name.endswith("+tower"))
     print(f"fastest JAX variant: {best_jax[1]}; torch threads: {args.torch_threads}")
     print(f"speedup_vs_transformers: {medians[torch_name] / best_jax[0]:.2f}")
 
