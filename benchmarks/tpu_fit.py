@@ -1,6 +1,7 @@
 """The README's TPU tables: every Gemma 3 size x (LoRA rank 16, full fine-tuning with the
 vision tower frozen) x slice, and every program of Gemma 3 4B full fine-tuning on a v5p-16,
-compiled ahead of time with `python -m xmem_jax.compile --mesh=auto`.
+compiled ahead of time with `python -m xmem_jax.compile` (the table with --mesh=recommended: one
+compile a cell where the preferred layout fits; the example with --mesh=auto).
 
     python benchmarks/tpu_fit.py                # compile what is missing, then render
     python benchmarks/tpu_fit.py --render_only  # rewrite the README tables from the results
@@ -42,7 +43,7 @@ EXAMPLE_COMMAND = ["-m", "xmem_jax.compile", "--config=configs/default.py:gemma3
 def cell_command(size: str, mode: str, slice_name: str) -> list[str]:
     topology, chips = SLICES[slice_name]
     command = [sys.executable, "-m", "xmem_jax.compile", f"--config=configs/default.py:{size}",
-               f"--topology={topology}", "--mesh=auto", "--programs=train_finetune",
+               f"--topology={topology}", "--mesh=recommended", "--programs=train_finetune",
                "--count_flops=false", *MODES[mode]]
     if chips > 16:
         command.append(f"--config.finetune.batch_size={chips}")

@@ -15,11 +15,14 @@ its HBM bandwidth), the collectives, and the compile time. Its last two lines ar
 same figures as JSON. It exits with 1 when the fine-tuning step does not fit.
 
 --mesh: 'config' (the config's `finetune.mesh`, as the main job would use it), D,F,T (data,
-fsdp, tensor), or 'auto': the data-parallel and FSDP layouts, each with every tensor size that
-divides the KV heads, whose batch devices split the batch; compiled in order of their training
-state's bytes per chip, the one with the lowest peak that fits is kept. A layout whose state
-alone is no lower than the best peak found cannot win and is not compiled. It prints the
-`--config.finetune.mesh.*` overrides that give the main job the chosen layout.
+fsdp, tensor), 'recommended' or 'auto'. Both search the data-parallel and FSDP layouts, each
+with every tensor size that divides the KV heads, whose batch devices split the batch.
+'recommended' compiles them in the README's order of preference and keeps the first that fits:
+for LoRA, data parallelism (the frozen weights replicated: no per-layer all-gathers) where the
+replicated state fits, then FSDP; for full fine-tuning, FSDP; the narrowest tensor axis first.
+'auto' compiles them in order of their training state's bytes per chip and keeps the lowest
+peak that fits; a layout whose state alone is no lower than the best peak found cannot win and
+is not compiled. Either prints the `--config.finetune.mesh.*` overrides for the main job.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "A TPU slice, e.g. v5p:2x2x1 (v5p-8), v5p:2x2x2 (v5p-16), v6e:2x4 "
     "(v6e-8), v5e:2x2; or cpu:N for N fake CPU devices.")
-_MESH = flags.DEFINE_string("mesh", "config", "'config', 'auto', or data,fsdp,tensor sizes.")
+_MESH = flags.DEFINE_string("mesh", "config", "'config', 'recommended', 'auto', or "
+                            "data,fsdp,tensor sizes.")
 _PROGRAMS = flags.DEFINE_list("programs", None, "Programs to compile (default: all the main "
                               "job runs): train_base, train_finetune, prefill, greedy, "
                               "candidates.")
@@ -79,7 +83,7 @@ def parse_mesh(text: str, chips: int, topology: str) -> tuple[int, int, int]:
     except ValueError:
         sizes = ()
     if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"--mesh={text!r}: give 'config', 'auto' or three positive sizes "
+        raise ValueError(f"--mesh={text!r}: give 'config', 'recommended', 'auto' or three sizes "
                          "data,fsdp,tensor, e.g. 1,4,1")
     if math.prod(sizes) != chips:
         raise ValueError(f"--mesh={text} has {math.prod(sizes)} devices but {topology} has "
@@ -135,8 +139,9 @@ def largest_state(state, top: int = 3) -> list[tuple[str, int]]:
     return sorted(sizes, key=lambda item: -item[1])[:top]
 
 
-def choose_mesh(config, model_config, devices, chip, answer_tokens, log) -> tuple:
-    """--mesh=auto: (sizes, compiled fine-tuning step, its memory figures, search log)."""
+def choose_mesh(config, model_config, devices, chip, answer_tokens, log, auto: bool) -> tuple:
+    """--mesh=auto (`auto`) or recommended: (sizes, mesh, (compiled fine-tuning step, its
+    compile seconds), search log)."""
     kv_heads = model_config.text.num_kv_heads
     batch = int(config.finetune.batch_size)
     accum = int(config.finetune.optim.grad_accum_steps)
@@ -157,13 +162,28 @@ def choose_mesh(config, model_config, devices, chip, answer_tokens, log) -> tupl
         candidates.append((state_bytes_per_chip(state), sizes[2], sizes[0], sizes, mesh,
                            program))
     if not candidates:
-        raise ValueError(f"--mesh=auto: no layout of {len(devices)} chips splits the "
+        raise ValueError(f"--mesh={'auto' if auto else 'recommended'}: no layout of "
+                         f"{len(devices)} chips splits the "
                          f"fine-tuning batch. {batch_hint(config, len(devices), kv_heads)}")
+    if auto:
+        order = sorted(candidates, key=lambda c: c[:3])
+    else:
+        lora = bool(config.model.lora.rank)
+        hbm = chip.hbm_bytes if chip else float("inf")
+
+        def preference(candidate):
+            state_bytes, tensor, data = candidate[:3]
+            if data > 1:  # Data parallelism: first for LoRA if its replicated state fits.
+                return (0 if lora and state_bytes < hbm else 2), tensor
+            return 1, tensor  # FSDP.
+
+        order = sorted(candidates, key=preference)
     best = None
-    for state_bytes, _, _, sizes, mesh, program in sorted(candidates, key=lambda c: c[:3]):
+    for state_bytes, _, _, sizes, mesh, program in order:
         entry = {"mesh": sizes, "state_bytes": state_bytes}
-        if best is not None and state_bytes >= best["peak_bytes"]:
-            entry["skipped"] = "its state alone is no lower than the best peak"
+        if best is not None and (not auto or state_bytes >= best["peak_bytes"]):
+            entry["skipped"] = ("its state alone is no lower than the best peak" if auto
+                                else "a preferred layout fits")
         else:
             start = time.perf_counter()
             try:
@@ -234,9 +254,9 @@ def run(config, topology: str, mesh_arg: str = "config", names=None,
         + (f" ({chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.bf16_flops / 1e12:.0f} bf16 TFLOP/s, "
            f"{chip.hbm_bandwidth / 1e9:.0f} GB/s each)" if chip else ""))
     compiled_step, search = None, []
-    if mesh_arg == "auto":
+    if mesh_arg in ("auto", "recommended"):
         sizes, mesh, compiled_step, search = choose_mesh(config, model_config, devices, chip,
-                                                         answer_tokens, log)
+                                                         answer_tokens, log, mesh_arg == "auto")
     else:
         sizes = (config_mesh(config, chips) if mesh_arg == "config"
                  else parse_mesh(mesh_arg, chips, topology))
@@ -305,7 +325,7 @@ def source_commit() -> str:
 
 def main(argv):
     del argv
-    error = None
+    error, commit = None, source_commit()  # The code that runs, not what a later commit adds.
     try:
         report = run(_CONFIG.value, _TOPOLOGY.value, _MESH.value, _PROGRAMS.value,
                      _ANSWER_TOKENS.value, _COUNT_FLOPS.value)
@@ -317,7 +337,7 @@ def main(argv):
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     report["command"] = "python -m xmem_jax.compile " + " ".join(sys.argv[1:])
-    report["commit"] = source_commit()
+    report["commit"] = commit
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"figures: {out}")
     step = report.get("programs", {}).get("train_finetune")
