@@ -91,6 +91,19 @@ def test_tiny_vlm_compiles_for_a_tpu_slice_and_picks_a_layout():
     assert tried and min(e["peak_bytes"] for e in tried) == step["peak_bytes"]
 
 
+@pytest.mark.parametrize("lora_rank, mesh", [(4, {"data": 4, "fsdp": 1, "tensor": 1}),
+                                              (0, {"data": 1, "fsdp": 4, "tensor": 1})])
+def test_recommended_layout_is_data_parallel_for_lora_and_fsdp_for_full_fine_tuning(lora_rank,
+                                                                                   mesh):
+    config = quick_config(batch_size=8)
+    config.model.lora.rank = lora_rank
+    report = compile_cli.run(config, "v5e:2x2", mesh_arg="recommended",
+                             names=["train_finetune"], count_flops=False, log=lambda line: None)
+    assert report["mesh"] == mesh
+    compiled = [e for e in report["search"] if "peak_bytes" in e]
+    assert len(compiled) == 1  # The preferred layout fits: nothing else is compiled.
+
+
 @pytest.mark.slow
 def test_gemma3_preset_with_few_layers_compiles_for_v5p_16():
     """Gemma 3 4B's shapes (262k vocabulary, SigLIP at 896 px), two decoder layers and two
@@ -124,7 +137,7 @@ def test_missing_libtpu_says_how_to_install_it(monkeypatch):
 def test_mesh_that_does_not_divide_the_slice():
     with pytest.raises(ValueError, match="has 6 devices but v5p:2x2x2 has 8 chips"):
         compile_cli.parse_mesh("3,2,1", 8, "v5p:2x2x2")
-    with pytest.raises(ValueError, match="three positive sizes"):
+    with pytest.raises(ValueError, match="or three sizes data,fsdp,tensor"):
         compile_cli.parse_mesh("8,1", 8, "v5p:2x2x2")
 
 
