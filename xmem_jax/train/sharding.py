@@ -51,13 +51,15 @@ def make_mesh(data: int, fsdp: int = 1, tensor: int = 1,
 
     Auto axes let XLA propagate shardings from the annotations; `jax.make_mesh` would default
     to Explicit axes, which the logical-constraint style here does not use. Devices are laid
-    out by TPU topology where there is one, so `tensor` neighbours share the fastest links.
+    out by TPU topology where there is one, so `tensor` neighbours share the fastest links; an
+    axis may split a physical one (e.g. tensor 2 on a 4x4x4 slice), else such layouts fail.
     """
     devices = jax.devices() if devices is None else list(devices)
     if data * fsdp * tensor != len(devices):
         raise ValueError(f"Mesh data={data} x fsdp={fsdp} x tensor={tensor} needs "
                          f"{data * fsdp * tensor} devices, have {len(devices)}")
-    grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices=devices)
+    grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices=devices,
+                                         allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, MESH_AXES)
 
 
