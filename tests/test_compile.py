@@ -162,3 +162,12 @@ def test_model_that_does_not_fit_exits_non_zero_naming_the_largest_part(tmp_path
     figures = json.loads(out.read_text())  # What was found is written all the same.
     assert figures["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     assert "train_finetune" not in figures["programs"]
+
+
+@pytest.mark.parametrize("slice_name", ["v5p:4x4x4", "v6e:4x4"])
+def test_every_layout_of_a_slice_lays_out_on_its_devices(slice_name):
+    """Tensor 2 on a 4x4x4 torus splits a physical axis: it must still give a mesh."""
+    devices = topology.slice_devices(slice_name)
+    for sizes in compile_cli.layouts(len(devices), kv_heads=16):
+        mesh = sharding.make_mesh(*sizes, devices=devices)
+        assert tuple(mesh.shape.values()) == sizes
