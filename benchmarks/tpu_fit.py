@@ -1,5 +1,6 @@
 """The README's TPU tables: every Gemma 3 size x (LoRA rank 16, full fine-tuning with the
-vision tower frozen) x slice, and every program of Gemma 3 4B full fine-tuning on a v5p-16,
+vision tower frozen) x slice, every program of Gemma 3 4B full fine-tuning on a v5p-16, and
+that fine-tuning step before and after the lean train step (`docs/results/lean_step/`),
 compiled ahead of time with `python -m xmem_jax.compile` (the table with --mesh=recommended: one
 compile a cell where the preferred layout fits; the example with --mesh=auto).
 
@@ -8,7 +9,9 @@ compile a cell where the preferred layout fits; the example with --mesh=auto).
 
 Each cell's figures go to `docs/results/tpu_fit/<size>_<mode>_<slice>.json`, the 4B example's
 to `docs/results/compile_gemma3_4b_full_v5p-16.json` (a file already there is kept), and the
-tables between the README's `tpu-fit` and `tpu-example` markers are rewritten from them. Cells
+tables between the README's `tpu-fit`, `tpu-example` and `lean-step` markers are rewritten from
+them (`lean_step/before_<commit>.json` was compiled by the same command in a checkout of that
+commit, before the lean step). Cells
 compile the fine-tuning step only, without XLA's FLOP count (~30 s a cell more), so the
 lower-bound time is from the useful FLOPs and XLA's bytes accessed. The batch is the Gemma
 configs' 16 rows of 400 tokens, or one row per chip on slices of more than 16 chips (16 rows
@@ -36,6 +39,12 @@ MODES = {"lora16": ["--config.model.lora.rank=16"], "full": ["--config.model.lor
 SLICES = {"v5p-8": ("v5p:2x2x1", 4), "v5p-16": ("v5p:2x2x2", 8), "v5p-128": ("v5p:4x4x4", 64),
           "v6e-8": ("v6e:2x4", 8), "v6e-16": ("v6e:4x4", 16), "v6e-64": ("v6e:8x8", 64)}
 EXAMPLE = ROOT / "docs" / "results" / "compile_gemma3_4b_full_v5p-16.json"
+# The lean train step (answer-position head, remat policies), before and after, on one layout.
+LEAN_STEP = ROOT / "docs" / "results" / "lean_step"
+LEAN_COMMAND = ["-m", "xmem_jax.compile", "--config=configs/default.py:gemma3_4b",
+                "--topology=v5p:2x2x2", "--mesh=1,8,1", "--config.model.lora.rank=0",
+                "--programs=train_finetune"]
+LEAN_VARIANTS = {"after.json": [], "after_remat_full.json": ["--config.model.remat=full"]}
 EXAMPLE_COMMAND = ["-m", "xmem_jax.compile", "--config=configs/default.py:gemma3_4b",
                    "--topology=v5p:2x2x2", "--mesh=auto", "--config.model.lora.rank=0"]
 
@@ -80,15 +89,19 @@ def _cell_text(result: dict) -> str:
 def render() -> str:
     header = "| size, mode | " + " | ".join(SLICES) + " |"
     lines = [header, "|" + " --- |" * (len(SLICES) + 1)]
+    commits = set()
     for size in SIZES:
         for mode in MODES:
             cells = []
             for slice_name in SLICES:
                 path = RESULTS / f"{size}_{mode}_{slice_name}.json"
-                cells.append(_cell_text(json.loads(path.read_text())) if path.exists()
-                             else "not compiled")
+                result = json.loads(path.read_text()) if path.exists() else None
+                cells.append(_cell_text(result) if result else "not compiled")
+                commits.add((result or {}).get("commit") or "unknown")
             label = "LoRA 16" if mode == "lora16" else "full, tower frozen"
             lines.append(f"| {size}, {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Compiled at commits {', '.join(sorted(commits))} ('+': with uncommitted "
+              "changes, none of them on the compile path)."]
     return "\n".join(lines)
 
 
@@ -111,6 +124,21 @@ def render_example(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_lean_step() -> str:
+    """Before (`before_*.json`, compiled at the commit its name gives) and after."""
+    lines = ["| code | command | peak per chip | temporaries | XLA / useful FLOPs |",
+             "| --- | --- | --- | --- | --- |"]
+    for path in sorted(LEAN_STEP.glob("*.json"), key=lambda p: not p.name.startswith("before")):
+        result = json.loads(path.read_text())
+        step = result["programs"]["train_finetune"]
+        commit = result.get("commit") or path.stem.split("_")[-1]
+        command = result["command"].split(" --out=")[0]
+        lines.append(f"| {commit} | `{command}` | {step['peak_bytes'] / 2**30:.2f} GiB | "
+                     f"{step['temp_bytes'] / 2**30:.2f} GiB | "
+                     f"{step['xla_to_useful_flops']:.2f} |")
+    return "\n".join(lines)
+
+
 def write_readme(name: str, table: str) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     readme = ROOT / "README.md"
@@ -128,12 +156,18 @@ def main(argv):
         if not EXAMPLE.exists():
             subprocess.run([sys.executable, *EXAMPLE_COMMAND,
                             f"--out={EXAMPLE.relative_to(ROOT)}"], cwd=ROOT, check=True)
+        for name, extra in LEAN_VARIANTS.items():
+            if not (LEAN_STEP / name).exists():
+                subprocess.run([sys.executable, *LEAN_COMMAND, *extra,
+                                f"--out={(LEAN_STEP / name).relative_to(ROOT)}"], cwd=ROOT,
+                               check=True)
         cells = [(s, m, c) for s in SIZES for m in MODES for c in SLICES]
         with concurrent.futures.ThreadPoolExecutor(_JOBS.value) as pool:
             for line in pool.map(lambda cell: run_cell(*cell), cells):
                 print(line, flush=True)
     example = render_example(json.loads(EXAMPLE.read_text()))
     write_readme("tpu-example", example)
+    write_readme("lean-step", render_lean_step())
     table = render()
     write_readme("tpu-fit", table)
     print(example, table, sep="\n\n")
