@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from configs import default
-from xmem_jax import compile as compile_cli
-from xmem_jax.aot import analysis, programs, topology
+from xmem_jax.aot import analysis, fit, programs, topology
 from xmem_jax.experiments import study
 from xmem_jax.model import VLM, flops, get_model_config
 from xmem_jax.train import sharding
@@ -70,7 +69,7 @@ def test_xla_flops_match_the_useful_count_of_a_forward_pass():
 
 
 def test_compiles_every_program_of_the_quick_study_on_fake_cpu_devices():
-    report = compile_cli.run(quick_config(), "cpu:4", mesh_arg="2,2,1", count_flops=False,
+    report = fit.run(quick_config(), "cpu:4", mesh_arg="2,2,1", count_flops=False,
                              log=lambda line: None)
     assert set(report["programs"]) == set(programs.TRAIN + programs.SCORE)
     assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
@@ -80,7 +79,7 @@ def test_compiles_every_program_of_the_quick_study_on_fake_cpu_devices():
 
 
 def test_tiny_vlm_compiles_for_a_tpu_slice_and_picks_a_layout():
-    report = compile_cli.run(quick_config(batch_size=8), "v5e:2x2", mesh_arg="auto",
+    report = fit.run(quick_config(batch_size=8), "v5e:2x2", mesh_arg="auto",
                              names=["train_finetune"], log=lambda line: None)
     step = report["programs"]["train_finetune"]
     assert report["device_kind"] == "TPU v5 lite"
@@ -97,7 +96,7 @@ def test_recommended_layout_is_data_parallel_for_lora_and_fsdp_for_full_fine_tun
                                                                                    mesh):
     config = quick_config(batch_size=8)
     config.model.lora.rank = lora_rank
-    report = compile_cli.run(config, "v5e:2x2", mesh_arg="recommended",
+    report = fit.run(config, "v5e:2x2", mesh_arg="recommended",
                              names=["train_finetune"], count_flops=False, log=lambda line: None)
     assert report["mesh"] == mesh
     compiled = [e for e in report["search"] if "peak_bytes" in e]
@@ -114,7 +113,7 @@ def test_gemma3_preset_with_few_layers_compiles_for_v5p_16():
     preset = get_model_config("gemma3_4b", remat=True)
     small = dataclasses.replace(preset, text=dataclasses.replace(preset.text, num_layers=2),
                                 vision=dataclasses.replace(preset.vision, depth=2))
-    report = compile_cli.run(config, "v5p:2x2x2", mesh_arg="1,8,1", names=["train_finetune"],
+    report = fit.run(config, "v5p:2x2x2", mesh_arg="1,8,1", names=["train_finetune"],
                              count_flops=False, model_config=small, log=lambda line: None)
     step = report["programs"]["train_finetune"]
     assert report["chips"] == 8 and step["peak_hbm_fraction"] < 1
@@ -136,14 +135,14 @@ def test_missing_libtpu_says_how_to_install_it(monkeypatch):
 
 def test_mesh_that_does_not_divide_the_slice():
     with pytest.raises(ValueError, match="has 6 devices but v5p:2x2x2 has 8 chips"):
-        compile_cli.parse_mesh("3,2,1", 8, "v5p:2x2x2")
+        fit.parse_mesh("3,2,1", 8, "v5p:2x2x2")
     with pytest.raises(ValueError, match="or three sizes data,fsdp,tensor"):
-        compile_cli.parse_mesh("8,1", 8, "v5p:2x2x2")
+        fit.parse_mesh("8,1", 8, "v5p:2x2x2")
 
 
 def test_batch_that_does_not_divide_names_both_numbers_and_the_layouts_that_do():
     with pytest.raises(ValueError, match=r"batch_size=6 .* 4 devices .*--mesh=D,F,T\): 1,2,2"):
-        compile_cli.run(quick_config(batch_size=6), "cpu:4", mesh_arg="1,4,1",
+        fit.run(quick_config(batch_size=6), "cpu:4", mesh_arg="1,4,1",
                         names=["train_finetune"], log=lambda line: None)
 
 
@@ -168,6 +167,6 @@ def test_model_that_does_not_fit_exits_non_zero_naming_the_largest_part(tmp_path
 def test_every_layout_of_a_slice_lays_out_on_its_devices(slice_name):
     """Tensor 2 on a 4x4x4 torus splits a physical axis: it must still give a mesh."""
     devices = topology.slice_devices(slice_name)
-    for sizes in compile_cli.layouts(len(devices), kv_heads=16):
+    for sizes in fit.layouts(len(devices), kv_heads=16):
         mesh = sharding.make_mesh(*sizes, devices=devices)
         assert tuple(mesh.shape.values()) == sizes
