@@ -20,8 +20,8 @@ from xmem_jax.experiments import study
 from xmem_jax.train import optim, sharding, trainer
 
 GiB = 2**30
-_ADVICE = ("Try --mesh=auto, LoRA (--config.model.lora.rank=16), a smaller batch or a larger "
-           "slice.")
+_SMALLER = "LoRA (--config.model.lora.rank=16), a smaller batch or a larger slice."
+_ADVICE = f"Try --mesh=auto, {_SMALLER}"
 
 
 class DoesNotFit(RuntimeError):
@@ -157,11 +157,9 @@ def choose_mesh(config, model_config, devices, chip, answer_tokens, log, auto: b
         search.append(entry)
     if best is None:
         lowest = min((e for e in search if "peak_bytes" in e), key=lambda e: e["peak_bytes"])
-        raise DoesNotFit(f"No layout fits: the lowest peak is {lowest['peak_bytes'] / GiB:.2f} "
-                         f"GiB per chip on mesh {lowest['mesh']}, against "
-                         f"{chip.hbm_bytes / GiB:.1f} GiB of HBM. Try LoRA "
-                         "(--config.model.lora.rank=16), a smaller batch or a larger slice.",
-                         {"search": search})
+        raise DoesNotFit(f"No layout fits: the lowest peak is {_gib(lowest['peak_bytes'])} per "
+                         f"chip on mesh {lowest['mesh']}, against {_gib(chip.hbm_bytes)} of "
+                         f"HBM. Try {_SMALLER}", {"search": search})
     return best["mesh"], best["mesh_object"], best["compiled"], search
 
 
