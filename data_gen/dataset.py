@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from tensorflow_datasets.core import example_serializer
 from PIL import Image
 from tqdm import tqdm
 
@@ -56,6 +57,18 @@ def _record(persona: Persona, pngs: list[bytes]) -> dict:
         "descriptions": list(persona.descriptions),
         "description_heldout": list(persona.description_heldout),
     }
+
+
+def _serializer(features: tfds.features.FeaturesDict):
+    """Encodes a record as `tf.train.Example` bytes that are the same in every process.
+
+    `features.serialize_example` writes the Example's feature map in the protobuf runtime's
+    hash order, which changes from process to process: the decoded records are equal, the
+    files are not. Deterministic serialization writes map entries sorted by key.
+    """
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    return lambda record: serializer.get_tf_example(
+        features.encode_example(record)).SerializeToString(deterministic=True)
 
 
 def shard_range(num_personas: int, num_shards: int, shard_index: int) -> range:
@@ -109,7 +122,7 @@ def _validate(config: ml_collections.ConfigDict) -> GeneratorSpec:
 
 
 def _write_shard(spec, renderer, batch_size, work_dir: Path, num_shards: int, shard: int) -> None:
-    features = schema.features(spec.image_size)
+    serialize = _serializer(schema.features(spec.image_size))
     path = Path(_file_template(work_dir).sharded_filepath(shard_index=shard, num_shards=num_shards))
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     indices = shard_range(spec.num_personas, num_shards, shard)
@@ -121,7 +134,7 @@ def _write_shard(spec, renderer, batch_size, work_dir: Path, num_shards: int, sh
         images = renderer.render([(p, v) for p in personas for v in p.views])
         for k, persona in enumerate(personas):
             pngs = [_encode_png(im) for im in images[k * spec.num_views:(k + 1) * spec.num_views]]
-            serialized = features.serialize_example(_record(persona, pngs))
+            serialized = serialize(_record(persona, pngs))
             writer.write(serialized)
             num_bytes += len(serialized)
         progress.update(len(personas))

@@ -1,16 +1,24 @@
 """Persona generation and the dataset writer: determinism, sharding, leaks, and bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
 from data_gen import attributes, dataset, names, personas
 from data_gen.__main__ import main as cli_main  # noqa: F401  (the CLI module imports cleanly)
+from configs.data import procedural
 from conftest import small_data_config as small_config
 from xmem_jax.data import schema, source
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def spec_of(**overrides):
@@ -26,14 +34,35 @@ def generated(persona_dataset_dir):
     return persona_dataset_dir
 
 
-def test_two_runs_write_byte_identical_files(generated, tmp_path):
-    again = dataset.generate(small_config(), tmp_path)
-    first, second = dataset_files(generated), dataset_files(again)
-    assert sorted(first) == sorted(second)
-    assert any(name.startswith("xmem_personas-personas.array_record") for name in first)
-    assert (generated / schema.CONTACT_SHEET).exists()
+def generate_in_subprocess(config, out_dir: Path, hash_seed: int) -> subprocess.Popen:
+    """`python -m data_gen` with `config`'s differences from the default config as flags."""
+    default = procedural.get_config()
+    flags = [f"--config.{key}={value}" for key, value in config.items()
+             if not isinstance(value, ml_collections.ConfigDict) and value != default[key]]
+    return subprocess.Popen(
+        [sys.executable, "-m", "data_gen", "--config=configs/data/procedural.py", *flags,
+         f"--out_dir={out_dir}"],
+        cwd=REPO, env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_runs_in_separate_processes_write_byte_identical_files(generated, tmp_path):
+    """Each process has its own hash seeds and memory layout (which order protobuf maps and
+    Python sets), so only separate processes show whether the bytes depend on either."""
+    runs = [generate_in_subprocess(small_config(), tmp_path / f"run{k}", hash_seed=k + 1)
+            for k in range(2)]
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output
+    first, second = (dataset_files(tmp_path / f"run{k}" / schema.DATASET_NAME / schema.VERSION)
+                     for k in range(2))
+    in_process = dataset_files(generated)
+    assert sorted(first) == sorted(second) == sorted(in_process)
+    assert {"dataset_info.json", "features.json", "metadata.json", schema.CONTACT_SHEET,
+            "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+            "xmem_personas-personas.array_record-00000-of-00001"} <= set(first)
     for name in first:
-        assert first[name] == second[name], name
+        assert first[name] == second[name] == in_process[name], name
 
 
 def test_sharded_generation_matches_unsharded_content(generated, tmp_path):
