@@ -31,6 +31,10 @@ class GeneratorSpec:
     # How much views of one persona differ (position, scale, tilt, background, lighting,
     # noise): 1 is the default spread, 0 renders every view alike.
     view_variation: float = 1.0
+    # The spread of held-out views (None: `view_variation`); above 1 it goes past the full
+    # spread. Wider than the training views, held-out views test recognition across poses and
+    # lighting no training view shows, which a pixel lookup of the training views cannot do.
+    heldout_view_variation: float | None = None
 
     def __post_init__(self):
         def fail(field, value, why):
@@ -62,6 +66,8 @@ class GeneratorSpec:
             fail("image_size", self.image_size, "must be between 16 and 512 pixels")
         if not 0 <= self.view_variation <= 1:
             fail("view_variation", self.view_variation, "must be in [0, 1]")
+        if self.heldout_view_variation is not None and not 0 <= self.heldout_view_variation <= 3:
+            fail("heldout_view_variation", self.heldout_view_variation, "must be in [0, 3]")
 
     @classmethod
     def from_config(cls, config) -> "GeneratorSpec":
@@ -78,6 +84,8 @@ class GeneratorSpec:
             image_size=int(config.image_size),
             attributes=tuple(attrs),
             view_variation=float(config.view_variation),
+            heldout_view_variation=(None if config.get("heldout_view_variation") is None
+                                    else float(config.heldout_view_variation)),
         )
 
 
@@ -155,7 +163,12 @@ def make_persona(spec: GeneratorSpec, index: int) -> Persona:
         for fact, (_, values) in attributes.FACTS.items()
     }
     view_rng = _rng(spec.seed, index, _VIEWS_STREAM)
-    views = tuple(_view(view_rng, v, spec.view_variation) for v in range(spec.num_views))
+    first_heldout = spec.num_views - spec.num_heldout_views
+    heldout_variation = (spec.view_variation if spec.heldout_view_variation is None
+                         else spec.heldout_view_variation)
+    # Held-out views come last, so their spread leaves the training views' draws unchanged.
+    views = tuple(_view(view_rng, v, heldout_variation if v >= first_heldout
+                        else spec.view_variation) for v in range(spec.num_views))
     visual = visual_attributes(spec, index)
     texts = descriptions.describe(
         visual, spec.attributes, spec.num_descriptions,
@@ -169,8 +182,7 @@ def make_persona(spec: GeneratorSpec, index: int) -> Persona:
         facts=facts,
         views=views,
         descriptions=texts,
-        view_heldout=tuple(v >= spec.num_views - spec.num_heldout_views
-                           for v in range(spec.num_views)),
+        view_heldout=tuple(v >= first_heldout for v in range(spec.num_views)),
         description_heldout=tuple(d >= spec.num_descriptions - spec.num_heldout_descriptions
                                   for d in range(spec.num_descriptions)),
     )

@@ -272,3 +272,23 @@ def test_diffusion_renderer_rejects_bad_model_dirs(tmp_path):
     if not pytest.importorskip("torch").cuda.is_available():
         with pytest.raises(ValueError, match="renderer.device='cuda:0'.*CUDA is not available"):
             make_renderer(diffusion_renderer_config(broken, device="cuda:0"), 32)
+
+
+def test_heldout_view_variation_widens_only_the_held_out_views():
+    """Held-out views are drawn last, so their spread leaves every training view as it was."""
+    from data_gen.personas import GeneratorSpec, make_persona
+
+    def spec(**kwargs):
+        return GeneratorSpec(seed=0, num_personas=4, num_views=6, num_heldout_views=2,
+                             num_descriptions=2, num_heldout_descriptions=1, image_size=32,
+                             attributes=("hair_colour", "skin_tone"), view_variation=0.5,
+                             **kwargs)
+
+    same = make_persona(spec(), 1).views
+    wide = make_persona(spec(heldout_view_variation=2.0), 1).views
+    assert same[:4] == wide[:4]
+    for narrow, far in zip(same[4:], wide[4:]):
+        assert abs(far.tilt_degrees) == pytest.approx(4 * abs(narrow.tilt_degrees))
+    assert make_persona(spec(heldout_view_variation=0.5), 1).views == same
+    with pytest.raises(ValueError, match="heldout_view_variation=3.5"):
+        spec(heldout_view_variation=3.5)

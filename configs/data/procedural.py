@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # How much views of one persona differ (position, scale, tilt, background, lighting,
     # noise), in [0, 1]: 1 is the full spread, 0 renders every view alike.
     config.view_variation = 1.0
+    # The held-out views' spread (None: view_variation; up to 3, past the full spread).
+    config.heldout_view_variation = ml_collections.FieldReference(None, field_type=float)
     # Visual attributes that vary (comma-separated); the others keep their first value.
     config.attributes = ",".join(ATTRIBUTE_NAMES)
     config.renderer = ml_collections.ConfigDict()
