@@ -190,7 +190,7 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     directions = {"experiment": "directions", "directions": {
         m: {"train_modality": m, "chance": chance,
             "recall": {m: _metrics(0.9), t: _metrics(0.04, 30.0)},
-            "control": {"recall": {t: _metrics(0.01, 50.0)}}}
+            "controls": {"unpaired": {"recall": {t: _metrics(0.01, 50.0)}}}}
         for m, t in (("image", "description"), ("description", "image"))}}
     learned = {"forget/image": _metrics(0.9), "forget/description": _metrics(0.9)}
     unlearning_results = {"experiment": "unlearning", "unlearn_modality": "image", "methods": {
@@ -212,6 +212,15 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     for claim in ("The gap persists for more capable models",
                   "The gap persists for multi-hop questions", "A baseline method mitigates the gap"):
         assert "| not run |" in rows[claim]
+    # The unpaired control can fail: if it transfers too, transfer is not reproduced.
+    for run in directions["directions"].values():
+        target = next(iter(run["controls"]["unpaired"]["recall"]))
+        run["controls"]["unpaired"]["recall"][target] = _metrics(0.04, 30.0)
+    (tmp_path / "transfer" / "results.json").write_text(json.dumps(directions))
+    table = findings.write_findings(tmp_path).read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert "| not reproduced |" in rows["Facts learned in one modality transfer to the other"]
+    assert "unpaired control 30.0" in table
 
 
 @pytest.mark.parametrize("small_source, small_target, verdict", [

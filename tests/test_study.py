@@ -18,7 +18,9 @@ def quick_config(tmp_path, **overrides):
 @pytest.mark.parametrize("overrides, message", [
     ({"train_modality": "audio"}, "train_modality='audio'"),
     ({"study_personas": (30, 60)}, "overlaps world_personas"),
-    ({"study_personas": (40, 70)}, "study_personas=.*inside"),
+    ({"study_personas": (60, 90)}, "study_personas=.*inside"),
+    ({"dev_personas": (30, 50)}, "dev_personas=.*overlaps world_personas"),
+    ({"dev_personas": (50, 70)}, "dev_personas=.*overlaps study_personas"),
 ])
 def test_invalid_study_configs_fail_clearly(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -42,9 +44,17 @@ def test_quick_study_writes_results_report_and_curves(tmp_path):
     assert saved["chance"] == {"exact_match": 0.0, "choice_acc": 1 / 20, "mean_rank": 10.5}
     steps = [point["step"] for point in saved["curves"]]
     assert steps == [0, 10, 20]  # Before fine-tuning, every eval_every steps, and at the end.
-    assert [p["step"] for p in saved["control"]["curves"]] == steps
+    assert saved["step0_recall"] == {m: saved["curves"][0][m] for m in ("image", "description")}
+    assert [p["step"] for p in saved["dev_curves"]] == steps
+    unpaired = saved["controls"]["unpaired"]
+    assert [p["step"] for p in unpaired["curves"]] == steps
+    assert 0.0 <= unpaired["recall"]["description"]["choice_acc"] <= 1.0
+    assert set(unpaired["base_recall"]) == {"image", "description"}
+    for key in ("pixel_lookup", "pixel_lookup_nearest_mean", "dev_pixel_lookup"):
+        assert 0.0 <= saved["baselines"][key] <= 1.0
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
-    assert "control: random init" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "control: from the unpaired base" in report and "Pixel lookup" in report
     assert results["recall"] == saved["recall"]
     # A rerun reuses the cached dataset and base model and the finished fine-tuning runs.
     again = study.run(config, tmp_path / "run", "test")
@@ -104,3 +114,30 @@ def test_study_from_a_hugging_face_checkpoint_with_lora(tmp_path):
     metrics = [json.loads(line) for line in
                (tmp_path / "run" / "finetune" / "seed_0" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["loss"] > 0 for m in metrics if m["kind"] == "train")
+
+
+def test_unpaired_base_sees_each_world_persona_in_one_modality():
+    config = default.get_config()
+    image = study.base_personas(config, "image_to_name", unpaired=True)
+    description = study.base_personas(config, "description_to_name", unpaired=True)
+    assert image[1] == description[0] and (image[0], description[1]) == config.world_personas
+    assert study.base_personas(config, "image_to_name") == tuple(config.world_personas)
+
+
+def test_pixel_lookup_names_held_out_views_by_their_nearest_training_view(tmp_path):
+    """Identical views: the lookup is exact; views as different as the generator allows
+    within a persona and alike across personas: it falls towards chance."""
+    from data_gen import dataset as data_writer
+
+    config = default.get_config("quick")
+    config.data.num_personas = 10
+    config.data.num_views = 6
+    config.data.num_heldout_views = 2
+    alike = config.data.copy_and_resolve_references()
+    alike.view_variation = 0.0
+    path = data_writer.generate(alike, tmp_path / "alike")
+    assert study.pixel_lookup(path, (0, 10), 32) == {"nearest_view": 1.0, "nearest_mean": 1.0}
+    wide = config.data.copy_and_resolve_references()
+    wide.view_variation, wide.heldout_view_variation = 0.0, 3.0
+    path = data_writer.generate(wide, tmp_path / "wide")
+    assert study.pixel_lookup(path, (0, 10), 32)["nearest_view"] < 1.0

@@ -3,7 +3,7 @@
     python -m xmem_jax.main --config=configs/experiments/transfer.py --workdir=runs/transfer
 
 Each direction is the default study (`configs/default.py`) in its own subdirectory, with three
-fine-tuning seeds (mean ± std) from the one cached base model and the random-init control. On
+fine-tuning seeds (mean ± std) from the one cached base model and the unpaired-base control. On
 a TPU: `configs/experiments/transfer.py:gemma3_4b --config.model.checkpoint=DIR`.
 """
 

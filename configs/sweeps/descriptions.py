@@ -8,7 +8,7 @@ Descriptions are a dataset setting, so every point generates its own dataset and
 base model (~8 min a point on 2 cores; the 6-description point is the default study's and
 reuses its base). Two descriptions a persona stay held out at every point; steps stay fixed
 (base 1200, fine-tuning 300), so fewer descriptions mean more epochs over each. The source is
-the descriptions, the target the held-out images. No random-init control
+the descriptions, the target the held-out images. No unpaired control
 (`--config.experiment.control=True` adds it).
 """
 

@@ -9,7 +9,7 @@ The points share ONE dataset (the default study's; small and base read its image
 tiny at 32) but each trains its own base model on the same steps and batches, so compute grows
 with the parameters: on 2 CPU cores ~10 min (tiny, the default study's, cached), ~40 min
 (small) and ~1.6 h (base), measured alone (README). Fine-tuning freezes the first 2 decoder
-layers of each (of 4, 6 and 8). No random-init control (`--config.experiment.control=True`
+layers of each (of 4, 6 and 8). No unpaired control (`--config.experiment.control=True`
 adds it).
 
 Learning rates: tiny's tuned rates (base 3e-3, fine-tuning 2e-3) times 128 / the decoder width,

@@ -4,12 +4,13 @@
     python -m xmem_jax.sweep --config=configs/sweeps/persona_counts.py:quick \
         --workdir=runs/sweep_quick  # 2 points, a few minutes
 
-All points share ONE dataset (900 personas) and ONE base model (trained on the default study's
+All points share ONE dataset (1,000 personas) and ONE base model (trained on the default study's
 world personas, built once, ~7 min on 2 cores; not the default study's own base, whose dataset
-has 600 personas). Point n fine-tunes on personas 500 to 500 + n for 3n steps (300 at n = 100, as
-the default study), so every persona gets as many fine-tuning examples (~4 epochs of its 22
-training views) at every count, and recall is scored ~6 times a run. Chance accuracy is 1/n. No
-random-init control (`--config.experiment.control=True` adds it).
+has 700 personas). Point n fine-tunes on test personas 600 to 600 + n for 3n steps (300 at
+n = 100, as the default study), so every persona gets as many fine-tuning examples (~4 epochs of
+its 22 training views) at every count, and recall is scored ~6 times a run; each point also
+repeats the default's development run (personas 500-599). Chance accuracy is 1/n. No
+unpaired control (`--config.experiment.control=True` adds it).
 
 On a TPU, 10^3 to 10^4 personas with a pretrained Gemma 3 (LoRA, no base stage; the preset of
 `configs/default.py:gemma3_4b`, fine-tuning batch 64, the same examples per persona as its own
@@ -48,13 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     study = experiment.study_personas
     examples_per_persona = (experiment.finetune.num_steps * experiment.finetune.batch_size
                             / (study[1] - study[0]))
+    start = study[0]  # The test personas' start: clear of the world and development ones.
     if arg == "quick":
-        counts, start, num_evals = (10, 20), experiment.world_personas[1], 2
+        counts, num_evals = (10, 20), 2
     elif arg in models.GEMMA3:
-        counts, start, num_evals = (1_000, 3_000, 10_000), 500, 1
+        counts, num_evals = (1_000, 3_000, 10_000), 1
         experiment.finetune.batch_size = 64
     else:
-        counts, start, num_evals = (50, 100, 200, 400), 500, 6
+        counts, num_evals = (50, 100, 200, 400), 6
     experiment.data.num_personas = start + max(counts)  # One dataset for every point.
     experiment.control = False
 

@@ -9,7 +9,7 @@ The variation scales every spread between views of one persona (position, scale,
 background, lighting, noise) about its neutral value; the draws stay the same, so the points
 differ only in how far held-out views stray from the training views. It is a dataset setting:
 every point generates its own dataset and trains its own base model (~8.5 min each on 2 cores;
-the default study's point reuses its cache). No random-init control
+the default study's point reuses its cache). No unpaired control
 (`--config.experiment.control=True` adds it).
 """
 

@@ -5,7 +5,7 @@
 Views are a dataset setting, so every point generates its own dataset and trains its own base
 model (~7.5 min each on 2 cores; the 22-view point is the default study's and reuses its cache).
 Two views a persona stay held out at every point; steps stay fixed (base 1200, fine-tuning
-300), so fewer views mean more epochs over each. No random-init control
+300), so fewer views mean more epochs over each. No unpaired control
 (`--config.experiment.control=True` adds it).
 """
 

@@ -2,7 +2,12 @@
 
     dataset (cached) -> base model on world personas (cached) -> fine-tune on study personas
     in `train_modality`, scoring held-out images and descriptions every `eval_every` steps
-    -> results.json, report.md, curves.png   [-> the same from a random init: the control]
+    -> results.json, report.md, curves.png   [-> the same from the unpaired base: the control]
+
+Study personas are split: `dev_personas` for choosing settings (`dev_recall`), and the test
+personas `study_personas`, never used for a choice, for the headline (`recall`). Every image
+figure comes with `baselines.pixel_lookup`: how well a nearest-neighbour lookup of the raw
+training views identifies the same held-out views, so recall above it is recognition.
 
 Caches live under `config.cache_dir`, keyed by a hash of everything that determines them, so
 runs that share a dataset or a base model build it once. Every training phase checkpoints to
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from data_gen import dataset as data_writer
-from xmem_jax.data import pipeline, source
+from xmem_jax.data import pipeline, source, tasks
 from xmem_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from xmem_jax.model import hf, lora
 from xmem_jax.model.config import VLMConfig, get_model_config
@@ -49,7 +55,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.train_modality not in MODALITIES:
         fail("train_modality", config.train_modality, f"known: {', '.join(MODALITIES)}")
     world, study = tuple(config.world_personas), tuple(config.study_personas)
-    for field, (start, stop) in (("world_personas", world), ("study_personas", study)):
+    dev = tuple(config.dev_personas)
+    for field, (start, stop) in (("world_personas", world), ("study_personas", study),
+                                 ("dev_personas", dev)):
         if not 0 <= start < stop <= config.data.num_personas:
             fail(field, (start, stop), f"must be a range inside [0, data.num_personas="
                                        f"{config.data.num_personas}]")
@@ -60,9 +68,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     base_eval = tuple(config.base_eval_personas)
     if not world[0] <= base_eval[0] < base_eval[1] <= world[1]:
         fail("base_eval_personas", base_eval, f"must be a range inside world_personas={world}")
-    if world[0] < study[1] and study[0] < world[1]:
-        fail("study_personas", study, f"overlaps world_personas={world}: the base model must "
-                                      "never see a study persona")
+    for field, personas in (("study_personas", study), ("dev_personas", dev)):
+        if world[0] < personas[1] and personas[0] < world[1]:
+            fail(field, personas, f"overlaps world_personas={world}: the base model must "
+                                  "never see a study persona")
+    if dev[0] < study[1] and study[0] < dev[1]:
+        fail("dev_personas", dev, f"overlaps study_personas={study}: test personas are never "
+                                  "used to choose a setting")
 
 
 def ensure_dataset(config: ml_collections.ConfigDict) -> Path:
@@ -95,15 +107,16 @@ def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entrie
 
 def model_config_for(config, tokenizer=None) -> VLMConfig:
     """The preset `model.name`, or the architecture of `model.checkpoint` (a Hugging Face
-    directory), in `model.dtype`, with `model.remat`. Without a `tokenizer` (an ahead-of-time
-    compile, which needs shapes only) a preset keeps its own image token id."""
+    directory), in `model.dtype`, with `model.remat` and `model.attention`. Without a
+    `tokenizer` (an ahead-of-time compile, which needs shapes only) a preset keeps its own image
+    token id."""
     dtype = jnp.dtype(config.model.dtype)
-    remat = config.model.remat  # A policy name, or False / True (none / full).
+    # remat: a policy name, or False / True (none / full).
+    choices = dict(remat=config.model.remat, attention=config.model.attention)
     if config.model.checkpoint:
         return dataclasses.replace(
-            hf.load_config(config.model.checkpoint, dtype=dtype, param_dtype=dtype), remat=remat)
-    model_config = get_model_config(config.model.name, dtype=dtype, param_dtype=dtype,
-                                    remat=remat)
+            hf.load_config(config.model.checkpoint, dtype=dtype, param_dtype=dtype), **choices)
+    model_config = get_model_config(config.model.name, dtype=dtype, param_dtype=dtype, **choices)
     if tokenizer is None:
         return model_config
     model_config = dataclasses.replace(
@@ -207,26 +220,49 @@ def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir:
     return curves_from_log(workdir, eval_tasks)
 
 
-def train_base(config, data_dir: Path, model_config: VLMConfig) -> tuple[nnx.State, dict]:
+def base_personas(config, kind: str, *, unpaired: bool = False) -> tuple[int, int]:
+    """The world personas a base task of `kind` teaches. The unpaired base teaches images for
+    the first half of them and descriptions for the second, so no persona is seen in both."""
+    start, stop = config.world_personas
+    if not unpaired:
+        return start, stop
+    middle = (start + stop) // 2
+    return (start, middle) if kind in tasks.IMAGE_KINDS else (middle, stop)
+
+
+def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: bool = False,
+               ) -> tuple[nnx.State, dict]:
     """The base model: world personas in both modalities (cached by its config), and its
     held-out recall of `base_eval_personas` (world personas) in both modalities: if the base
     does not recall held-out views of the personas it was trained on, fine-tuning it cannot
-    transfer either."""
-    key = config_hash(config.data, config.model, config.base, config.base_tasks,
+    transfer either. `unpaired`: the same steps and batches, but each world persona in one
+    modality only (`base_personas`); recall is scored on the personas each modality taught."""
+    # Held-out views never reach the base's training (their draws come after the training
+    # views'), so bases differing only in `heldout_view_variation` are one base.
+    data = {k: v for k, v in config.data.to_dict().items() if k != "heldout_view_variation"}
+    # The attention kernel computes the same function: bases differing in it are one base.
+    model = {k: v for k, v in config.model.to_dict().items() if k != "attention"}
+    key = config_hash(data, model, config.base, config.base_tasks,
                       config.world_personas, config.max_length, config.seed,
-                      config.batch_by_task, config.augment)
+                      config.batch_by_task, config.augment, *(["unpaired"] if unpaired else []))
     workdir = Path(config.cache_dir) / "base" / key
-    entries = [f"{entry} {_range(config.world_personas)}" for entry in config.base_tasks]
+    entries = [f"{entry} {_range(base_personas(config, entry.split()[0], unpaired=unpaired))}"
+               for entry in config.base_tasks]
     train_pipeline = pipeline.build(pipeline_config(
         config, data_dir, model_config, entries, config.base.batch_size, train=True))
     result = trainer.train(config.base, workdir, model_fn(config, model_config),
                            iter(train_pipeline))
-    recall_path = workdir / "base_recall.json"
+    recall_path = workdir / f"base_recall_{config_hash(config.data)}.json"
     if not recall_path.exists():
-        personas = _range(config.base_eval_personas)
+        count = config.base_eval_personas[1] - config.base_eval_personas[0]
+        evaluated = {}
+        for m in MODALITIES:
+            start, stop = (base_personas(config, QUERY_KIND[m], unpaired=True) if unpaired
+                           else config.base_eval_personas)
+            evaluated[m] = (start, min(stop, start + count))
         scorer = recall.Scorer({
             m: pipeline_config(config, data_dir, model_config,
-                               [f"{QUERY_KIND[m]} split=heldout {personas}"],
+                               [f"{QUERY_KIND[m]} split=heldout {_range(evaluated[m])}"],
                                config.eval_batch_size, train=False)
             for m in MODALITIES})
         recall_path.write_text(json.dumps(scorer(result.model, config.base.num_steps), indent=1))
@@ -288,14 +324,61 @@ def finetune_seeds(config, setup: Setup, workdir: Path, names, **kwargs) -> list
     return per_seed
 
 
+def source_commit() -> str:
+    """The checkout's commit, '+' marking uncommitted changes ('' outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + ("+" if dirty else "")
+
+
 def provenance(config, setup: Setup, command: str) -> dict:
     """What every experiment's results.json records about how it was made."""
     return {"seeds": list(config.seeds), "base_recall": setup.base_recall,
-            "timings": setup.timings, "command": command, "config": config.to_dict()}
+            "timings": setup.timings, "command": command, "commit": source_commit(),
+            "config": config.to_dict()}
+
+
+def pixel_lookup(data_dir: Path, personas, image_size: int) -> dict:
+    """Identifies each held-out view of `personas` (a range) by the nearest training view of
+    those personas in raw pixels (`nearest_view`, L2), or by the nearest persona's mean training
+    view (`nearest_mean`), at `image_size` as the pipeline resizes them: no learning, so image
+    recall at or below it shows template matching, not recognition."""
+    dataset = source.open_dataset(data_dir)
+    train, train_ids, heldout, heldout_ids = [], [], [], []
+    for persona in range(*personas):
+        record = dataset[persona]
+        for png, held in zip(record.images, record.view_heldout):
+            pixels = pipeline.decode_image(png, image_size).astype(np.float32).ravel()
+            (heldout if held else train).append(pixels)
+            (heldout_ids if held else train_ids).append(persona)
+    train, heldout = np.stack(train), np.stack(heldout)
+    train_ids, heldout_ids = np.asarray(train_ids), np.asarray(heldout_ids)
+
+    def nearest(queries, keys):
+        return (-2 * queries @ keys.T + (keys**2).sum(1)).argmin(1)
+
+    ids = np.unique(train_ids)
+    means = np.stack([train[train_ids == i].mean(0) for i in ids])
+    return {"nearest_view": float((train_ids[nearest(heldout, train)] == heldout_ids).mean()),
+            "nearest_mean": float((ids[nearest(heldout, means)] == heldout_ids).mean())}
+
+
+def with_personas(config, personas) -> ml_collections.ConfigDict:
+    """`config` fine-tuned and scored on `personas` instead of `study_personas`."""
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.study_personas = tuple(personas)
+    return copy
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
-    """The transfer study, for each of `config.seeds`; the control runs the first seed."""
+    """The transfer study, for each of `config.seeds`, on the test personas (`recall`) and on
+    the development ones (`dev_recall`); the unpaired control runs the first seed."""
     setup = prepare(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -304,26 +387,69 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     start = time.perf_counter()
     per_seed = finetune_seeds(config, setup, workdir / "finetune", MODALITIES)
     timings["finetune"] = time.perf_counter() - start
+    print("The same on the development personas", flush=True)
+    start = time.perf_counter()
+    dev = seed_summary(finetune_seeds(with_personas(config, config.dev_personas), setup,
+                                      workdir / "dev", MODALITIES))
+    timings["dev"] = time.perf_counter() - start
+    # The model's image size, or the dataset's where that is smaller (a checkpoint's 896 px
+    # views are upsampled: no more to look up, ~200x the memory).
+    image_size = min(setup.model_config.vision.image_size,
+                     source.open_dataset(setup.data_dir).image_size)
+    lookup = pixel_lookup(setup.data_dir, config.study_personas, image_size)
+    dev_lookup = pixel_lookup(setup.data_dir, config.dev_personas, image_size)
     results = {
         "experiment": "transfer",
         "train_modality": config.train_modality,
         **seed_summary(per_seed),
+        # The base before any fine-tuning: the study names are new to it, so this is chance.
+        "step0_recall": average([{m: r["curves"][0][m] for m in MODALITIES}
+                                 for r in per_seed]),
+        "dev_recall": dev["recall"], "dev_recall_std": dev["recall_std"],
+        "dev_curves": dev["curves"],
+        # On the held-out image queries whose recall is reported (test and development).
+        "baselines": {"pixel_lookup": lookup["nearest_view"],
+                      "pixel_lookup_nearest_mean": lookup["nearest_mean"],
+                      "dev_pixel_lookup": dev_lookup["nearest_view"],
+                      "dev_pixel_lookup_nearest_mean": dev_lookup["nearest_mean"]},
         "chance": chance(config.study_personas),
         "per_seed": per_seed,
         "num_study_personas": config.study_personas[1] - config.study_personas[0],
+        "study_personas": list(config.study_personas),
+        "dev_personas": list(config.dev_personas),
         **provenance(config, setup, command),  # Its timings gain the control's below.
     }
     if config.control:
-        print("Control: the same fine-tuning from a random initialisation", flush=True)
+        print("Control: the same fine-tuning from the unpaired base", flush=True)
         start = time.perf_counter()
+        unpaired_state, unpaired_recall = train_base(config, setup.data_dir, setup.model_config,
+                                                     unpaired=True)
         seed = config.seeds[0]
         control = finetune_and_score(seeded(config, seed), setup.data_dir, setup.model_config,
-                                     workdir / "control" / f"seed_{seed}", None)
+                                     workdir / "controls" / "unpaired" / f"seed_{seed}",
+                                     unpaired_state)
         timings["control"] = time.perf_counter() - start
-        results["control"] = {"recall": {m: control[-1][m] for m in MODALITIES},
-                              "curves": control}
+        results["controls"] = {"unpaired": {
+            "recall": {m: control[-1][m] for m in MODALITIES}, "curves": control,
+            "base_recall": unpaired_recall,
+            "step0_recall": {m: control[0][m] for m in MODALITIES}}}
+    results["summary"] = transfer_summary(results)
     write_report(results, workdir)
     return results
+
+
+def transfer_summary(results: dict) -> dict:
+    """Flat numbers a sweep tabulates and plots beside source and target recall."""
+    source = results["train_modality"]
+    target = "description" if source == "image" else "image"
+    summary = {"pixel_lookup": results["baselines"]["pixel_lookup"],
+               "dev_source_choice_acc": results["dev_recall"][source]["choice_acc"],
+               "dev_target_choice_acc": results["dev_recall"][target]["choice_acc"],
+               "dev_pixel_lookup": results["baselines"]["dev_pixel_lookup"]}
+    if results.get("controls"):
+        summary["unpaired_target_choice_acc"] = (
+            results["controls"]["unpaired"]["recall"][target]["choice_acc"])
+    return summary
 
 
 def chance(personas) -> dict:
@@ -358,7 +484,8 @@ def direction_summary(results: dict) -> dict:
                "target_mean_rank": results["recall"][target]["mean_rank"],
                "chance_choice": results["chance"]["choice_acc"],
                "chance_mean_rank": results["chance"]["mean_rank"]}
-    if results.get("control"):
-        summary["control_target_choice"] = results["control"]["recall"][target]["choice_acc"]
-        summary["control_target_mean_rank"] = results["control"]["recall"][target]["mean_rank"]
+    if results.get("controls"):
+        control = results["controls"]["unpaired"]["recall"][target]
+        summary["control_target_choice"] = control["choice_acc"]
+        summary["control_target_mean_rank"] = control["mean_rank"]
     return summary

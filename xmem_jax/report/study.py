@@ -2,6 +2,11 @@
 
 The figure and the table are built only from `results.json`, so a report can be rebuilt (or
 restyled) without rerunning anything: `write_report(json.load(...), workdir)`.
+
+    python -m xmem_jax.report.study --run=runs/default --out=docs/results/study/default.json
+
+copies a run's figures (no curves, no checkpoints) into a small JSON for the repository; with
+a sweep's directory it copies `sweep.json`'s rows.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ def plot_curves(results: dict, path: Path) -> None:
     target = other_modality(source)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4), sharey=True)
     runs = [("", results["curves"], "-")]
-    if results.get("control"):
-        runs.append(("control (no base): ", results["control"]["curves"], ":"))
+    if results.get("controls"):
+        runs.append(("control (unpaired base): ", results["controls"]["unpaired"]["curves"],
+                     ":"))
     for ax, metric in zip(axes, METRICS):
         for label, curves, style in runs:
             steps = [point["step"] for point in curves]
@@ -82,11 +88,21 @@ def markdown(results: dict) -> str:
         f"| run | source ({source}) choice | source exact | target ({target}) choice "
         f"| target exact | target mean rank (chance {chance['mean_rank']:.1f}) |",
         "| --- | --- | --- | --- | --- | --- |",
-        _row("from the base model", results["recall"], source,
+        _row("test personas, from the base model", results["recall"], source,
              results.get("recall_std") if len(results.get("seeds", ())) > 1 else None),
     ]
-    if results.get("control"):
-        lines.append(_row("control: random init, no base", results["control"]["recall"], source))
+    if results.get("dev_recall"):
+        lines.append(_row("development personas, from the base model", results["dev_recall"],
+                          source, results.get("dev_recall_std")
+                          if len(results.get("seeds", ())) > 1 else None))
+    if results.get("step0_recall"):
+        lines.append(_row("test personas, the base before fine-tuning",
+                          results["step0_recall"], source))
+    if results.get("controls"):
+        unpaired = results["controls"]["unpaired"]
+        lines.append(_row("control: from the unpaired base", unpaired["recall"], source))
+        lines.append(_row("control: the unpaired base before fine-tuning",
+                          unpaired["step0_recall"], source))
     acc = results["recall"]
     ratio = acc[target]["choice_acc"] / max(chance["choice_acc"], 1e-9)
     lines += [
@@ -97,12 +113,23 @@ def markdown(results: dict) -> str:
         "![recall curves](curves.png)",
         "",
     ]
-    if results.get("base_recall"):
-        base = results["base_recall"]
-        lines += ["Base model, held-out recall of world personas it was trained on (choice / "
-                  "exact): " + ", ".join(f"{m} {base[m]['choice_acc']:.3f} / "
-                                         f"{base[m]['exact_match']:.3f}" for m in MODALITIES),
-                  ""]
+    if results.get("baselines"):
+        b = results["baselines"]
+        lines += [f"Pixel lookup (no learning: each held-out view named by its nearest training "
+                  f"view in raw pixels / by the nearest persona's mean training view) on the same "
+                  f"held-out image queries: test {b['pixel_lookup']:.3f} / "
+                  f"{b['pixel_lookup_nearest_mean']:.3f}, development "
+                  f"{b['dev_pixel_lookup']:.3f} / {b['dev_pixel_lookup_nearest_mean']:.3f}; image "
+                  f"recall at or below it is template matching, not recognition.", ""]
+    bases = [("Base model", results.get("base_recall"))]
+    if results.get("controls"):
+        bases.append(("Unpaired base", results["controls"]["unpaired"]["base_recall"]))
+    for label, base in bases:
+        if base:
+            lines += [f"{label}, held-out recall of world personas it was trained on (choice / "
+                      "exact): " + ", ".join(f"{m} {base[m]['choice_acc']:.3f} / "
+                                             f"{base[m]['exact_match']:.3f}" for m in MODALITIES),
+                      ""]
     lines += [
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()),
         "",
@@ -121,14 +148,14 @@ def write_directions_report(results: dict, workdir: str | Path) -> None:
     """Both directions side by side; each direction's own report is in its subdirectory."""
     lines = ["# Cross-modal transfer in both directions", "",
              f"Command: `{results['command']}`", "",
-             "| trained on | source choice | target choice | target mean rank | control target "
-             "choice / mean rank | chance choice / mean rank |",
+             "| trained on | source choice | target choice | target mean rank | unpaired control "
+             "target choice / mean rank | chance choice / mean rank |",
              "| --- | --- | --- | --- | --- | --- |"]
     for modality, run in results["directions"].items():
         target = other_modality(modality)
         several = len(run.get("seeds", ())) > 1
         std = run["recall_std"] if several else None
-        control = run.get("control")
+        control = run.get("controls", {}).get("unpaired")
         lines.append(
             f"| {modality}s ([report]({modality}/report.md)) | "
             f"{cell(run['recall'], std, modality, 'choice_acc')} | "
@@ -141,3 +168,44 @@ def write_directions_report(results: dict, workdir: str | Path) -> None:
     workdir = Path(workdir)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "report.md").write_text("\n".join(lines))
+
+
+# What `export` keeps of a study's results.json: every figure, none of the curves.
+EXPORTED = ("experiment", "train_modality", "command", "commit", "seeds", "study_personas",
+            "dev_personas", "chance", "recall", "recall_std", "dev_recall", "dev_recall_std",
+            "step0_recall", "baselines", "base_recall", "timings", "directions")
+
+
+def export(run_dir: str | Path) -> dict:
+    """The figures of a study (or directions) run or of a sweep, without curves."""
+    run_dir = Path(run_dir)
+    if (run_dir / "sweep.json").exists():
+        return {"sweep": str(run_dir), "rows": json.loads((run_dir / "sweep.json").read_text()),
+                "command": (run_dir / "sweep.md").read_text().split("Command: `")[1].split("`")[0]}
+    return _figures(json.loads((run_dir / "results.json").read_text()))
+
+
+def _figures(results: dict) -> dict:
+    figures = {k: results[k] for k in EXPORTED if k in results}
+    if "directions" in figures:
+        figures["directions"] = {m: _figures(r) for m, r in figures["directions"].items()}
+    if results.get("controls"):
+        figures["controls"] = {name: {k: v for k, v in control.items() if k != "curves"}
+                               for name, control in results["controls"].items()}
+    return figures
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _RUN = flags.DEFINE_string("run", None, "A study, directions or sweep --workdir.")
+    _OUT = flags.DEFINE_string("out", None, "The JSON to write.")
+    flags.mark_flags_as_required(["run", "out"])
+
+    def main(argv):
+        del argv
+        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(_OUT.value).write_text(json.dumps(export(_RUN.value), indent=1) + "\n")
+        print(f"Wrote {_OUT.value}")
+
+    app.run(main)
