@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from xmem_jax.model import VLM, count_parameters, get_model_config
-from xmem_jax.model.gemma import attention_masks
+from xmem_jax.model import attention
+from xmem_jax.model.gemma import SequenceMask
 from xmem_jax.model.vlm import MultiModalProjector, image_blocks, positions_from_mask
 from xmem_jax.train import sharding
 
@@ -85,42 +86,46 @@ def test_later_text_token_does_not_change_earlier_logits(model):
     assert not np.allclose(before[:, changed_at:], after[:, changed_at:], atol=1e-3)
 
 
-def test_attention_masks_image_blocks_and_window():
-    # BOS, image A (2 tokens), text, image B (2 tokens), text; window 3.
+def test_attention_sees_causal_keys_its_whole_image_and_the_window():
+    # BOS, image A (2 tokens), text, image B (2 tokens), text; window 3. With zero queries and
+    # keys the weights are uniform over the keys a query may see, and one-hot values read them.
     is_image = jnp.array([[0, 1, 1, 0, 1, 1, 0]], bool)
     blocks = image_blocks(is_image)
     np.testing.assert_array_equal(blocks, [[-1, 0, 0, -1, 1, 1, -1]])
-    slots = jnp.arange(7)
-    masks = attention_masks(slots, slots, jnp.ones((1, 7), bool), blocks, blocks, sliding_window=3)
-    causal = np.tril(np.ones((7, 7), bool))
-    expected_global = causal.copy()
+    zeros = jnp.zeros((1, 7, 1, 7))
+    values = jnp.eye(7)[None, :, None, :]
+
+    def seen(is_global):
+        out = attention.self_attention(zeros, zeros, values, scale=1.0, implementation="xla",
+                                       window=3, is_global=jnp.asarray(is_global),
+                                       images=attention.image_slots(blocks, 4))
+        return np.asarray(out[0, :, 0] > 0)
+
+    expected_global = np.tril(np.ones((7, 7), bool))
     expected_global[1, 2] = expected_global[4, 5] = True  # Within an image, both ways.
-    np.testing.assert_array_equal(masks.global_[0], expected_global)
+    np.testing.assert_array_equal(seen(True), expected_global)
     in_window = np.subtract.outer(np.arange(7), np.arange(7)) < 3
-    np.testing.assert_array_equal(masks.local[0], expected_global & in_window)
+    np.testing.assert_array_equal(seen(False), expected_global & in_window)
 
 
 def test_image_tokens_attend_bidirectionally_within_their_image(model):
     """Perturbing an image's last soft token moves its first one, but nothing before it."""
     tokens = make_tokens(1, 8)
-    x, blocks = nnx.jit(lambda model, tokens, images: model.embed_inputs(tokens, images))(
+    x, image_slots = nnx.jit(lambda model, tokens, images: model.embed_inputs(tokens, images))(
         model, tokens, make_images(1))
     last_image_slot = TOKENS_PER_IMAGE  # Slot 0 is BOS.
-    slots = jnp.arange(tokens.shape[1])
     input_mask = jnp.ones(tokens.shape, bool)
     positions = positions_from_mask(input_mask)
 
     @nnx.jit
-    def hidden(decoder, x, blocks):
-        masks = attention_masks(slots, slots, input_mask, blocks, blocks, TINY.text.sliding_window)
-        return decoder(x, positions, masks)[0]
+    def hidden(decoder, x, image_slots):
+        return decoder(x, positions, SequenceMask(input_mask, image_slots))[0]
 
     perturbed = x.at[:, last_image_slot].add(1.0)
-    no_blocks = jnp.full_like(blocks, -1)  # Plain causal attention.
-    base, moved = (hidden(model.language_model, x_, blocks) for x_ in (x, perturbed))
+    base, moved = (hidden(model.language_model, x_, image_slots) for x_ in (x, perturbed))
     np.testing.assert_allclose(base[:, 0], moved[:, 0], atol=1e-6)  # BOS precedes the image.
     assert not np.allclose(base[:, 1], moved[:, 1], atol=1e-4)  # First image token sees the last.
-    base, moved = (hidden(model.language_model, x_, no_blocks) for x_ in (x, perturbed))
+    base, moved = (hidden(model.language_model, x_, None) for x_ in (x, perturbed))  # Causal.
     np.testing.assert_allclose(base[:, 1], moved[:, 1], atol=1e-6)
 
 

@@ -4,8 +4,9 @@
 A section holds the preset `name`, an optional Hugging Face `checkpoint` directory (its
 config.json then defines the architecture and its weights replace the base model), the compute
 and parameter `dtype`, `remat` (the `VLMConfig.remat` policy: what each layer keeps for the
-backward pass, recomputing the rest) and
-`lora` (rank 0 = full fine-tuning).
+backward pass, recomputing the rest), `attention` (the `VLMConfig.attention` kernel: 'auto'
+picks splash on TPU, cuDNN on GPU, XLA's einsum elsewhere) and `lora` (rank 0 = full
+fine-tuning).
 """
 
 import ml_collections
@@ -27,6 +28,7 @@ def get_config(name: str = "tiny") -> ml_collections.ConfigDict:
     config.checkpoint = ""
     config.dtype = "bfloat16" if name in GEMMA3 else "float32"
     config.remat = REMAT.get(name, "none")
+    config.attention = "auto"
     config.lora = lora.default_config()
     if name in GEMMA3:
         config.lora.rank = 16

@@ -18,6 +18,8 @@ _TINY_IMAGE_TOKEN_ID = 8
 _GEMMA3_IMAGE_TOKEN_ID = 262_144
 # `VLMConfig.remat` policies (`xmem_jax.model.layers.REMAT_POLICIES` defines them).
 _REMAT_NAMES = ("none", "full", "dots", "qkv")
+# `VLMConfig.attention` kernels (`xmem_jax.model.attention.IMPLEMENTATIONS` defines them).
+_ATTENTION_NAMES = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +112,14 @@ class VLMConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: bool | str = False
+    # Self-attention kernel (`attention.IMPLEMENTATIONS`): 'auto' picks by the platform compiled
+    # for (splash on TPU, cuDNN on GPU, XLA's einsum elsewhere); 'xla', 'splash', 'cudnn' force one.
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in _ATTENTION_NAMES:
+            raise ValueError(f"Unknown attention {self.attention!r}; known: "
+                             f"{', '.join(_ATTENTION_NAMES)}")
         if not isinstance(self.remat, bool) and self.remat not in _REMAT_NAMES:
             raise ValueError(f"Unknown remat policy {self.remat!r}; known: "
                              f"{', '.join(_REMAT_NAMES)} (or False / True)")

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from xmem_jax.model import attention
 from xmem_jax.model.config import VLMConfig
-from xmem_jax.model.layers import (Einsum, RMSNorm, attend, constrain, logical, run_layers,
-                                   stack_layers)
+from xmem_jax.model.layers import Einsum, RMSNorm, constrain, logical, run_layers, stack_layers
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 _Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -44,35 +44,37 @@ _KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "act
 _MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
+class SequenceMask(NamedTuple):
+    """A full-sequence call's attention (training, scoring, a prompt's prefill): causal over the
+    call's own L tokens, except within an image; local layers add the sliding window. Runs
+    through `attention.self_attention`, so through a fused kernel where one is chosen."""
+
+    valid: jax.Array  # [B, L] bool: real tokens, not padding.
+    images: attention.ImageSlots | None  # None without images.
+
+
 class AttentionMasks(NamedTuple):
-    """Where each query may attend, [B, Lq, Lk] bool, for the two kinds of layer."""
+    """Where each query may attend over a cache, [B, Lq, S] bool, for the two kinds of layer
+    (decoding steps and candidate chunks fed after a prefill; always the einsum path)."""
 
     global_: jax.Array
     local: jax.Array
 
 
 def attention_masks(q_slots: jax.Array, kv_slots: jax.Array, kv_valid: jax.Array,
-                    q_image_blocks: jax.Array | None, kv_image_blocks: jax.Array | None,
                     sliding_window: int) -> AttentionMasks:
-    """Gemma 3's masks: causal, except within one image; local layers add a sliding window.
+    """Masks of text queries over a cache: causal over valid keys; local layers add the window.
 
-    Mirrors HF: global = (causal | same image) & valid key; local = global & (q - kv < window),
-    with distances measured in sequence (cache) slots.
+    Mirrors HF: global = causal & valid key; local = global & (q - kv < window), with distances
+    measured in cache slots. (Image tokens only ever come in a prompt: `SequenceMask`.)
 
     Args:
       q_slots: [Lq] slot index of each query.
       kv_slots: [Lk] slot index of each key.
       kv_valid: [B, Lk] whether a key is a real token (not padding or an unwritten cache slot).
-      q_image_blocks, kv_image_blocks: [B, Lq] / [B, Lk] id of the image a token belongs to,
-        -1 for text; None when there are no images.
       sliding_window: local layers' window.
     """
-    causal = kv_slots[None, :] <= q_slots[:, None]
-    allowed = causal[None]
-    if q_image_blocks is not None:
-        same_image = q_image_blocks[:, :, None] == kv_image_blocks[:, None, :]
-        allowed = allowed | (same_image & (q_image_blocks[:, :, None] >= 0))
-    global_ = allowed & kv_valid[:, None, :]
+    global_ = (kv_slots[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]
     in_window = (q_slots[:, None] - kv_slots[None, :]) < sliding_window
     return AttentionMasks(global_=global_, local=global_ & in_window[None])
 
@@ -136,15 +138,17 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
         self.scale = text.query_pre_attn_scalar**-0.5
         self.text = text
+        self.implementation = config.attention
 
-    def __call__(self, x: jax.Array, positions: jax.Array, is_global: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, is_global: jax.Array,
+                 mask: SequenceMask | AttentionMasks,
                  kv_cache: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | int,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, L, E], positions [B, L], mask [B, L, Lk] -> ([B, L, E], updated (k, v) cache).
+        """x [B, L, E], positions [B, L] -> ([B, L, E], updated (k, v) cache).
 
-        Without a cache, keys are this call's L tokens (Lk = L). With one ([B, S, K, H] each),
-        this call's keys and values are written at slots [cache_index, cache_index + L) and the
-        queries attend over all S slots (Lk = S).
+        With a cache ([B, S, K, H] each), this call's keys and values are written at slots
+        [cache_index, cache_index + L). A `SequenceMask` attends over this call's L tokens (a
+        prefill writes them at slot 0); `AttentionMasks` attend over all S cache slots.
         """
         text = self.text
         inv_freq = jnp.where(
@@ -155,14 +159,19 @@ class Attention(nnx.Module):
         q = checkpoint_name(apply_rope(self.q_norm(self.q_proj(x)), positions, inv_freq), "query")
         k = checkpoint_name(apply_rope(self.k_norm(self.k_proj(x)), positions, inv_freq), "key")
         v = checkpoint_name(self.v_proj(x), "value")
-        q = constrain(q, _Q_AXES)
+        q, k, v = constrain(q, _Q_AXES), constrain(k, _KV_AXES), constrain(v, _KV_AXES)
         if kv_cache is not None:
-            k, v = (jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype),
-                                                        cache_index, axis=1)
-                    for cached, new in zip(kv_cache, (k, v)))
-        k, v = constrain(k, _KV_AXES), constrain(v, _KV_AXES)
-        out = self.o_proj(attend(q, k, v, mask, self.scale))
-        return out, (k, v) if kv_cache is not None else None
+            kv_cache = tuple(constrain(jax.lax.dynamic_update_slice_in_dim(
+                cached, new.astype(cached.dtype), cache_index, axis=1), _KV_AXES)
+                for cached, new in zip(kv_cache, (k, v)))
+        if isinstance(mask, SequenceMask):
+            out = attention.self_attention(
+                q, k, v, scale=self.scale, implementation=self.implementation, valid=mask.valid,
+                window=text.sliding_window, is_global=is_global, images=mask.images)
+        else:
+            out = attention.dot_product(q, *kv_cache, jnp.where(is_global, mask.global_,
+                                                                mask.local), self.scale)
+        return self.o_proj(out), kv_cache
 
 
 class MLP(nnx.Module):
@@ -194,8 +203,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.post_feedforward_layernorm = RMSNorm(embed, eps=eps, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, is_global, masks: AttentionMasks, kv_cache, cache_index):
-        mask = jnp.where(is_global, masks.global_, masks.local)
+    def __call__(self, x, positions, is_global, mask: SequenceMask | AttentionMasks, kv_cache,
+                 cache_index):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, is_global, mask,
                                             kv_cache, cache_index)
         x = x + self.post_attention_layernorm(attn_out)
@@ -241,7 +250,7 @@ class Gemma3TextModel(nnx.Module):
         self.norm = RMSNorm(text.embed_dim, eps=text.rms_norm_eps, param_dtype=config.param_dtype)
         self.lm_head = None if text.tie_word_embeddings else Embedder(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
+    def __call__(self, x: jax.Array, positions: jax.Array, masks: SequenceMask | AttentionMasks,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
                  cache_index: jax.Array | int = 0, frozen_layers: int = 0,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -262,7 +271,7 @@ class Gemma3TextModel(nnx.Module):
                                  frozen=frozen_layers)
         return self.norm(x), kv_cache
 
-    def layer_outputs(self, x: jax.Array, positions: jax.Array, masks: AttentionMasks,
+    def layer_outputs(self, x: jax.Array, positions: jax.Array, masks: SequenceMask,
                       ) -> jax.Array:
         """The residual stream after each decoder layer, [num_layers, B, L, E] (for probes)."""
 

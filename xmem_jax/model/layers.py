@@ -28,10 +28,6 @@ REMAT_POLICIES = {
     "qkv": jax.checkpoint_policies.save_only_these_names("query", "key", "value"),
 }
 
-# Softmax of masked logits: finite so a fully masked row (padding) gives uniform weights, not NaN.
-_MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
-
-
 def logical(init: Initializer, axes: Axes) -> Initializer:
     """Tags `init`'s output with logical axis names, one per dimension."""
     return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
@@ -135,30 +131,6 @@ class LayerNorm(nnx.Module):
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-           scale: float) -> jax.Array:
-    """Scaled dot-product attention with grouped KV heads.
-
-    Args:
-      q: [B, Lq, N, H] queries; query head n reads KV head n // (N // K), as HF's `repeat_kv`.
-      k, v: [B, Lk, K, H].
-      mask: [B, Lq, Lk] bool, True where a query may attend; None attends everywhere.
-      scale: multiplies the logits.
-
-    Returns:
-      [B, Lq, N, H]. Logits and softmax are float32; the weighted sum runs in v's dtype.
-    """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v)
-    return out.reshape(batch, q_len, num_heads, head_dim)
 
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,

@@ -25,11 +25,11 @@ Layer params are stacked along a leading 'layers' axis ([i] above indexes it).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from xmem_jax.model import attention
 from xmem_jax.model.config import VLMConfig
-from xmem_jax.model.layers import (Einsum, LayerNorm, attend, constrain, logical, run_layers,
+from xmem_jax.model.layers import (Einsum, LayerNorm, constrain, logical, run_layers,
                                    stack_layers)
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -69,6 +69,7 @@ class VisionAttention(nnx.Module):
         vision = config.vision
         width, heads, head_dim = vision.width, vision.num_heads, vision.head_dim
         self.scale = head_dim**-0.5
+        self.implementation = config.attention
         kwargs = dict(use_bias=True, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
         in_axes = ("vision_embed", "heads", "head_dim")
         self.q_proj = Einsum("...w,wnh->...nh", (width, heads, head_dim), in_axes, **kwargs)
@@ -80,7 +81,8 @@ class VisionAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = (constrain(project(x), _HEAD_AXES)
                    for project in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attend(q, k, v, mask=None, scale=self.scale))
+        return self.out_proj(attention.self_attention(
+            q, k, v, scale=self.scale, implementation=self.implementation, causal=False))
 
 
 class VisionMLP(nnx.Module):

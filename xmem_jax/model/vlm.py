@@ -25,7 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xmem_jax.model.config import VLMConfig
-from xmem_jax.model.gemma import Cache, Gemma3TextModel, attention_masks, empty_kv
+from xmem_jax.model import attention
+from xmem_jax.model.gemma import (Cache, Gemma3TextModel, SequenceMask, attention_masks,
+                                  empty_kv)
 from xmem_jax.model.layers import Einsum, RMSNorm
 from xmem_jax.model.siglip import SiglipVisionTower
 
@@ -90,11 +92,11 @@ class VLM(nnx.Module):
         return soft_tokens.reshape(batch, -1, soft_tokens.shape[-1])
 
     def embed_inputs(self, tokens: jax.Array, images: jax.Array | None,
-                     ) -> tuple[jax.Array, jax.Array | None]:
+                     ) -> tuple[jax.Array, attention.ImageSlots | None]:
         """Token embeddings with image soft tokens written over the placeholders, in order.
 
-        Returns the embeddings [B, L, E] and the image blocks [B, L] (None without images). Extra
-        soft tokens are dropped; surplus placeholders repeat the last soft token.
+        Returns the embeddings [B, L, E] and where the image tokens are (None without images).
+        Extra soft tokens are dropped; surplus placeholders repeat the last soft token.
         """
         config = self.config
         lm_tokens = tokens
@@ -107,18 +109,16 @@ class VLM(nnx.Module):
         is_image = tokens == config.image_token_id
         index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, soft_tokens.shape[1] - 1)
         placed = jnp.take_along_axis(soft_tokens, index[..., None], axis=1).astype(x.dtype)
-        return jnp.where(is_image[..., None], placed, x), image_blocks(is_image)
+        return (jnp.where(is_image[..., None], placed, x),
+                attention.image_slots(image_blocks(is_image), soft_tokens.shape[1]))
 
     def _decoder_inputs(self, tokens: jax.Array, images: jax.Array | None,
                         input_mask: jax.Array | None) -> tuple:
-        """(embeddings, RoPE positions, attention masks) of a full sequence for the decoder."""
+        """(embeddings, RoPE positions, `SequenceMask`) of a full sequence for the decoder."""
         if input_mask is None:
             input_mask = jnp.ones(tokens.shape, bool)
-        x, blocks = self.embed_inputs(tokens, images)
-        slots = jnp.arange(tokens.shape[1])
-        masks = attention_masks(slots, slots, input_mask, blocks, blocks,
-                                self.config.text.sliding_window)
-        return x, positions_from_mask(input_mask), masks
+        x, image_slots = self.embed_inputs(tokens, images)
+        return x, positions_from_mask(input_mask), SequenceMask(input_mask, image_slots)
 
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None,
                  input_mask: jax.Array | None = None, *, frozen_layers: int = 0) -> jax.Array:
@@ -164,19 +164,12 @@ class VLM(nnx.Module):
         batch, length = tokens.shape
         if cache_size < length:
             raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {length}")
-        if input_mask is None:
-            input_mask = jnp.ones(tokens.shape, bool)
-        x, blocks = self.embed_inputs(tokens, images)
-        kv_mask = jnp.zeros((batch, cache_size), bool).at[:, :length].set(input_mask)
-        kv_blocks = None if blocks is None else jnp.pad(blocks, ((0, 0), (0, cache_size - length)),
-                                                         constant_values=-1)
-        masks = attention_masks(jnp.arange(length), jnp.arange(cache_size), kv_mask, blocks,
-                                kv_blocks, self.config.text.sliding_window)
+        x, positions, mask = self._decoder_inputs(tokens, images, input_mask)
+        kv_mask = jnp.zeros((batch, cache_size), bool).at[:, :length].set(mask.valid)
         empty = empty_kv(self.config, batch, cache_size)
-        hidden, (k, v) = self.language_model(x, positions_from_mask(input_mask), masks, empty,
-                                             cache_index=0)
+        hidden, (k, v) = self.language_model(x, positions, mask, empty, cache_index=0)
         cache = Cache(k=k, v=v, kv_mask=kv_mask, end_index=jnp.asarray(length, jnp.int32),
-                      next_position=jnp.sum(input_mask, axis=1, dtype=jnp.int32))
+                      next_position=jnp.sum(mask.valid, axis=1, dtype=jnp.int32))
         return self.language_model.logits(hidden), cache
 
     def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
@@ -189,7 +182,7 @@ class VLM(nnx.Module):
         slot = cache.end_index
         kv_mask = jax.lax.dynamic_update_slice_in_dim(
             cache.kv_mask, jnp.ones((tokens.shape[0], 1), bool), slot, axis=1)
-        masks = attention_masks(slot[None], jnp.arange(cache.size), kv_mask, None, None,
+        masks = attention_masks(slot[None], jnp.arange(cache.size), kv_mask,
                                 self.config.text.sliding_window)
         hidden, (k, v) = self.language_model(x, cache.next_position[:, None], masks,
                                              (cache.k, cache.v), cache_index=slot)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xmem_jax.model.gemma import AttentionMasks, Cache, attention_masks, empty_kv
+from xmem_jax.model.gemma import AttentionMasks, Cache, SequenceMask, empty_kv
 from xmem_jax.model.vlm import VLM, positions_from_mask
 
 # Prompt widths: multiples of 8 up to 128, then powers of two and 1.5x them (192, 256, 384, ...):
@@ -81,14 +81,10 @@ def prefill(model: VLM, tokens: jax.Array, input_mask: jax.Array, images: jax.Ar
     would cost more than the rest of the prompt pass.)
     """
     batch, length = tokens.shape
-    x, blocks = model.embed_inputs(tokens, images)
-    extra = cache_size - length
-    kv_mask = jnp.pad(input_mask, ((0, 0), (0, extra)))
-    kv_blocks = None if blocks is None else jnp.pad(blocks, ((0, 0), (0, extra)),
-                                                     constant_values=-1)
-    masks = attention_masks(jnp.arange(length), jnp.arange(cache_size), kv_mask, blocks,
-                            kv_blocks, model.config.text.sliding_window)
-    hidden, (k, v) = model.language_model(x, positions_from_mask(input_mask), masks,
+    x, image_slots = model.embed_inputs(tokens, images)
+    kv_mask = jnp.pad(input_mask, ((0, 0), (0, cache_size - length)))
+    hidden, (k, v) = model.language_model(x, positions_from_mask(input_mask),
+                                          SequenceMask(input_mask, image_slots),
                                           empty_kv(model.config, batch, cache_size),
                                           cache_index=0)
     cache = Cache(k=k, v=v, kv_mask=kv_mask, end_index=jnp.asarray(length, jnp.int32),
