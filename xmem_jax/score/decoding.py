@@ -30,6 +30,7 @@ so a stream of batches compiles once per bucket used, not once per longest promp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -217,35 +218,46 @@ def _pack_group(tokens: np.ndarray, lengths: np.ndarray, chunk_tokens: int) -> d
     return {"cands": cands, "nodes": chunks, "members": members}
 
 
+def chunk_logits(lm: VLM, cache: Cache, width: int, tokens: jax.Array, depth: jax.Array,
+                 ancestor: jax.Array) -> jax.Array:
+    """Logits [B, N, V] of N trie nodes fed after each row's prompt, in one pass.
+
+    Node i (token `tokens[b, i]`) sits at `depth[b, i]` positions after the prompt and attends to
+    the prompt's `width` cache slots and to the nodes j with `ancestor[b, i, j]` (itself and its
+    ancestors), with the RoPE positions and sliding-window distances it would have right after
+    the prompt. The chunk's keys go to slots [width, width + N) of a copy of the cache.
+    """
+    size = tokens.shape[1]
+    slots = jnp.arange(cache.size)
+    prompt_keys = (slots < width)[None, None] & cache.kv_mask[:, None, :]  # [B, 1, S]
+    in_chunk = jnp.pad(ancestor, ((0, 0), (0, 0), (width, cache.size - width - size)))
+    global_ = prompt_keys | in_chunk  # [B, N, S]
+    key_depth = jnp.pad(depth, ((0, 0), (width, cache.size - width - size)))
+    distance = jnp.where((slots < width)[None, None],
+                         (width - slots)[None, None] + depth[:, :, None],
+                         depth[:, :, None] - key_depth[:, None, :])
+    masks = AttentionMasks(global_=global_,
+                           local=global_ & (distance < lm.config.text.sliding_window))
+    x, _ = lm.embed_inputs(tokens, None)
+    hidden, _ = lm.language_model(x, cache.next_position[:, None] + depth, masks,
+                                  (cache.k, cache.v), cache_index=width)
+    return lm.language_model.logits(hidden)
+
+
 def _candidate_loop(model: VLM, first_log_probs: jax.Array, cache: Cache, width: int,
                     packed: dict[str, jax.Array], group: jax.Array) -> jax.Array:
     """[B, C] log-likelihoods of row b's group `group[b]` of packed candidates."""
     rows = {k: v[group] for k, v in packed.items()}  # Each row's group: [B, ...].
     total = jnp.take_along_axis(first_log_probs, rows["first"], axis=1)
     batch, num = total.shape
-    _, num_chunks, size = rows["tokens"].shape
+    num_chunks = rows["tokens"].shape[1]
     if num_chunks and rows["nodes"].shape[-1]:
-        window = model.config.text.sliding_window
-        slots = jnp.arange(cache.size)
-        prompt_keys = (slots < width)[None, None] & cache.kv_mask[:, None, :]  # [B, 1, S]
-        prompt_distance = width - slots  # Positions from a prompt key to the first fed token.
         graphdef, state = nnx.split(model)
 
         def one_chunk(state, chunk):  # The state rides in the carry (a module can't be closed
             lm = nnx.merge(graphdef, state)  # over inside a loop).
-            depth = chunk["depth"]  # [B, N]
-            in_chunk = jnp.pad(chunk["ancestor"], ((0, 0), (0, 0),
-                                                  (width, cache.size - width - size)))
-            global_ = prompt_keys | in_chunk  # [B, N, S]
-            key_depth = jnp.pad(depth, ((0, 0), (width, cache.size - width - size)))
-            distance = jnp.where((slots < width)[None, None],
-                                 prompt_distance[None, None] + depth[:, :, None],
-                                 depth[:, :, None] - key_depth[:, None, :])
-            masks = AttentionMasks(global_=global_, local=global_ & (distance < window))
-            x, _ = lm.embed_inputs(chunk["tokens"], None)
-            hidden, _ = lm.language_model(x, cache.next_position[:, None] + depth, masks,
-                                          (cache.k, cache.v), cache_index=width)
-            logits = lm.language_model.logits(hidden)  # [B, N, V]
+            logits = chunk_logits(lm, cache, width, chunk["tokens"], chunk["depth"],
+                                  chunk["ancestor"])  # [B, N, V]
             vocab = logits.shape[-1]
             nodes = chunk["nodes"].reshape(batch, -1)  # [B, M * F]
             picked = jnp.take_along_axis(logits.reshape(batch, -1),
@@ -289,6 +301,51 @@ def score_program(model, tokens, prompt_length, images, packed, group, *, max_ne
 
 
 _score = nnx.jit(score_program, static_argnames=("max_new_tokens", "stop_ids", "pad_id"))
+
+
+
+def prefill_program(model, tokens, prompt_length, images, first_tokens, *, chunk_size: int,
+                    max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
+    """The prefill (and greedy decoding) of `score_program`, keeping the cache for candidate
+    chunks fed later (`expand_program`), with the log-probabilities [B, R] of each row's
+    `first_tokens` [B, R]."""
+    width = tokens.shape[1]
+    tokens, input_mask = left_align(tokens, prompt_length, pad_id)
+    first, cache = prefill(model, tokens, input_mask, images,
+                           width + max(chunk_size, max_new_tokens))
+    out = {"cache": cache, "first": jnp.take_along_axis(first, first_tokens, axis=1)}
+    if max_new_tokens:
+        out["generated"], out["generated_length"] = _greedy_loop(
+            model, first, cache, max_new_tokens, stop_ids, pad_id)
+    return out
+
+
+def expand_program(model, cache: Cache, rows, tokens, depth, ancestor, read_node, read_token, *,
+                   width: int) -> jax.Array:
+    """Log-probabilities [J, R] of `read_token` after trie node `read_node` for J chunks of trie
+    nodes (`chunk_logits`), chunk j fed after the prompt of cache row `rows[j]`: chunks of
+    any rows share one call, so no row waits on another's."""
+    end = width + tokens.shape[1]
+    cache = Cache(k=cache.k[:, rows, :end], v=cache.v[:, rows, :end],
+                  kv_mask=cache.kv_mask[rows, :end], end_index=cache.end_index,
+                  next_position=cache.next_position[rows])
+    logits = chunk_logits(model, cache, width, tokens, depth, ancestor)  # [J, N, V]
+    vocab = logits.shape[-1]
+    picked = jnp.take_along_axis(logits.reshape(len(rows), -1), read_node * vocab + read_token,
+                                 axis=1)
+    return picked - jnp.take_along_axis(jax.nn.logsumexp(logits, axis=-1), read_node, axis=1)
+
+
+run_prefill = nnx.jit(prefill_program, static_argnames=(
+    "chunk_size", "max_new_tokens", "stop_ids", "pad_id"))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "width"))
+def run_expand(graphdef: nnx.GraphDef, state: nnx.State, cache: Cache, *arrays, width: int
+               ) -> jax.Array:
+    """`expand_program` on the model `nnx.split` into (graphdef, state): a round runs it many
+    times, and splitting the model once keeps each call's dispatch cheap."""
+    return expand_program(nnx.merge(graphdef, state), cache, *arrays, width=width)
 
 
 def fit_width(tokens, width: int, pad_id: int):
