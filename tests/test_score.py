@@ -1,6 +1,7 @@
 """Recall scoring: cached greedy decoding and candidate likelihoods agree with the plain forward
 pass; bucketing, stopping, normalisation, candidates, chance levels, padding rows, sharding and
-a model trained to know the answers."""
+a model trained to know the answers; pruned ranking equals exhaustive ranking, ties and NaN
+scores included; sampled queries and candidates."""
 
 import dataclasses
 
@@ -14,7 +15,7 @@ from flax import nnx
 from xmem_jax.data import pipeline
 from xmem_jax.model.config import get_model_config
 from xmem_jax.model.vlm import VLM
-from xmem_jax.score import decoding, recall
+from xmem_jax.score import decoding, prune, recall
 from xmem_jax.train import sharding
 
 TINY = get_model_config("tiny")
@@ -246,10 +247,10 @@ def test_rigged_scores_give_perfect_and_worst_metrics(model, query_set, monkeypa
         return score_batch
 
     monkeypatch.setattr(decoding, "score_batch", rigged(True))
-    metrics = recall.score(model, query_set)["image_to_name/heldout"]
+    metrics = recall.score(model, query_set, method="exhaustive")["image_to_name/heldout"]
     assert (metrics["exact_match"], metrics["choice_acc"], metrics["mean_rank"]) == (1, 1, 1)
     monkeypatch.setattr(decoding, "score_batch", rigged(False))
-    metrics = recall.score(model, query_set)["image_to_name/heldout"]
+    metrics = recall.score(model, query_set, method="exhaustive")["image_to_name/heldout"]
     assert (metrics["exact_match"], metrics["choice_acc"], metrics["mean_rank"]) == (0, 0, 12)
 
 
@@ -281,9 +282,12 @@ def test_a_model_trained_on_the_answers_scores_perfectly(model, persona_dataset_
     assert float(loss) < 0.05
     config.batch_size = 4  # 9 queries: 3 batches, 3 padding rows.
     metrics = recall.score(model, config)["image_to_name/train"]
+    fed = metrics.pop("candidate_tokens")
     assert metrics == {"exact_match": 1.0, "choice_acc": 1.0, "mean_rank": 1.0,
-                       "num_examples": 9,
+                       "num_examples": 9, "num_scored": 9,
+                       "stderr": {"exact_match": 0.0, "choice_acc": 0.0, "mean_rank": 0.0},
                        "chance": {"exact_match": 0.0, "choice_acc": 1 / 3, "mean_rank": 2.0}}
+    assert fed["fed"] < fed["exhaustive"]  # A confident model prunes the other names.
 
 
 def test_score_tasks_from_a_config(model, persona_dataset_dir):
@@ -298,15 +302,17 @@ def test_score_tasks_from_a_config(model, persona_dataset_dir):
         assert metrics["chance"]["choice_acc"] == pytest.approx(1 / 6)
 
 
-def test_scores_on_a_mesh_match_one_device(model, query_set):
+@pytest.mark.parametrize("method", ["exhaustive", "pruned"])
+def test_scores_on_a_mesh_match_one_device(model, query_set, method):
     mesh = sharding.make_mesh(data=4, fsdp=2)
     graphdef, state = nnx.split(model)
     with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         shardings = nnx.get_named_sharding(state, mesh)
     sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
     assert recall.model_mesh(sharded) is mesh
-    single = recall.score(model, query_set)["image_to_name/heldout"]
-    on_mesh = recall.score(sharded, query_set)["image_to_name/heldout"]  # 5 rows padded to 8.
+    single = recall.score(model, query_set, method=method)["image_to_name/heldout"]
+    on_mesh = recall.score(sharded, query_set,  # 5 rows padded to 8.
+                           method=method)["image_to_name/heldout"]
     assert on_mesh.pop("mean_rank") == pytest.approx(single.pop("mean_rank"))
     assert on_mesh == single
 
@@ -316,3 +322,195 @@ def test_scorer_hook(model, persona_dataset_dir):
                                     ["image_to_name split=heldout personas=0:4"], batch_size=4)}
     results = recall.Scorer(configs)(model, step=0)
     assert set(results) == {"image"} and results["image"]["num_examples"] == 4
+
+
+# -- Ranking methods: pruned, sampled queries, sampled candidates. -----------------------------
+
+
+def fake_log_prob(row, path, token):
+    """A made-up model: log p(token | row's prompt, path) in steps of 0.5, so that sums are
+    exact in float32 and many candidates tie."""
+    return -0.5 * (hash((row, tuple(path), token)) % 5)
+
+
+def fake_expand(rows, tokens, depth, ancestor, read_node, read_token):
+    """`prune.Expand` of `fake_log_prob`: each node's path is read from the chunk's ancestor
+    mask, so the packing is checked too."""
+    out = np.zeros(read_node.shape, np.float32)
+    for k in range(len(rows)):
+        for r, (node, token) in enumerate(zip(read_node[k], read_token[k])):
+            on_path = np.flatnonzero(ancestor[k, node])
+            path = tokens[k, on_path[np.argsort(depth[k, on_path])]]
+            assert list(depth[k, on_path[np.argsort(depth[k, on_path])]]) == \
+                list(range(len(on_path)))  # One ancestor per depth, down to the node.
+            out[k, r] = fake_log_prob(int(rows[k]), list(path), int(token))
+    return out
+
+
+def brute_force_ranks(candidates, targets, allowed):
+    ranks = []
+    for row, (target, ranked) in enumerate(zip(targets, allowed)):
+        scores = [sum(fake_log_prob(row, list(c[:i]), c[i]) for i in range(len(c)))
+                  for c in candidates]
+        others = [c for c in (range(len(candidates)) if ranked is None else ranked)
+                  if c != target]
+        ranks.append(1 + sum(scores[c] >= scores[target] for c in others))
+    return np.array(ranks)
+
+
+def test_pruned_ranks_are_exact_with_ties_and_prefix_names():
+    """Random tries (names that are prefixes of other names, one-token names, shared prefixes,
+    chunks smaller than the trie) under a model whose scores often tie: the pruned rank is
+    1 + the other candidates scoring >= the answer, for every row and candidate subset."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        candidates = {tuple(rng.integers(1, 4, rng.integers(1, 6))) for _ in range(30)}
+        candidates = sorted(candidates)
+        candidates.append(candidates[0] + (3,))  # A name with another name as its prefix.
+        tokens = np.zeros((len(candidates), 6), np.int32)
+        for i, c in enumerate(candidates):
+            tokens[i, :len(c)] = c
+        trie = prune.Trie.of(tokens, np.array([len(c) for c in candidates]))
+        rows = 6
+        targets = rng.integers(0, len(candidates), rows)
+        allowed = [None if row % 2 else np.union1d(rng.choice(len(candidates), 5), target)
+                   for row, target in enumerate(targets)]
+        first = np.array([[fake_log_prob(row, [], int(t)) for t in trie.first_tokens]
+                          for row in range(rows)], np.float32)
+        group = np.zeros(rows, np.int64)
+        group[-1] = -1  # A padding row.
+        ranks, fed = prune.rank(fake_expand, [trie], group, targets, first, allowed,
+                                chunk_size=4)
+        expected = brute_force_ranks(candidates, targets, allowed)
+        np.testing.assert_array_equal(ranks[:-1], expected[:-1], err_msg=f"trial {trial}")
+        assert ranks[-1] == 0 and fed[-1] == 0
+
+
+def synthetic_queries(tokenizer, candidates, answers, lengths=(20, 24, 13)):
+    """Three image prompts (`prompts`) whose answers are `candidates[answers[row]]`, ranked
+    among `candidates` (one group)."""
+    tokens, prompt_length, images = prompts(lengths)
+    width = max(len(c) for c in candidates)
+    answer_tokens = np.zeros((len(answers), width), np.int32)
+    for row, a in enumerate(answers):
+        answer_tokens[row, :len(candidates[a])] = candidates[a]
+    batch = {"prompt_tokens": tokens, "prompt_length": prompt_length, "images": images,
+             "answer_tokens": answer_tokens,
+             "answer_length": np.array([len(candidates[a]) for a in answers], np.int32),
+             "has_image": np.ones(len(answers), bool), "task_id": np.zeros(len(answers), np.int32),
+             "example_id": np.arange(len(answers)), "valid": np.ones(len(answers), bool)}
+    return recall.QuerySet([batch], tokenizer, labels=["names"],
+                           groups={0: recall.CandidateGroup.of(candidates)})
+
+
+def row_ranks(model, queries, monkeypatch, **kwargs):
+    """Each scored row's rank, as `score_query_set` accumulates it, and its metrics."""
+    seen = []
+    accumulate = recall._accumulate
+
+    def spy(sums, queries, batch, group_index, out, ranks, *args):
+        seen.extend(ranks[batch["valid"]])
+        return accumulate(sums, queries, batch, group_index, out, ranks, *args)
+
+    monkeypatch.setattr(recall, "_accumulate", spy)
+    metrics = recall.score_query_set(model, queries, generate=False, **kwargs)
+    monkeypatch.undo()
+    return np.array(seen), metrics
+
+
+# Names sharing prefixes, names that are prefixes of others, a one-token name, <end_of_turn>
+# closing some; chunks of 5 tokens split them.
+NAMES = [[11, 12, 13, EOT], [11, 12, 14, EOT], [11, 12], [11, 12, 13], [20, EOT], [30],
+         [11, 15, 16, 17, 18, EOT], [40, 41, 42, EOT], [40, 41, 43, EOT], [40, 44, 45]]
+
+
+@pytest.mark.parametrize("source", ["dataset", "prefix names"])
+def test_pruned_scoring_equals_exhaustive_on_a_random_model(model, query_set, monkeypatch,
+                                                            source):
+    queries = query_set
+    if source == "prefix names":
+        queries = synthetic_queries(query_set.tokenizer, NAMES, [0, 2, 9])
+    kwargs = dict(chunk_tokens=5) if source == "prefix names" else {}
+    exhaustive, full = row_ranks(model, queries, monkeypatch, method="exhaustive", **kwargs)
+    pruned, metrics = row_ranks(model, queries, monkeypatch, method="pruned", **kwargs)
+    np.testing.assert_array_equal(pruned, exhaustive)
+    label = queries.labels[0] if source == "prefix names" else "image_to_name/heldout"
+    for key in ("choice_acc", "mean_rank", "chance"):
+        assert metrics[label][key] == full[label][key]
+    assert metrics[label]["candidate_tokens"]["exhaustive"] == \
+        full[label]["candidate_tokens"]["fed"]
+
+
+def test_ties_count_against_the_answer(query_set, monkeypatch):
+    """With zero embeddings (the tied LM head too) every token has log-probability -log V, so
+    names of equal length tie exactly: the answer ranks below every name no longer than it."""
+    tied = build_model()
+    tied.language_model.embed_tokens.embedding.value = jnp.zeros_like(
+        tied.language_model.embed_tokens.embedding.value)
+    queries = synthetic_queries(query_set.tokenizer, NAMES, [0, 2, 5])
+    lengths = np.array([len(n) for n in NAMES])
+    expected = [int(np.sum(lengths <= lengths[a])) for a in (0, 2, 5)]  # Itself included.
+    assert expected == [9, 3, 1]
+    for method in ("exhaustive", "pruned"):
+        ranks, metrics = row_ranks(tied, queries, monkeypatch, method=method, chunk_tokens=5)
+        assert list(ranks) == expected, method
+        assert metrics["names"]["choice_acc"] == pytest.approx(1 / 3)  # [30] is alone.
+
+
+@pytest.mark.parametrize("method", recall.METHODS)
+def test_a_nan_score_is_an_error(query_set, method):
+    broken = build_model()
+    norm = broken.language_model.norm.scale
+    norm.value = norm.value.at[0].set(jnp.nan)
+    kwargs = dict(num_distractors=3) if method == "sampled_candidates" else {}
+    with pytest.raises(FloatingPointError, match="NaN"):
+        recall.score(broken, query_set, method=method, generate=False, **kwargs)
+
+
+def test_sampled_queries(model, query_set):
+    full = recall.score(model, query_set)["image_to_name/heldout"]
+    covering = recall.score(model, query_set, num_queries=50)["image_to_name/heldout"]
+    assert covering == full  # Every query: the same metrics, exact (standard errors 0).
+    assert full["stderr"] == {"exact_match": 0.0, "choice_acc": 0.0, "mean_rank": 0.0}
+    sampled = recall.score(model, query_set, num_queries=5, seed=1)["image_to_name/heldout"]
+    assert (sampled["num_examples"], sampled["num_scored"]) == (12, 5)
+    assert sampled["stderr"]["mean_rank"] > 0
+
+
+def test_sampled_queries_are_unbiased(model, query_set, monkeypatch):
+    """Over every seed's sample of 4 of the 12 queries, the mean rank averages to the full one
+    (fixed scores: the answer's rank is its example id + 1)."""
+    def score_batch(model, prompt_tokens, prompt_length, images=None, **kwargs):
+        num = kwargs["candidates"].num_candidates
+        rows = np.asarray(prompt_tokens).shape[0]
+        return {"candidate_log_likelihoods": np.tile(-np.arange(num, dtype=np.float32),
+                                                     (rows, 1))}
+
+    monkeypatch.setattr(decoding, "score_batch", score_batch)
+    kwargs = dict(method="exhaustive", generate=False)
+    full = recall.score(model, query_set, **kwargs)["image_to_name/heldout"]["mean_rank"]
+    draws = [recall.score(model, query_set, num_queries=4, seed=seed,
+                          **kwargs)["image_to_name/heldout"] for seed in range(300)]
+    mean = np.mean([d["mean_rank"] for d in draws])
+    spread = np.std([d["mean_rank"] for d in draws])
+    assert mean == pytest.approx(full, abs=3 * spread / np.sqrt(len(draws)))
+    assert np.mean([d["stderr"]["mean_rank"] for d in draws]) == pytest.approx(spread, rel=0.2)
+
+
+def test_sampled_candidates(model, query_set):
+    """The answer among k distractors: its own metric names, chance 1/(k+1); with every other
+    name as a distractor it is choice among all names."""
+    full = recall.score(model, query_set, generate=False)["image_to_name/heldout"]
+    sampled = recall.score(model, query_set, method="sampled_candidates", num_distractors=3,
+                           generate=False)["image_to_name/heldout"]
+    assert "choice_acc" not in sampled
+    assert sampled["chance"] == {"exact_match": 0.0, "sampled_choice_acc": 1 / 4,
+                                 "sampled_mean_rank": 2.5}
+    assert 1 <= sampled["sampled_mean_rank"] <= 4
+    assert sampled["candidate_tokens"]["fed"] < full["candidate_tokens"]["fed"]
+    every = recall.score(model, query_set, method="sampled_candidates", num_distractors=11,
+                         generate=False)["image_to_name/heldout"]
+    assert (every["sampled_choice_acc"], every["sampled_mean_rank"]) == \
+        (full["choice_acc"], full["mean_rank"])
+    with pytest.raises(ValueError, match="num_distractors"):
+        recall.score(model, query_set, method="sampled_candidates")

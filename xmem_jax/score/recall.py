@@ -5,34 +5,50 @@ For each query (a prompt-mode batch row of the input pipeline):
   * exact match: greedy decoding with the KV cache (`decoding.score_batch`), detokenized and
     compared with the reference answer after `normalize` (lowercase, punctuation and spacing
     dropped, the closing `<end_of_turn>` dropped);
-  * choice: the log-likelihood of EVERY candidate answer given the prompt, summed over the
+  * choice: the log-likelihood of a candidate answer given the prompt, summed over the
     candidate's tokens (its `<end_of_turn>` included) and NOT length-normalised: it is the
     model's probability of the whole answer, and the candidates of one query (names, values of
-    one fact) differ little in length. The argmax is the model's choice; the right answer's
-    rank (1 = best; ties, which need identical likelihoods, count in its favour) gives the
-    mean rank. Candidates: for `*_to_name` every name of the task's personas, for fact tasks
-    every value of the query's fact or attribute (`tasks.QUESTIONS`), for captioning every
-    training description of the task's personas; duplicates are merged.
+    one fact) differ little in length. The right answer's rank is 1 + the other candidates
+    scoring at least as high (a tie counts against it), accuracy the share of rank 1; a NaN
+    score is an error, never a rank. Candidates: for `*_to_name` every name of the task's
+    personas, for fact tasks every value of the query's fact or attribute (`tasks.QUESTIONS`),
+    for captioning every training description of the task's personas; duplicates are merged.
 
-Both come from one prefill per query; the candidates are fed after it as per-chunk tries
-(`decoding.PackedCandidates`). Measured with `python benchmarks/recall.py --choice_methods=1`
+Ranking methods (`METHODS`; `benchmarks/recall.py --counts` times them against the number of
+personas):
+
+  * "pruned" (the default): the exact rank. The answer is scored first, then only the candidate
+    prefixes still scoring at least as high (a prefix bounds every candidate under it; `prune`).
+    Its cost follows how many names can outscore the answer: most are cut where the model is
+    confident, few where it is near chance.
+  * "exhaustive": every candidate of every query, ~n^2 for n personas (queries x names).
+  * "sampled_candidates": the answer among `num_distractors` k other candidates drawn per query
+    (the same at every evaluation): accuracy and mean rank among k + 1, chance 1/(k + 1), a
+    different metric, named "sampled_choice_acc" and "sampled_mean_rank".
+  * `num_queries` (with any method): a fixed sample of queries per task; the metrics are then
+    unbiased estimates, with standard errors.
+
+Both greedy decoding and choice come from one prefill per query; candidates are fed after it
+as per-chunk tries (`decoding.PackedCandidates`, `decoding.chunk_logits`). Measured with `python benchmarks/recall.py --choice_methods=1`
 (2-core CPU, one thread, tiny model, 64 queries x 64 names of <= 7 tokens): packed tries
 0.42 s; copying the prompt's cache per candidate and decoding the candidates token by token
 2.0 s (the copies, and one short step per token); the plain forward pass over every
 [prompt; candidate] pair 5.6 s (re-encodes the prompt and its image C times).
 
-Chance levels: accuracy 1/C and mean rank (C + 1)/2, averaged over the queries (C can differ
-between facts); exact match 0.
+Chance levels: accuracy 1/C and mean rank (C + 1)/2 for C candidates, averaged over the scored
+queries (C can differ between facts); exact match 0.
 
 Sharding: with a mesh (given, or the one the model's parameters live on), batches are placed
 with their batch axis over the mesh axes of 'activation_batch' (('data', 'fsdp')), padded with
 invalid rows to a multiple of their size; each host scores its own rows and the metric sums are
-added up over hosts. Without one, everything runs on the default device.
+added up over hosts. Without one, everything runs on the default device. "pruned" and
+"sampled_candidates" run their rounds on one host only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import re
@@ -47,7 +63,7 @@ from flax import nnx
 from xmem_jax.data import pipeline
 from xmem_jax.data import tasks as task_lib
 from xmem_jax.data.tokenizer import END_OF_TURN, EOS
-from xmem_jax.score import decoding
+from xmem_jax.score import decoding, prune
 from xmem_jax.train import sharding
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -139,7 +155,10 @@ class QuerySet:
             self.target[b][r] = group.index[answer]
         self.max_answer_length = max([g.tokens.shape[1] for g in self.groups]
                                      + [int(b["answer_length"].max()) for b in self.batches])
+        self.population = np.bincount([self.batches[b]["task_id"][r] for b, r, _ in rows],
+                                      minlength=len(self.labels))  # Valid rows per task.
         self._packed = {}
+        self._tries = None
 
     def packed(self, chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS
                ) -> decoding.PackedCandidates:
@@ -148,6 +167,39 @@ class QuerySet:
             self._packed[chunk_tokens] = decoding.PackedCandidates.build(
                 [(g.tokens, g.lengths) for g in self.groups], chunk_tokens)
         return self._packed[chunk_tokens]
+
+    def tries(self) -> list[prune.Trie]:
+        """The candidate groups as tries, for pruned ranking (built once)."""
+        if self._tries is None:
+            self._tries = [prune.Trie.of(g.tokens, g.lengths) for g in self.groups]
+        return self._tries
+
+    def sample(self, num_queries: int, seed: int = 0) -> "QuerySet":
+        """`num_queries` valid rows of each task, drawn without replacement (every row of a
+        task with fewer), in batches of the same size; `population` stays the full count, so
+        metrics over the sample estimate the full set's without bias (`score_query_set`)."""
+        rng = np.random.default_rng(seed)
+        rows = [(b, r) for b, batch in enumerate(self.batches)
+                for r in np.flatnonzero(batch["valid"])]
+        tasks = np.array([self.batches[b]["task_id"][r] for b, r in rows])
+        chosen = sorted(int(i) for task in np.unique(tasks) for i in rng.choice(
+            np.flatnonzero(tasks == task), min(num_queries, int(np.sum(tasks == task))),
+            replace=False))
+        size = len(self.batches[0]["valid"])
+        picked = copy.copy(self)
+        picked.batches, picked.group_index, picked.target = [], [], []
+        for start in range(0, len(chosen), size):
+            picks = [rows[i] for i in chosen[start:start + size]]
+            picks += [picks[0]] * (size - len(picks))  # Padding rows, marked invalid below.
+            real = np.arange(size) < len(chosen[start:start + size])
+            batch = {k: np.stack([self.batches[b][k][r] for b, r in picks])
+                     for k in self.batches[0]}
+            batch["valid"] = real
+            picked.batches.append(batch)
+            for name in ("group_index", "target"):
+                getattr(picked, name).append(
+                    np.where(real, [getattr(self, name)[b][r] for b, r in picks], -1))
+        return picked
 
     @staticmethod
     def _answer(batch, row) -> tuple[int, ...]:
@@ -245,7 +297,7 @@ class _Placement:
 
     def put(self, x: np.ndarray):
         if self.sharding is None:
-            return jax.numpy.asarray(x)
+            return jax.device_put(x)
         return jax.make_array_from_process_local_data(self.sharding, x)
 
     def get(self, x) -> np.ndarray:
@@ -276,29 +328,50 @@ def _pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
-def score_query_set(model: nnx.Module, queries: QuerySet, *,
+def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "pruned",
+                    num_queries: int = 0, num_distractors: int = 0, seed: int = 0,
                     mesh: jax.sharding.Mesh | None = None, generate: bool = True,
                     choice: bool = True, max_new_tokens: int | None = None,
                     buckets: Sequence[int] | None = decoding.DEFAULT_BUCKETS,
                     exact_widths: int = 4,
                     chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS) -> dict[str, dict]:
-    """Per task label: {"exact_match", "choice_acc", "mean_rank", "num_examples", "chance"}.
+    """Per task label: {"exact_match", "choice_acc", "mean_rank", "num_examples", "num_scored",
+    "stderr", "chance", "candidate_tokens"} (see `METHODS` for the choice metrics' names).
 
-    `max_new_tokens` defaults to the longest answer or candidate (<end_of_turn> included) plus
-    2, room for trailing punctuation that `normalize` drops. Only valid rows count. Prompt
-    widths: when the batches' longest prompts take at most `exact_widths` distinct values (an
-    image task's prompts all have one length), each batch runs at its own longest prompt (no
-    padding, at most that many compilations); otherwise at its bucket (`buckets`).
+    `method` (`METHODS`) ranks each query's answer among its candidates; `num_queries` > 0
+    scores that many queries per task, drawn once by `seed` (`QuerySet.sample`), the same at
+    every evaluation. "stderr" holds each metric's standard error: 0 where it is exact, for a
+    sample of queries with the finite-population correction, for sampled candidates without it
+    (each query's distractors are one draw). "num_examples" counts the task's valid queries,
+    "num_scored" those scored; "candidate_tokens" the candidate tokens fed per scored query,
+    "fed", against "exhaustive", what scoring every candidate feeds. Chance levels are over the
+    scored queries. `max_new_tokens` defaults to the longest answer or candidate
+    (<end_of_turn> included) plus 2, room for trailing punctuation that `normalize` drops.
+    Prompt widths: when the batches' longest prompts take at most `exact_widths` distinct
+    values (an image task's prompts all have one length), each batch runs at its own longest
+    prompt (no padding, at most that many compilations); otherwise at its bucket (`buckets`).
+
+    Raises:
+      FloatingPointError: a candidate's score is NaN.
     """
+    if method not in METHODS:
+        raise ValueError(f"Unknown scoring method {method!r}; known: {', '.join(METHODS)}")
+    if (method == "sampled_candidates") != (num_distractors > 0):
+        raise ValueError(f"num_distractors={num_distractors}: sampled_candidates needs >= 1 "
+                         "distractor, and the other methods rank every candidate")
+    if method != "exhaustive" and choice and jax.process_count() > 1:
+        raise NotImplementedError(f"method={method!r} ranks on one host; across hosts use "
+                                  "'exhaustive', with num_queries to bound its cost")
+    if num_queries:
+        queries = queries.sample(num_queries, seed)
     if max_new_tokens is None:
         max_new_tokens = queries.max_answer_length + 2
     longest = {int(b["prompt_length"].max()) for b in queries.batches}
     if len(longest) <= exact_widths:
         buckets = None
     place = _Placement(mesh if mesh is not None else model_mesh(model))
-    num_tasks = len(queries.labels)
-    # Per task: examples, exact matches, correct choices, rank sum, chance acc / rank sums.
-    sums = np.zeros((num_tasks, 6), np.float64)
+    exhaustive_tokens = _exhaustive_tokens(queries.packed(chunk_tokens)) if choice else None
+    sums = np.zeros((len(queries.labels), len(_SUMS)), np.float64)
     with place.context():
         for batch, group_index, target in zip(queries.batches, queries.group_index,
                                               queries.target):
@@ -307,41 +380,168 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *,
             width, any_image = place.agree(
                 decoding.prompt_width(batch["prompt_length"], buckets),
                 bool(batch.get("has_image", np.ones(1, bool)).any()))
-            kwargs = {}
-            if generate:
-                kwargs.update(max_new_tokens=max_new_tokens, stop_ids=queries.stop_ids)
-            if choice:
-                groups = np.maximum(_pad_rows(group_index, rows, -1), 0)
-                kwargs.update(candidates=queries.packed(chunk_tokens),
-                              candidate_group=place.put(groups))
-            tokens = decoding.fit_width(batch["prompt_tokens"], width, queries.pad_id)
-            out = decoding.score_batch(
-                model, place.put(_pad_rows(tokens, rows, queries.pad_id)),
+            prompts = (
+                place.put(_pad_rows(decoding.fit_width(batch["prompt_tokens"], width,
+                                                       queries.pad_id), rows, queries.pad_id)),
                 place.put(_pad_rows(batch["prompt_length"], rows, 1)),
-                place.put(_pad_rows(batch["images"], rows)) if any_image else None,
-                pad_id=queries.pad_id, width=width, chunk_tokens=chunk_tokens, **kwargs)
-            out = {k: place.get(v)[:len(valid)] for k, v in out.items()}
-            _accumulate(sums, queries, batch, group_index, target, out)
+                place.put(_pad_rows(batch["images"], rows)) if any_image else None)
+            greedy = dict(max_new_tokens=max_new_tokens if generate else 0,
+                          stop_ids=queries.stop_ids, pad_id=queries.pad_id)
+            ranks = fed = allowed = None
+            if choice and method != "exhaustive":
+                allowed = [None] * len(valid)
+                if method == "sampled_candidates":
+                    allowed = _distractors(queries, batch, group_index, target, num_distractors,
+                                           seed)
+                out, ranks, fed = _rank_pruned(model, place, queries, prompts, rows, width,
+                                               group_index, target, allowed, chunk_tokens,
+                                               greedy)
+            else:
+                kwargs = dict(greedy) if generate else dict(pad_id=queries.pad_id)
+                if choice:
+                    groups = np.maximum(_pad_rows(group_index, rows, -1), 0)
+                    kwargs.update(candidates=queries.packed(chunk_tokens),
+                                  candidate_group=place.put(groups))
+                out = decoding.score_batch(model, *prompts, width=width,
+                                           chunk_tokens=chunk_tokens, **kwargs)
+                out = {k: place.get(v)[:len(valid)] for k, v in out.items()}
+                if choice:
+                    ranks = _ranks(out["candidate_log_likelihoods"], group_index, target,
+                                   queries)
+                    fed = np.where(group_index >= 0, exhaustive_tokens[group_index], 0)
+            _accumulate(sums, queries, batch, group_index, out, ranks, fed, allowed,
+                        exhaustive_tokens)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
+    acc, rank = METHODS[method]
     results = {}
     for task_id, label in enumerate(queries.labels):
-        n, exact, correct, rank, chance_acc, chance_rank = (float(x) for x in sums[task_id])
+        total = dict(zip(_SUMS, (float(x) for x in sums[task_id])))
+        n, population = total["n"], int(queries.population[task_id])
         if n == 0:
             continue
+        # Sampled candidates draw distractors per query: no finite-population correction.
+        exact_of = population if method != "sampled_candidates" else None
         results[label] = {
-            "exact_match": exact / n if generate else None,
-            "choice_acc": correct / n if choice else None,
-            "mean_rank": rank / n if choice else None,
-            "num_examples": int(n),
-            "chance": {"exact_match": 0.0, "choice_acc": chance_acc / n,
-                       "mean_rank": chance_rank / n},
+            "exact_match": total["exact"] / n if generate else None,
+            acc: total["correct"] / n if choice else None,
+            rank: total["rank"] / n if choice else None,
+            "num_examples": population,
+            "num_scored": int(n),
+            "stderr": {
+                "exact_match": (_stderr(total["exact"], total["exact"], n, population)
+                                if generate else None),
+                acc: _stderr(total["correct"], total["correct"], n, exact_of) if choice else None,
+                rank: _stderr(total["rank"], total["rank_sq"], n, exact_of) if choice else None},
+            "chance": {"exact_match": 0.0, acc: total["chance_acc"] / n,
+                       rank: total["chance_rank"] / n},
+            "candidate_tokens": ({"fed": total["fed"] / n,
+                                  "exhaustive": total["exhaustive"] / n} if choice else None),
         }
     return results
 
 
-def _accumulate(sums, queries: QuerySet, batch, group_index, target, out) -> None:
+# What each method's choice metrics are called: sampled candidates measure something else
+# (accuracy and mean rank among the true answer and k distractors), so they are named apart.
+METHODS = {"exhaustive": ("choice_acc", "mean_rank"),
+           "pruned": ("choice_acc", "mean_rank"),
+           "sampled_candidates": ("sampled_choice_acc", "sampled_mean_rank")}
+_SUMS = ("n", "exact", "correct", "rank", "rank_sq", "chance_acc", "chance_rank", "fed",
+         "exhaustive")
+
+
+def _stderr(total: float, squares: float, n: float, population: int | None) -> float:
+    """Standard error of a mean over n scored queries: 0 when they are the whole population;
+    with the finite-population correction for a sample of it (population given)."""
+    if population is not None and n == population:
+        return 0.0
+    if n < 2:
+        return math.inf
+    variance = max(squares - total * total / n, 0.0) / (n - 1)
+    correction = 1 - n / population if population is not None else 1.0
+    return math.sqrt(variance * correction / n)
+
+
+def _exhaustive_tokens(packed: decoding.PackedCandidates) -> np.ndarray:
+    """[G] candidate tokens the exhaustive pass feeds per query of each group."""
+    return packed.ancestor.diagonal(axis1=-2, axis2=-1).sum(axis=(1, 2))
+
+
+def _ranks(scores: np.ndarray, group_index, target, queries: QuerySet) -> np.ndarray:
+    """[B] rank of each valid row's answer: 1 + the other candidates scoring >= it (a tie
+    counts against the answer); 0 on padding rows."""
+    ranks = np.zeros(len(group_index), np.int64)
+    for row in np.flatnonzero(group_index >= 0):
+        row_scores = scores[row, :len(queries.groups[group_index[row]])]
+        if np.isnan(row_scores).any():
+            raise FloatingPointError("Recall scoring: a candidate's log-likelihood is NaN (the "
+                                     "model's outputs are not finite); a NaN score is never "
+                                     "ranked")
+        others = np.delete(row_scores, target[row])
+        ranks[row] = 1 + int(np.sum(others >= row_scores[target[row]]))
+    return ranks
+
+
+def _distractors(queries: QuerySet, batch, group_index, target, num: int, seed: int
+                 ) -> list[np.ndarray | None]:
+    """Per row, its answer and `num` other candidates of its group, drawn by (seed, example
+    id): the same draw at every evaluation."""
+    allowed = [None] * len(group_index)
+    for row in np.flatnonzero(group_index >= 0):
+        others = np.delete(np.arange(len(queries.groups[group_index[row]])), target[row])
+        rng = np.random.default_rng((seed, int(batch["example_id"][row])))
+        drawn = rng.choice(others, min(num, len(others)), replace=False)
+        allowed[row] = np.sort(np.append(drawn, target[row]))
+    return allowed
+
+
+def _rank_pruned(model, place: _Placement, queries: QuerySet, prompts, rows: int, width: int,
+                 group_index, target, allowed, chunk_tokens: int, greedy: dict):
+    """Greedy decoding and the pruned ranking (`prune.rank`) from one prefill per row."""
+    tries = queries.tries()
+    groups = _pad_rows(group_index, rows, -1)
+    first_tokens = np.zeros((rows, max(len(t.first_tokens) for t in tries)), np.int32)
+    for row in np.flatnonzero(groups >= 0):
+        tokens = tries[groups[row]].first_tokens
+        first_tokens[row, :len(tokens)] = tokens
+    size = max([chunk_tokens] + [t.path.shape[1] for t in tries])
+    out = decoding.run_prefill(model, *prompts, place.put(first_tokens), chunk_size=size,
+                               **greedy)
+    cache = out.pop("cache")
+    graphdef, state = nnx.split(model)
+    out = {k: place.get(v)[:len(group_index)] for k, v in out.items()}
+
+    def expand(chunk_rows, tokens, depth, ancestor, read_node, read_token):
+        count, reads = len(chunk_rows), read_node.shape[1]
+        calls = math.ceil(count / rows)
+        # Chunk widths and read counts compile in powers of 2: a round of short chunks (the
+        # last prefixes of a few rows) runs narrower than a full one.
+        nodes = min(size, _power_of_two(tokens.shape[1]))
+
+        def fit(x, *shape):  # Padding chunks feed nothing and read token 0.
+            full = np.zeros((calls * rows, *shape), x.dtype)
+            full[(slice(0, count), *(slice(0, d) for d in x.shape[1:]))] = x
+            return full
+        arrays = (fit(chunk_rows), fit(tokens, nodes), fit(depth, nodes),
+                  fit(ancestor, nodes, nodes), fit(read_node, _power_of_two(reads)),
+                  fit(read_token, _power_of_two(reads)))
+        outs = [decoding.run_expand(graphdef, state, cache,
+                                    *(place.put(a[i:i + rows]) for a in arrays), width=width)
+                for i in range(0, calls * rows, rows)]
+        return np.concatenate([place.get(o) for o in outs])[:count, :reads]
+
+    ranks, fed = prune.rank(expand, tries, groups[:len(group_index)], target, out.pop("first"),
+                            allowed, size)
+    return out, ranks, fed
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(3, (n - 1).bit_length())
+
+
+def _accumulate(sums, queries: QuerySet, batch, group_index, out, ranks, fed, allowed,
+                exhaustive_tokens) -> None:
     valid_rows = np.flatnonzero(batch["valid"])
     if not len(valid_rows):
         return
@@ -351,25 +551,27 @@ def _accumulate(sums, queries: QuerySet, batch, group_index, target, out) -> Non
         texts = queries.tokenizer.batch_decode(generated)
         references = queries.tokenizer.batch_decode(
             [batch["answer_tokens"][r, :batch["answer_length"][r]] for r in valid_rows])
+    column = {name: i for i, name in enumerate(_SUMS)}
     for i, row in enumerate(valid_rows):
         task = int(batch["task_id"][row])
         size = len(queries.groups[group_index[row]])
-        sums[task, 0] += 1
-        sums[task, 4] += 1 / size
-        sums[task, 5] += (size + 1) / 2
+        if allowed is not None and allowed[row] is not None:
+            size = len(allowed[row])
+        add = {"n": 1, "chance_acc": 1 / size, "chance_rank": (size + 1) / 2}
         if texts is not None:
-            sums[task, 1] += exact_match(texts[i], references[i])
-        if "candidate_log_likelihoods" in out:
-            scores = out["candidate_log_likelihoods"][row, :size]
-            rank = 1 + int(np.sum(scores > scores[target[row]]))
-            sums[task, 2] += rank == 1
-            sums[task, 3] += rank
+            add["exact"] = exact_match(texts[i], references[i])
+        if ranks is not None:
+            add.update(correct=ranks[row] == 1, rank=ranks[row], rank_sq=ranks[row] ** 2,
+                       fed=fed[row], exhaustive=exhaustive_tokens[group_index[row]])
+        for name, value in add.items():
+            sums[task, column[name]] += value
 
 
 def score(model: nnx.Module, data, tasks: Sequence[Any] | Mapping[str, Any] | None = None, *,
           tokenizer=None, **kwargs) -> dict[str, dict]:
     """Scores recall on several tasks; returns {task label or name: metrics} (see
-    `score_query_set` for the metrics and keyword arguments: mesh, generate, choice, ...).
+    `score_query_set` for the metrics and keyword arguments: method, num_queries, mesh,
+    generate, choice, ...).
 
     `data` is one of:
       * a pipeline config (`pipeline.default_config()` style): each task of `tasks` (entries as
@@ -410,7 +612,8 @@ def _single(results: dict[str, dict], name: str) -> dict:
 class Scorer:
     """`scorer(model, step) -> {name: metrics}`: the trainer's periodic evaluation hook.
 
-    Each pipeline config holds one task; its queries and candidates are loaded once.
+    Each pipeline config holds one task; its queries and candidates are loaded once. `kwargs`
+    go to `score_query_set` (e.g. a study config's `scoring`: method, num_queries, ...).
     """
 
     def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict], **kwargs):

@@ -1,0 +1,220 @@
+"""Exact rank of each query's true answer, feeding only the candidate prefixes that can matter.
+
+A candidate's log-likelihood is a sum of token log-probabilities, each <= 0, so it never exceeds
+that of any of its prefixes. Once the true answer's log-likelihood s is known, a prefix scoring
+below s rules out every candidate under it; only prefixes scoring >= s need the model. The rank
+(1 + the other candidates scoring >= s, so a tie counts against the true answer) and accuracy
+(rank 1) are those of scoring every candidate: pruning drops only candidates scoring below s.
+
+Per batch of queries (`rank`):
+  0. the prefill gives the log-probability of every first token;
+  1. the true answer's prefixes are fed: its log-likelihood s, and the log-probabilities of
+     every child of every prefix on its path;
+  2. each further round feeds every prefix whose partial sum is >= s and whose children are not
+     read yet, until there is none. A prefix whose subtree hangs off a single chain of prefixes
+     is fed with the whole chain at once: pruning inside a chain would save a few tokens but cost
+     a round that re-feeds the chain's ancestors.
+
+Prefixes are fed as tries after the prompt (`decoding.chunk_logits`); a chunk re-feeds the
+ancestors its prefixes attend to, since the cache keeps only the prompt, and the chunks of every
+row of a round go through the model together (`decoding.expand_program`). Partial sums are
+accumulated in float32, one token at a time, with log-probabilities clipped at 0, so a prefix's
+sum bounds its descendants' exactly, rounding included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Trie:
+    """The prefixes of one group's candidates; node 0 is the empty prefix, nodes in preorder."""
+
+    token: np.ndarray  # [T] int32: a node's last token.
+    depth: np.ndarray  # [T] int32: its position after the prompt (0: first token; root -1).
+    parent: np.ndarray  # [T] int32 (root -1).
+    path: np.ndarray  # [T, D] int32: its ancestors from depth 0 down to itself, then -1.
+    child_start: np.ndarray  # [T] int32: its children are children[start:start + count].
+    child_count: np.ndarray  # [T] int32
+    children: np.ndarray  # [T - 1] int32
+    leaf: np.ndarray  # [C] int32: each candidate's node.
+    finish: np.ndarray  # [T] int32: the deepest node of the chain a node is fed with.
+
+    @classmethod
+    def of(cls, tokens: np.ndarray, lengths: np.ndarray) -> "Trie":
+        cands = [tuple(int(t) for t in tokens[c, :lengths[c]]) for c in range(len(lengths))]
+        prefixes = sorted({c[:d] for c in cands for d in range(len(c) + 1)})
+        index = {p: i for i, p in enumerate(prefixes)}
+        num = len(prefixes)
+        path = np.full((num, max(len(c) for c in cands)), -1, np.int32)
+        for i, p in enumerate(prefixes):
+            path[i, :len(p)] = [index[p[:d]] for d in range(1, len(p) + 1)]
+        parent = np.array([index[p[:-1]] if p else -1 for p in prefixes], np.int32)
+        count = np.bincount(parent[1:], minlength=num).astype(np.int32)
+        children = (np.argsort(parent[1:], kind="stable") + 1).astype(np.int32)
+        start = (np.cumsum(count) - count).astype(np.int32)
+        # A node whose internal descendants form one chain is fed down to the chain's end.
+        finish = np.arange(num, dtype=np.int32)
+        chain = np.ones(num, bool)
+        for i in range(num - 1, -1, -1):  # Children come after their parent in preorder.
+            inner = [c for c in children[start[i]:start[i] + count[i]] if count[c]]
+            if len(inner) > 1 or (inner and not chain[inner[0]]):
+                chain[i] = False
+            elif inner:
+                finish[i] = finish[inner[0]]
+        return cls(token=np.array([p[-1] if p else 0 for p in prefixes], np.int32),
+                   depth=np.array([len(p) - 1 for p in prefixes], np.int32), parent=parent,
+                   path=path, child_start=start, child_count=count, children=children,
+                   leaf=np.array([index[c] for c in cands], np.int32), finish=finish)
+
+    def children_of(self, node: int) -> np.ndarray:
+        return self.children[self.child_start[node]:self.child_start[node] + self.child_count[node]]
+
+    @property
+    def first_tokens(self) -> np.ndarray:
+        """The candidates' distinct first tokens (the root's children, in order)."""
+        return self.token[self.children_of(0)]
+
+
+# expand(rows [K], tokens [K, N], depth [K, N], ancestor [K, N, N], read_node [K, R],
+#        read_token [K, R]) -> log-probabilities [K, R] (`decoding.expand_program`).
+Expand = Callable[..., np.ndarray]
+
+
+def rank(expand: Expand, tries: Sequence[Trie], group: np.ndarray, target: np.ndarray,
+         first: np.ndarray, allowed: Sequence[np.ndarray | None], chunk_size: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's rank of its true answer, and the candidate tokens fed for it.
+
+    Args:
+      expand: runs chunks of trie nodes after their rows' prompts (see `Expand`).
+      tries: the candidate tries, by group.
+      group: [B] each row's trie (-1: a padding row, skipped).
+      target: [B] the true answer's candidate index.
+      first: [B, R0] log-probabilities of each row's trie's `first_tokens`.
+      allowed: per row, the candidate indices it ranks among (the target included), or None
+        for all of them.
+      chunk_size: trie nodes fed per chunk (grows to the longest candidate's prefixes).
+
+    Returns:
+      ranks [B] (1 = best; 0 on padding rows) and fed tokens [B].
+
+    Raises:
+      FloatingPointError: a log-probability the ranking reads is NaN.
+    """
+    rows = np.flatnonzero(group >= 0)
+    size = np.array([len(tries[group[r]].token) if group[r] >= 0 else 0
+                     for r in range(len(group))])
+    offset = np.cumsum(size) - size
+    row_of = np.repeat(np.arange(len(group)), size)
+    partial = np.full(size.sum(), np.nan, np.float32)
+    expanded = np.zeros(size.sum(), bool)
+    alive = np.zeros(size.sum(), bool)  # Proper prefixes of a candidate the row ranks.
+    for r in rows:
+        trie = tries[group[r]]
+        leaves = trie.leaf if allowed[r] is None else trie.leaf[allowed[r]]
+        prefixes = trie.path[trie.parent[leaves]]
+        alive[offset[r] + prefixes[prefixes >= 0]] = True
+        kids = trie.children_of(0)
+        partial[offset[r] + kids] = _checked(first[r, :len(kids)])
+    fed = np.zeros(len(group), np.int64)
+    # Round 1: the true answer's prefixes, each reading all its children.
+    units = {}
+    for r in rows:
+        trie = tries[group[r]]
+        last = int(trie.parent[trie.leaf[target[r]]])
+        if last > 0:
+            units[r] = [(last, 0)]
+    if units:
+        _feed(expand, tries, group, offset, units, partial, expanded, fed, chunk_size)
+    best = np.array([partial[offset[r] + tries[group[r]].leaf[target[r]]] if group[r] >= 0
+                     else np.inf for r in range(len(group))], np.float32)
+    while True:  # Later rounds: every unread prefix scoring >= the true answer.
+        units = {}
+        for flat in np.flatnonzero(alive & ~expanded & (partial >= best[row_of])):
+            r = int(row_of[flat])
+            trie = tries[group[r]]
+            node = flat - offset[r]
+            units.setdefault(r, []).append((int(trie.finish[node]), int(trie.depth[node])))
+        if not units:
+            break
+        _feed(expand, tries, group, offset, units, partial, expanded, fed, chunk_size)
+    ranks = np.zeros(len(group), np.int64)
+    for r in rows:
+        trie = tries[group[r]]
+        others = (np.arange(len(trie.leaf)) if allowed[r] is None else allowed[r])
+        others = others[others != target[r]]
+        ranks[r] = 1 + int(np.sum(partial[offset[r] + trie.leaf[others]] >= best[r]))
+    return ranks, fed
+
+
+def _checked(log_probs: np.ndarray) -> np.ndarray:
+    if np.isnan(log_probs).any():
+        raise FloatingPointError("Recall scoring: a candidate token's log-probability is NaN "
+                                 "(the model's outputs are not finite); a NaN score is never "
+                                 "ranked")
+    return np.minimum(log_probs, 0.0)
+
+
+def _feed(expand: Expand, tries, group, offset, units, partial, expanded, fed,
+          chunk_size: int) -> None:
+    """Feeds each row's units (node x, depth d: x's path, reading the children of its nodes at
+    depth >= d) packed into chunks, and adds the children's log-probabilities to the partial
+    sums."""
+    chunks = []  # (row, nodes in chunk order, new nodes)
+    for r, row_units in units.items():
+        trie = tries[group[r]]
+        limit = max(chunk_size, trie.path.shape[1])
+        nodes: dict[int, None] = {}
+        new: list[int] = []
+        for x, from_depth in sorted(row_units):
+            path = trie.path[x, :trie.depth[x] + 1]
+            extra = [int(n) for n in path if n not in nodes]
+            if nodes and len(nodes) + len(extra) > limit:
+                chunks.append((r, list(nodes), new))
+                nodes, new, extra = {}, [], [int(n) for n in path]
+            nodes.update(dict.fromkeys(extra))
+            new.extend(int(n) for n in path[from_depth:])
+            expanded[offset[r] + path[from_depth:]] = True
+        chunks.append((r, list(nodes), new))
+    width = max(len(nodes) for _, nodes, _ in chunks)
+    reads_per = [sum(int(tries[group[r]].child_count[n]) for n in new) for r, _, new in chunks]
+    num_reads = max(reads_per)
+    k = len(chunks)
+    rows = np.array([r for r, _, _ in chunks], np.int32)
+    tokens = np.zeros((k, width), np.int32)
+    depth = np.zeros((k, width), np.int32)
+    ancestor = np.zeros((k, width, width), bool)
+    read_node = np.zeros((k, num_reads), np.int32)
+    read_token = np.zeros((k, num_reads), np.int32)
+    parents, kids, levels, where = [], [], [], []
+    for j, (r, nodes, new) in enumerate(chunks):
+        trie = tries[group[r]]
+        nodes = np.array(nodes, np.int32)
+        position = {int(n): i for i, n in enumerate(nodes)}
+        tokens[j, :len(nodes)] = trie.token[nodes]
+        depth[j, :len(nodes)] = trie.depth[nodes]
+        paths = trie.path[nodes]
+        i, d = np.nonzero(paths >= 0)
+        ancestor[j, i, [position[int(n)] for n in paths[i, d]]] = True
+        fed[r] += len(nodes)
+        read = 0
+        for n in new:
+            for c in trie.children_of(n):
+                read_node[j, read] = position[n]
+                read_token[j, read] = trie.token[c]
+                parents.append(offset[r] + n)
+                kids.append(offset[r] + c)
+                levels.append(trie.depth[n])
+                where.append(j * num_reads + read)
+                read += 1
+    log_probs = _checked(np.asarray(expand(rows, tokens, depth, ancestor, read_node, read_token)
+                                    ).reshape(-1)[where])
+    parents, kids, levels = np.array(parents), np.array(kids), np.array(levels)
+    for level in np.unique(levels):  # Parents first: a chain's children follow their parents.
+        at = levels == level
+        partial[kids[at]] = partial[parents[at]] + log_probs[at]
