@@ -122,6 +122,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.finetune.optim.freeze_layers = 2
     config.eval_every = 100  # 4 points a curve; 50 gives 7 at +15 s a run (scoring ~5 s).
     config.eval_batch_size = 64
+    # Recall scoring (keyword arguments of xmem_jax.score.recall.Scorer): 'pruned' ranks every
+    # held-out query's answer exactly among all names, feeding only the names that can still
+    # outscore it; num_queries > 0 scores a fixed sample of queries per task (unbiased, with
+    # standard errors); 'sampled_candidates' ranks among num_distractors drawn names (another
+    # metric, named apart); 'exhaustive' scores every name for every query.
+    config.scoring = ml_collections.ConfigDict(dict(method="pruned", num_queries=0,
+                                                    num_distractors=0, seed=0))
 
     if pretrained:  # The checkpoint is the pretrained VLM: no base stage, no random control.
         config.control = False
