@@ -14,7 +14,9 @@ The last line is `speedup_vs_transformers: X` (PyTorch step time / JAX step time
 `--text_only` gives every row text only (no image placeholders, zero pixels, `has_image`
 False): the trainer then drops the images and skips the vision tower; each JAX variant is also
 timed as `+tower`, fed the zero images as before that change, which measures the skip.
-`--remat` takes a `VLMConfig.remat` policy (none, full, dots, qkv).
+`--before` also times each JAX variant as the step was before the lean step (0f9db67): the LM
+head at every position and the tower on every row. `--remat` takes a `VLMConfig.remat` policy
+(none, full, dots, qkv).
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def time_steps(step, repeats: int, steps: int) -> list[float]:
 
 
 def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int,
-             skip_tower: bool = True):
+             skip_tower: bool = True, answer_head: bool = True):
     """Our trainer's jitted step on one device; returns a callable running one step. As in
     `trainer.train`, a batch without image rows goes without images (unless not `skip_tower`)
-    and the LM head reads only its answer positions."""
+    and the LM head reads only its answer positions (unless not `answer_head`: every position,
+    as before 0f9db67)."""
     train_config = trainer.default_config()
     train_config.batch_size = batch["tokens"].shape[0]
     train_config.num_steps = num_steps
@@ -100,8 +103,10 @@ def jax_step(config: VLMConfig, batch: dict[str, np.ndarray], num_steps: int,
     graphdef, abstract = sharding.abstract_model(init_fn, mesh)
     state = nnx.state(sharding.create_sharded_model(init_fn, mesh))
     longest_answer, any_image = trainer.batch_facts(batch)
+    # No cap (and the default max_answer_tokens 0): the head at every position.
+    answer_cap = trainer.choose_answer_cap(longest_answer, 0) if answer_head else None
     step = trainer.make_train_step(graphdef, train_config, sharding.state_shardings(abstract),
-                                   mesh, answer_cap=trainer.choose_answer_cap(longest_answer, 0))
+                                   mesh, answer_cap=answer_cap)
     if skip_tower and not any_image:
         batch = {key: value for key, value in batch.items() if key != "images"}
     batch_sharding = jax.sharding.NamedSharding(mesh, trainer.batch_partition())
@@ -165,6 +170,9 @@ def main():
     parser.add_argument("--remat", default="none", help="A VLMConfig.remat policy.")
     parser.add_argument("--text_only", action="store_true",
                         help="Rows without images; also time the tower run on zero images.")
+    parser.add_argument("--before", action="store_true",
+                        help="Also time each JAX variant as before the lean step: the LM head "
+                             "at every position and the tower on every row.")
     parser.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
     parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
     parser.add_argument("--peak_gflops", type=float, default=150.0,
@@ -193,6 +201,9 @@ def main():
         if args.text_only:
             runs[f"jax {layers} +tower"] = jax_step(variant, batch, total_steps,
                                                     skip_tower=False)
+        if args.before:
+            runs[f"jax {layers} before"] = jax_step(variant, batch, total_steps,
+                                                    skip_tower=False, answer_head=False)
     torch_name = f"torch {args.torch_attention}"
     runs[torch_name] = torch_step(config, batch, args.torch_attention)
     for name, (_, loss, first) in runs.items():
@@ -209,7 +220,7 @@ def main():
               f"{', '.join(f'{t * 1e3:.1f}' for t in times[name])}), "
               f"{achieved:5.1f} GFLOP/s, MFU {achieved / args.peak_gflops:.1%}")
     best_jax = min((m, name) for name, m in medians.items()
-                   if name.startswith("jax") and not name.endswith("+tower"))
+                   if name.startswith("jax") and not name.endswith(("+tower", "before")))
     print(f"fastest JAX variant: {best_jax[1]}; torch threads: {args.torch_threads}")
     print(f"speedup_vs_transformers: {medians[torch_name] / best_jax[0]:.2f}")
 
