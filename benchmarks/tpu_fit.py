@@ -1,16 +1,18 @@
-"""The README's TPU tables: every Gemma 3 size x (LoRA rank 16, full fine-tuning with the
+"""The TPU tables: every Gemma 3 size x (LoRA rank 16, full fine-tuning with the
 vision tower frozen) x slice, every program of Gemma 3 4B full fine-tuning on a v5p-16, and
 that fine-tuning step before and after the lean train step (`docs/results/lean_step/`),
 compiled ahead of time with `python -m xmem_jax.compile` (the table with --mesh=recommended: one
 compile a cell where the preferred layout fits; the example with --mesh=auto).
 
     python benchmarks/tpu_fit.py                # compile what is missing, then render
-    python benchmarks/tpu_fit.py --render_only  # rewrite the README tables from the results
+    python benchmarks/tpu_fit.py --render_only  # rewrite the tables from the results
+    python benchmarks/tpu_fit.py --check        # exit 1 if a table differs from the results
 
 Each cell's figures go to `docs/results/tpu_fit/<size>_<mode>_<slice>.json`, the 4B example's
 to `docs/results/compile_gemma3_4b_full_v5p-16.json` (a file already there is kept), and the
-tables between the README's `tpu-fit`, `tpu-example` and `lean-step` markers are rewritten from
-them (`lean_step/before_<commit>.json` was compiled by the same command in a checkout of that
+tables between the `tpu-fit`, `tpu-example` and `lean-step` markers are rewritten from them,
+in whichever of README.md and docs/*.md holds each pair of markers, or `--check`ed against them
+(`lean_step/before_<commit>.json` was compiled by the same command in a checkout of that
 commit, before the lean step). Cells
 compile the fine-tuning step only, without XLA's FLOP count (~30 s a cell more), so the
 lower-bound time is from the useful FLOPs and XLA's bytes accessed. The batch is the Gemma
@@ -29,7 +31,10 @@ from pathlib import Path
 
 from absl import app, flags
 
-_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only rewrite the README table.")
+_RENDER_ONLY = flags.DEFINE_bool("render_only", False,
+                                 "Only rewrite the tables from the committed results.")
+_CHECK = flags.DEFINE_bool("check", False, "Only compare the tables with what the committed "
+                           "results render; exit 1 if any differs. Writes nothing.")
 _JOBS = flags.DEFINE_integer("jobs", 2, "Cells compiled at once.")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,18 +144,72 @@ def render_lean_step() -> str:
     return "\n".join(lines)
 
 
-def write_readme(name: str, table: str) -> None:
+BLOCKS = ("tpu-example", "lean-step", "tpu-fit")
+
+
+class MarkerError(Exception):
+    """A block's markers are in no document, or in more than one."""
+
+
+def documents() -> list[Path]:
+    """The files a block may live in: README.md and the topic docs."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _pattern(name: str) -> re.Pattern:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        sys.exit(f"README.md lacks the {begin} ... {end} markers")
-    readme.write_text(pattern.sub(lambda _: f"{begin}\n{table}\n{end}", text))
+    return re.compile(re.escape(begin) + "\n(.*?)\n?" + re.escape(end), re.S)
+
+
+def find_block(name: str) -> Path:
+    """The one document holding the `name` block's markers."""
+    holders = [p for p in documents() if _pattern(name).search(p.read_text())]
+    if len(holders) != 1:
+        where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or "none of them"
+        raise MarkerError(f"the <!-- {name}:begin --> ... <!-- {name}:end --> markers must be in "
+                          f"exactly one of README.md and docs/*.md; found in: {where}")
+    return holders[0]
+
+
+def read_block(name: str) -> str:
+    """The text between the `name` block's markers, as committed."""
+    return _pattern(name).search(find_block(name).read_text()).group(1)
+
+
+def write_block(name: str, table: str) -> Path:
+    """Rewrites the `name` block in the document that holds its markers; returns that file."""
+    path = find_block(name)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    path.write_text(_pattern(name).sub(lambda _: f"{begin}\n{table}\n{end}", path.read_text()))
+    return path
+
+
+def render_blocks() -> dict[str, str]:
+    """Every block this script owns, rendered from the results in docs/results/; no writes."""
+    blocks = {"tpu-example": render_example(json.loads(EXAMPLE.read_text())),
+              "lean-step": render_lean_step(), "tpu-fit": render()}
+    assert tuple(blocks) == BLOCKS
+    return blocks
+
+
+def stale_blocks() -> list[str]:
+    """The blocks whose committed text differs from what the results render."""
+    return [name for name, text in render_blocks().items() if read_block(name) != text]
 
 
 def main(argv):
     del argv
+    try:  # Before any compile: a missing marker fails now, not after the compiles.
+        for name in BLOCKS:
+            find_block(name)
+    except MarkerError as e:
+        sys.exit(f"tpu_fit: {e}")
+    if _CHECK.value:
+        stale = stale_blocks()
+        for name in stale:
+            print(f"{find_block(name).relative_to(ROOT)}: the {name} block differs from what "
+                  "docs/results/ renders; rerun with --render_only")
+        sys.exit(1 if stale else 0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not _RENDER_ONLY.value:
         if not EXAMPLE.exists():
@@ -165,12 +224,10 @@ def main(argv):
         with concurrent.futures.ThreadPoolExecutor(_JOBS.value) as pool:
             for line in pool.map(lambda cell: run_cell(*cell), cells):
                 print(line, flush=True)
-    example = render_example(json.loads(EXAMPLE.read_text()))
-    write_readme("tpu-example", example)
-    write_readme("lean-step", render_lean_step())
-    table = render()
-    write_readme("tpu-fit", table)
-    print(example, table, sep="\n\n")
+    blocks = render_blocks()
+    for name, table in blocks.items():
+        print(f"{write_block(name, table).relative_to(ROOT)}: {name}")
+    print(blocks["tpu-example"], blocks["tpu-fit"], sep="\n\n")
 
 
 if __name__ == "__main__":
