@@ -1,0 +1,68 @@
+"""The README and docs/: the topic docs exist and are linked, every generated table equals what
+the committed results render, and every relative link points at a file."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+# [text](target) and [text]: target, outside code spans; images too.
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|^\[[^\]]+\]:\s*(\S+)", re.M)
+
+
+def _tpu_fit():
+    """benchmarks/tpu_fit.py, imported once (it defines absl flags)."""
+    name = "benchmarks_tpu_fit"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "tpu_fit.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _links(path: Path) -> list[str]:
+    text = path.read_text()
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # Code blocks.
+    text = re.sub(r"`[^`\n]*`", "", text)  # Code spans.
+    return [a or b for a, b in LINK.findall(text)]
+
+
+def test_topic_docs_exist_and_the_readme_links_each():
+    for name in ("tpu.md", "checkpoints.md", "design.md"):
+        assert (ROOT / "docs" / name).is_file(), name
+    readme_links = {(ROOT / link.split("#")[0]).resolve()
+                    for link in _links(ROOT / "README.md") if not re.match(r"\w+:", link)}
+    unlinked = [str(p.relative_to(ROOT)) for p in DOCS if p.resolve() not in readme_links]
+    assert not unlinked, f"README.md links none of {unlinked}"
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_relative_links_point_at_files(path):
+    broken = []
+    for link in _links(path):
+        if re.match(r"\w+:", link) or link.startswith("#"):  # URLs, mailto:, in-page anchors.
+            continue
+        target = (path.parent / link.split("#")[0]).resolve()
+        if not target.exists():
+            broken.append(link)
+    assert not broken, f"{path.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+def test_generated_blocks_equal_the_committed_results():
+    tpu_fit = _tpu_fit()
+    stale = tpu_fit.stale_blocks()
+    assert not stale, (f"{stale} differ from what docs/results/ renders: run "
+                       "`python benchmarks/tpu_fit.py --render_only`")
+
+
+def test_every_marker_block_has_a_renderer():
+    """A block's markers in a document no checker renders would go stale unnoticed."""
+    known = set(_tpu_fit().BLOCKS)
+    for path in [ROOT / "README.md", *DOCS]:
+        names = set(re.findall(r"<!-- ([\w-]+):begin -->", path.read_text()))
+        assert names <= known, f"{path.relative_to(ROOT)}: no renderer for {names - known}"
