@@ -17,7 +17,7 @@ same figures as JSON. It exits with 1 when the fine-tuning step does not fit.
 --mesh: 'config' (the config's `finetune.mesh`, as the main job would use it), D,F,T (data,
 fsdp, tensor), 'recommended' or 'auto'. Both search the data-parallel and FSDP layouts, each
 with every tensor size that divides the KV heads, whose batch devices split the batch.
-'recommended' compiles them in the README's order of preference and keeps the first that fits:
+'recommended' compiles them in docs/tpu.md's order of preference and keeps the first that fits:
 for LoRA, data parallelism (the frozen weights replicated: no per-layer all-gathers) where the
 replicated state fits, then FSDP; for full fine-tuning, FSDP; the narrowest tensor axis first.
 'auto' compiles them in order of their training state's bytes per chip and keeps the lowest

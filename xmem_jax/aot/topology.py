@@ -16,7 +16,7 @@ import jax
 
 GiB = 2**30
 
-# Slices the README's tables use, and what a user might mistype them for.
+# Slices the tables in docs/tpu.md use, and what a user might mistype them for.
 EXAMPLES = ("v5e:2x2", "v5p:2x2x1", "v5p:2x2x2", "v5p:4x4x4", "v6e:2x4", "v6e:4x4", "v6e:8x8")
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
 

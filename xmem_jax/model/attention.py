@@ -240,8 +240,12 @@ def _splash(q, k, v, *, scale, valid, causal, window):
 
 
 def _cudnn(q, k, v, *, scale, valid, causal, window):
-    """cuDNN fused attention; padding keys are masked by a [B, 1, 1, L] mask (a broadcast bias)."""
-    mask = None if valid is None else valid[:, None, None, :]
+    """cuDNN fused attention. Padding keys are masked by a [B, 1, L, L] mask (cuDNN takes it as
+    a bias of the full sequence shape, shared by the heads): padding may sit on either side
+    (prompts are left-aligned), which sequence lengths cannot say."""
+    batch, length = q.shape[:2]
+    mask = None if valid is None else jnp.broadcast_to(valid[:, None, None, :],
+                                                       (batch, 1, length, length))
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn",
         local_window_size=None if window is None else (window - 1, 0))
