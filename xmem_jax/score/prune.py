@@ -11,9 +11,10 @@ Per batch of queries (`rank`):
   1. the true answer's prefixes are fed: its log-likelihood s, and the log-probabilities of
      every child of every prefix on its path;
   2. each further round feeds every prefix whose partial sum is >= s and whose children are not
-     read yet, until there is none. A prefix whose subtree hangs off a single chain of prefixes
-     is fed with the whole chain at once: pruning inside a chain would save a few tokens but cost
-     a round that re-feeds the chain's ancestors.
+     read yet, until there is none. A prefix whose subtree fits in half a chunk, or hangs off a
+     single chain of prefixes, is fed with its whole subtree: pruning inside it would save a few
+     tokens but cost rounds that re-feed its ancestors. Where little can be pruned (a model near
+     chance), this keeps the cost near the exhaustive pass's.
 
 Prefixes are fed as tries after the prompt (`decoding.chunk_logits`); a chunk re-feeds the
 ancestors its prefixes attend to, since the cache keeps only the prompt, and the chunks of every
@@ -42,7 +43,8 @@ class Trie:
     child_count: np.ndarray  # [T] int32
     children: np.ndarray  # [T - 1] int32
     leaf: np.ndarray  # [C] int32: each candidate's node.
-    finish: np.ndarray  # [T] int32: the deepest node of the chain a node is fed with.
+    end: np.ndarray  # [T] int32: its subtree is nodes [i, end[i]).
+    chain: np.ndarray  # [T] bool: the internal nodes of its subtree form one path.
 
     @classmethod
     def of(cls, tokens: np.ndarray, lengths: np.ndarray) -> "Trie":
@@ -57,19 +59,18 @@ class Trie:
         count = np.bincount(parent[1:], minlength=num).astype(np.int32)
         children = (np.argsort(parent[1:], kind="stable") + 1).astype(np.int32)
         start = (np.cumsum(count) - count).astype(np.int32)
-        # A node whose internal descendants form one chain is fed down to the chain's end.
-        finish = np.arange(num, dtype=np.int32)
+        end = np.arange(1, num + 1, dtype=np.int32)
         chain = np.ones(num, bool)
         for i in range(num - 1, -1, -1):  # Children come after their parent in preorder.
-            inner = [c for c in children[start[i]:start[i] + count[i]] if count[c]]
-            if len(inner) > 1 or (inner and not chain[inner[0]]):
-                chain[i] = False
-            elif inner:
-                finish[i] = finish[inner[0]]
+            kids = children[start[i]:start[i] + count[i]]
+            if len(kids):
+                end[i] = end[kids[-1]]
+            inner = kids[count[kids] > 0]
+            chain[i] = len(inner) == 0 or (len(inner) == 1 and chain[inner[0]])
         return cls(token=np.array([p[-1] if p else 0 for p in prefixes], np.int32),
                    depth=np.array([len(p) - 1 for p in prefixes], np.int32), parent=parent,
                    path=path, child_start=start, child_count=count, children=children,
-                   leaf=np.array([index[c] for c in cands], np.int32), finish=finish)
+                   leaf=np.array([index[c] for c in cands], np.int32), end=end, chain=chain)
 
     def children_of(self, node: int) -> np.ndarray:
         return self.children[self.child_start[node]:self.child_start[node] + self.child_count[node]]
@@ -78,6 +79,15 @@ class Trie:
     def first_tokens(self) -> np.ndarray:
         """The candidates' distinct first tokens (the root's children, in order)."""
         return self.token[self.children_of(0)]
+
+    def unit(self, node: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """What expanding `node` feeds (its ancestors first) and whose children it reads: its
+        subtree's internal nodes when they hang off one chain or fit in half a chunk of
+        `limit` nodes, else the node alone."""
+        inner = node + np.flatnonzero(self.child_count[node:self.end[node]] > 0)
+        read = (inner if self.chain[node] or self.depth[node] + len(inner) <= limit // 2
+                else inner[:1])
+        return np.concatenate([self.path[node, :self.depth[node]], read]), read
 
 
 # expand(rows [K], tokens [K, N], depth [K, N], ancestor [K, N, N], read_node [K, R],
@@ -122,27 +132,28 @@ def rank(expand: Expand, tries: Sequence[Trie], group: np.ndarray, target: np.nd
         kids = trie.children_of(0)
         partial[offset[r] + kids] = _checked(first[r, :len(kids)])
     fed = np.zeros(len(group), np.int64)
+    limit = [max(chunk_size, t.path.shape[1]) for t in tries]  # Nodes a chunk holds.
     # Round 1: the true answer's prefixes, each reading all its children.
     units = {}
     for r in rows:
         trie = tries[group[r]]
-        last = int(trie.parent[trie.leaf[target[r]]])
+        last = trie.parent[trie.leaf[target[r]]]
         if last > 0:
-            units[r] = [(last, 0)]
+            path = trie.path[last, :trie.depth[last] + 1]
+            units[r] = [(path, path)]
     if units:
-        _feed(expand, tries, group, offset, units, partial, expanded, fed, chunk_size)
+        _feed(expand, tries, group, offset, units, partial, expanded, fed, limit)
     best = np.array([partial[offset[r] + tries[group[r]].leaf[target[r]]] if group[r] >= 0
                      else np.inf for r in range(len(group))], np.float32)
     while True:  # Later rounds: every unread prefix scoring >= the true answer.
         units = {}
         for flat in np.flatnonzero(alive & ~expanded & (partial >= best[row_of])):
             r = int(row_of[flat])
-            trie = tries[group[r]]
-            node = flat - offset[r]
-            units.setdefault(r, []).append((int(trie.finish[node]), int(trie.depth[node])))
+            units.setdefault(r, []).append(tries[group[r]].unit(flat - offset[r],
+                                                                limit[group[r]]))
         if not units:
             break
-        _feed(expand, tries, group, offset, units, partial, expanded, fed, chunk_size)
+        _feed(expand, tries, group, offset, units, partial, expanded, fed, limit)
     ranks = np.zeros(len(group), np.int64)
     for r in rows:
         trie = tries[group[r]]
@@ -161,25 +172,22 @@ def _checked(log_probs: np.ndarray) -> np.ndarray:
 
 
 def _feed(expand: Expand, tries, group, offset, units, partial, expanded, fed,
-          chunk_size: int) -> None:
-    """Feeds each row's units (node x, depth d: x's path, reading the children of its nodes at
-    depth >= d) packed into chunks, and adds the children's log-probabilities to the partial
-    sums."""
-    chunks = []  # (row, nodes in chunk order, new nodes)
+          limit: list[int]) -> None:
+    """Feeds each row's units (nodes, and those of them whose children to read) packed into
+    chunks of at most `limit[group]` nodes, and adds the children's log-probabilities to the
+    partial sums."""
+    chunks = []  # (row, nodes in chunk order, nodes read)
     for r, row_units in units.items():
-        trie = tries[group[r]]
-        limit = max(chunk_size, trie.path.shape[1])
         nodes: dict[int, None] = {}
         new: list[int] = []
-        for x, from_depth in sorted(row_units):
-            path = trie.path[x, :trie.depth[x] + 1]
-            extra = [int(n) for n in path if n not in nodes]
-            if nodes and len(nodes) + len(extra) > limit:
+        for unit, read in sorted(row_units, key=lambda u: u[1][0]):  # Neighbours share more.
+            extra = [int(n) for n in unit if n not in nodes]
+            if nodes and len(nodes) + len(extra) > limit[group[r]]:
                 chunks.append((r, list(nodes), new))
-                nodes, new, extra = {}, [], [int(n) for n in path]
+                nodes, new, extra = {}, [], [int(n) for n in unit]
             nodes.update(dict.fromkeys(extra))
-            new.extend(int(n) for n in path[from_depth:])
-            expanded[offset[r] + path[from_depth:]] = True
+            new.extend(int(n) for n in read)
+            expanded[offset[r] + read] = True
         chunks.append((r, list(nodes), new))
     width = max(len(nodes) for _, nodes, _ in chunks)
     reads_per = [sum(int(tries[group[r]].child_count[n]) for n in new) for r, _, new in chunks]
