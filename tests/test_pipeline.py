@@ -1,6 +1,7 @@
 """Tasks and the Grain pipeline: tokenization, formatting, masks, splits, sharding, resuming."""
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -236,20 +237,42 @@ def test_splits_never_leak(persona_dataset_dir, data, split):
     assert shown == len(built.task_set)
 
 
-def test_per_host_sharding_partitions_examples(persona_dataset_dir):
+@pytest.mark.parametrize("mode, overrides", [
+    ("prompt", dict(batch_size=6)),  # 36 examples: the last global batch is padding.
+    ("train", dict(batch_size=6, num_epochs=None, seed=3, augment_shift=2, length_bucket=8)),
+    ("train", dict(batch_size=6, num_epochs=None, batch_by_task=True)),
+])
+def test_processes_read_their_rows_of_the_same_global_batches(persona_dataset_dir, mode,
+                                                               overrides):
+    """Each process yields its rows of every global batch, so N processes together feed what
+    one process feeds, padding, shuffle, augmentation and task mix included."""
+    one = list(itertools.islice(build(persona_dataset_dir, mode, **overrides), 14))
     count = 3
-    per_host, batches = [], []
-    for index in range(count):
-        host = build(persona_dataset_dir, "prompt", process_index=index, process_count=count,
-                     batch_size=5)
-        got = list(host)
-        batches.append(len(got))
-        per_host.append([int(i) for b in got for i in b["example_id"][b["valid"]]])
-        assert all(i % count == index for i in per_host[-1])
-    total = len(host.task_set)
-    assert len(set(batches)) == 1  # Every host yields as many batches.
-    assert sum(len(ids) for ids in per_host) == total
-    assert sorted(i for ids in per_host for i in ids) == list(range(total))
+    hosts = [list(itertools.islice(build(persona_dataset_dir, mode, process_index=index,
+                                         process_count=count, **overrides), 14))
+             for index in range(count)]
+    assert len({len(batches) for batches in hosts}) == 1 and len(hosts[0]) == len(one)
+    rows = overrides["batch_size"] // count
+    for k, batch in enumerate(one):
+        for index, batches in enumerate(hosts):
+            mine = batches[k]
+            assert len(mine["example_id"]) == rows
+            for key, value in mine.items():
+                expected = batch[key][index * rows:(index + 1) * rows]
+                if key in ("tokens", "input_mask", "loss_mask"):  # Bucketed per process.
+                    assert not expected[:, value.shape[1]:].any() or key == "tokens"
+                    expected = expected[:, :value.shape[1]]
+                np.testing.assert_array_equal(value, expected, err_msg=f"{key} batch {k}")
+    if mode == "prompt":
+        ids = [int(i) for batches in hosts for b in batches for i in b["example_id"][b["valid"]]]
+        assert sorted(ids) == list(range(len(build(persona_dataset_dir, mode).task_set)))
+
+
+def test_batch_size_must_split_over_the_processes(persona_dataset_dir):
+    with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 3 processes"):
+        build(persona_dataset_dir, process_index=1, process_count=3, batch_size=4)
+    with pytest.raises(ValueError, match=r"process_index=3 must be in \[0, 3\)"):
+        build(persona_dataset_dir, process_index=3, process_count=3, batch_size=6)
 
 
 def test_shuffle_is_deterministic_by_seed(persona_dataset_dir):

@@ -1,7 +1,9 @@
-"""The Grain input pipeline: task examples -> shuffled, per-host, batched numpy arrays.
+"""The Grain input pipeline: task examples -> shuffled, batched numpy arrays, each process
+reading only its own rows of every global batch.
 
-    source(this host's example indices) -> shuffle(seed) -> repeat(num_epochs)
-        -> map(read record, format, decode image) -> batch(batch_fn) -> to_iter_dataset
+    source(example indices) -> shuffle(seed) -> repeat(num_epochs)
+        -> map(read record, format, decode image) -> [random_map(augment)]
+        -> this process's rows of each global batch -> batch(batch_fn) -> to_iter_dataset
         [-> mp_prefetch(worker_count)]
 
 Config (a `ml_collections.ConfigDict` section, `default_config()`):
@@ -14,16 +16,16 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
                           the same as a string (keeps the config freezable):
                           "image_to_fact split=heldout personas=0:100 facts=pet,hobby"
                           (see `tasks.TaskSpec.from_config`)
-    batch_size            examples per batch *on this host*
+    batch_size            examples per global batch, over all processes; each process reads
+                          and yields its batch_size / process_count rows
     max_length            train mode: the sequence length L (prompt + answer; a longer example
                           is an error, never truncated); prompt mode: the prompt length Lp
     max_answer_length     prompt mode: the answer length La (0 = max_length)
     length_bucket         train mode: pad each batch only to the next multiple of this past its
                           longest example (at most max_length), so short tasks (image -> name,
                           ~43 tokens) do not pay for long ones (descriptions, ~70); each width
-                          compiles the train step once. 0 = always max_length. Needs one
-                          process (hosts must agree on a global batch's width); with several it
-                          is ignored
+                          compiles the train step once. 0 = always max_length. Each process
+                          pads its own rows; the trainer pads them to the widest process's
     batch_by_task         train mode: each batch holds the examples of one task, the tasks'
                           batches interleaved in proportion to their sizes (each task shuffled
                           on its own, seed + task id), so a short task's batches never pad to a
@@ -49,7 +51,8 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
                           examples, in every epoch, so rereading it, or redecoding a view, per
                           example would cost more than the rest of the example
 
-Batches (numpy; B = batch_size; persona_id / task_id / example_id are -1 on padding rows):
+Batches (numpy; B = batch_size / process_count, this process's rows; persona_id / task_id /
+example_id are -1 on padding rows):
 
 train mode (`mode='train'`):
     tokens      int32   [B, L]  prompt then answer ids, then <pad> (L: see length_bucket)
@@ -69,13 +72,16 @@ prompt mode (`mode='prompt'`, for generative recall and candidate log-likelihood
     images, has_image, persona_id, task_id, example_id  as in train mode
     valid          bool  [B]  False on padding rows (the last batch is padded, never dropped)
 
-Train mode drops a last partial batch. Each host takes the example indices
-`[process_index::process_count]`; hosts whose share is one shorter get a padding example so
-that every host yields the same number of batches (a padding row is a lone <bos> with no loss
-in train mode, and valid=False in prompt mode).
+Global batch k holds examples [k batch_size, (k + 1) batch_size) of the stream (shuffled,
+repeated, augmented by their position in it), whatever the process count; process p reads and
+yields only its rows [p B, (p + 1) B) of it, so 1 process and N processes feed the same global
+batches. Train mode drops a last partial global batch; prompt mode pads it with padding
+examples (a lone <bos>, valid=False). Every process yields the same number of batches.
 
 Resuming: `iterator.get_state()` / `iterator.set_state(state)` (Grain's `DatasetIterator`)
-restore the stream exactly; `checkpoint_args` saves and restores it with Orbax next to the model:
+restore the stream exactly; the state counts global batches, so it is the same on every
+process and restores under another process count. `checkpoint_args` saves and restores it with
+Orbax next to the model:
 
     manager = ocp.CheckpointManager(directory)
     manager.save(step, args=ocp.args.Composite(
@@ -91,7 +97,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import math
+import sys
 import threading
 
 import grain
@@ -220,27 +226,49 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
 # Grain stages.
 
 
-def host_indices(num_examples: int, process_index: int, process_count: int
-                 ) -> grain.MapDataset:
-    """This host's example indices, `[process_index::process_count]`, as a Grain source,
-    running on to ceil(num_examples / process_count) of them: indices past the last example
-    (>= num_examples) stand for padding examples. (`MapDataset.range` is a light source:
-    ~15 us per element less than wrapping a Python sequence.)"""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-    per_host = math.ceil(num_examples / process_count)
-    return grain.MapDataset.range(process_index, per_host * process_count, process_count)
+class _ProcessRows(grain.MapDataset):
+    """Process p's rows of each global batch of `parent`: rows [p b, (p + 1) b) of global
+    batch k (b = global_batch / process_count) are its elements [k b, (k + 1) b). Rows past
+    the parent's end (the last global batch, unless dropped) are `fill`. Only those rows are
+    read from the parent, which is lazy: no process loads another's examples."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+                 process_count: int, *, drop_remainder: bool, fill=None):
+        super().__init__(parent)
+        self._parent_length = len(parent)
+        self._global = global_batch
+        self._rows = global_batch // process_count
+        self._offset = process_index * self._rows
+        self._fill = fill
+        batches = (self._parent_length // global_batch if drop_remainder
+                   else -(-self._parent_length // global_batch))
+        self._length = min(batches * self._rows, sys.maxsize)  # Repeating forever: maxsize.
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index % self._length, self._rows)
+        parent_index = batch * self._global + self._offset + row
+        if parent_index >= self._parent_length:
+            return self._fill
+        return self._parent[parent_index]
+
+    def __str__(self) -> str:
+        return (f"ProcessRows(global_batch={self._global}, rows={self._offset}:"
+                f"{self._offset + self._rows})")
 
 
 class _TaskIndex(grain.transforms.Map):
-    """A task's own example index (from `host_indices(task length, ...)`) -> its index in the
-    task set; indices past the task's last example -> the task set's padding index."""
+    """A task's own example index -> its index in the task set."""
 
-    def __init__(self, offset: int, length: int, padding: int):
-        self.offset, self.length, self.padding = offset, length, padding
+    def __init__(self, offset: int):
+        self.offset = offset
 
     def map(self, index: int) -> int:
-        return self.offset + index if index < self.length else self.padding
+        return self.offset + index
 
 
 class _RecordCache:
@@ -304,12 +332,11 @@ class _Load(grain.transforms.Map):
         self.image_size = image_size
         self.max_prompt = max_prompt  # Train mode: the limit on prompt + answer.
         self.max_answer = max_answer  # None in train mode.
-        self._padding = (np.asarray([formatter.special[tok.BOS]], np.int32),
-                         np.zeros([0], np.int32), None, -1, -1, -1)
+        # A padding example: a lone <bos>, no answer, no image, ids -1.
+        self.padding = (np.asarray([formatter.special[tok.BOS]], np.int32),
+                        np.zeros([0], np.int32), None, -1, -1, -1)
 
     def map(self, index: int):
-        if index >= len(self.task_set):
-            return self._padding
         ref = self.task_set.locate(index)
         # Text-only examples need no record once their persona's tokens are cached.
         example = self.formatter.format_without_record(ref)
@@ -453,7 +480,7 @@ class Pipeline:
     tokenizer: object
     persona_dataset: source.PersonaDataset
     mode: str
-    host_examples: int  # This host's examples per epoch, padding included.
+    host_examples: int  # This process's rows of one pass over the examples, padding included.
 
     def __iter__(self) -> grain.DatasetIterator:
         return iter(self.dataset)
@@ -494,7 +521,8 @@ def _check_config(config, mode: str) -> None:
 def build(config: ml_collections.ConfigDict, mode: str = "train", *,
           process_index: int | None = None, process_count: int | None = None,
           check_examples: int = 2) -> Pipeline:
-    """Builds the pipeline for this host (process index / count default to JAX's).
+    """Builds the pipeline for this process (process index / count default to JAX's): its
+    rows of every global batch of `config.batch_size` examples.
 
     `check_examples`: per task, how many leading examples to check for exact tokenization
     (cached pieces vs. the whole text; see `tasks.Formatter.check`).
@@ -505,6 +533,15 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    batch_size = int(config.batch_size)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(
+            f"Invalid data config: batch_size={batch_size} is not divisible by the "
+            f"{process_count} processes, which each read batch_size / {process_count} rows of "
+            f"every global batch; use a multiple of {process_count}")
+    rows = batch_size // process_count
     dataset = source.open_dataset(config.data_dir)
     tokenizer = tok.load_tokenizer(config.tokenizer_dir or dataset.tokenizer_dir)
     specs = tasks.task_specs(config.tasks)
@@ -518,14 +555,12 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
     max_length = int(config.max_length)
     max_answer = int(config.get("max_answer_length", 0)) or max_length
     image_size = int(config.image_size)
-    batch_size = int(config.batch_size)
     cache = _RecordCache(dataset.records, int(config.get("record_cache_mb", 256) * 2**20),
                          decoded_bytes=tasks.Layout.of(dataset).num_views * image_size**2 * 3)
     load = _Load(cache, task_set, formatter, image_size, max_length,
                  None if mode == "train" else max_answer)
-    batch_fn = _Batch(mode, batch_size, max_length, max_answer, image_size, formatter.pad_id,
-                      formatter.special[tok.BOS],
-                      int(config.get("length_bucket", 0)) if process_count == 1 else 0)
+    batch_fn = _Batch(mode, rows, max_length, max_answer, image_size, formatter.pad_id,
+                      formatter.special[tok.BOS], int(config.get("length_bucket", 0)))
 
     augment = _Augment(int(config.get("augment_shift", 0)),
                        float(config.get("augment_brightness", 0.0)))
@@ -537,21 +572,20 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
             indices = indices.repeat(config.num_epochs)
         examples = indices.map(load)
         if mode == "train" and (augment.max_shift or augment.brightness):
+            # Drawn by the example's position in the global stream: the same in any process.
             examples = examples.random_map(augment, seed=seed)
-        return examples.batch(batch_size, drop_remainder=mode == "train", batch_fn=batch_fn)
+        mine = _ProcessRows(examples, batch_size, process_index, process_count,
+                            drop_remainder=mode == "train", fill=load.padding)
+        return mine.batch(rows, drop_remainder=mode == "train", batch_fn=batch_fn)
 
     if mode == "train" and config.get("batch_by_task", False) and len(specs) > 1:
         lengths = [task_set.task_length(t) for t in range(len(specs))]
-        per_task = [host_indices(n, process_index, process_count) for n in lengths]
-        host_examples = sum(len(indices) for indices in per_task)
-        streams = [batches(indices.map(_TaskIndex(task_set.offsets[t], lengths[t],
-                                                  len(task_set))), (int(config.seed) + t) % 2**32)
-                   for t, indices in enumerate(per_task)]
+        streams = [batches(grain.MapDataset.range(n).map(_TaskIndex(task_set.offsets[t])),
+                           (int(config.seed) + t) % 2**32) for t, n in enumerate(lengths)]
         ds = grain.MapDataset.mix(streams, weights=lengths)
     else:
-        indices = host_indices(len(task_set), process_index, process_count)
-        host_examples = len(indices)
-        ds = batches(indices, int(config.seed))
+        ds = batches(grain.MapDataset.range(len(task_set)), int(config.seed))
+    host_examples = -(-len(task_set) // batch_size) * rows
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(config.get("num_threads", 1)),
         prefetch_buffer_size=int(config.get("prefetch_buffer_size", 256))))
