@@ -1,6 +1,7 @@
 """The TPU tables: every Gemma 3 size x (LoRA rank 16, full fine-tuning with the
 vision tower frozen) x slice, every program of Gemma 3 4B full fine-tuning on a v5p-16, and
-that fine-tuning step before and after the lean train step (`docs/results/lean_step/`),
+that fine-tuning step before and after the lean train step and fused attention
+(`docs/results/lean_step/`),
 compiled ahead of time with `python -m xmem_jax.compile` (the table with --mesh=recommended: one
 compile a cell where the preferred layout fits; the example with --mesh=auto).
 
@@ -44,12 +45,16 @@ MODES = {"lora16": ["--config.model.lora.rank=16"], "full": ["--config.model.lor
 SLICES = {"v5p-8": ("v5p:2x2x1", 4), "v5p-16": ("v5p:2x2x2", 8), "v5p-128": ("v5p:4x4x4", 64),
           "v6e-8": ("v6e:2x4", 8), "v6e-16": ("v6e:4x4", 16), "v6e-64": ("v6e:8x8", 64)}
 EXAMPLE = ROOT / "docs" / "results" / "compile_gemma3_4b_full_v5p-16.json"
-# The lean train step (answer-position head, remat policies), before and after, on one layout.
+# The lean train step (answer-position head, remat policies, fused attention), before and
+# after, on one layout; at the study's 400 tokens and at 2048 (where attention weighs more).
 LEAN_STEP = ROOT / "docs" / "results" / "lean_step"
 LEAN_COMMAND = ["-m", "xmem_jax.compile", "--config=configs/default.py:gemma3_4b",
                 "--topology=v5p:2x2x2", "--mesh=1,8,1", "--config.model.lora.rank=0",
                 "--programs=train_finetune"]
-LEAN_VARIANTS = {"after.json": [], "after_remat_full.json": ["--config.model.remat=full"]}
+_XLA, _LONG = ["--config.model.attention=xla"], ["--config.max_length=2048"]
+LEAN_VARIANTS = {"after.json": [], "after_attention_xla.json": _XLA,
+                 "after_remat_full.json": ["--config.model.remat=full"],
+                 "after_2048.json": _LONG, "after_2048_attention_xla.json": _LONG + _XLA}
 EXAMPLE_COMMAND = ["-m", "xmem_jax.compile", "--config=configs/default.py:gemma3_4b",
                    "--topology=v5p:2x2x2", "--mesh=auto", "--config.model.lora.rank=0"]
 
@@ -130,18 +135,24 @@ def render_example(result: dict) -> str:
 
 
 def render_lean_step() -> str:
-    """Before (`before_*.json`, compiled at the commit its name gives) and after."""
-    lines = ["| code | command | peak per chip | temporaries | XLA / useful FLOPs |",
-             "| --- | --- | --- | --- | --- |"]
-    for path in sorted(LEAN_STEP.glob("*.json"), key=lambda p: not p.name.startswith("before")):
+    """Before (`before_*.json`, compiled at the commit its name gives), then the variants in
+    `LEAN_VARIANTS` order; each row's flags are its command's, after the shared ones."""
+    lines = ["| code | flags | peak per chip | temporaries | HBM bytes accessed | "
+             "XLA / useful FLOPs |", "| --- | --- | --- | --- | --- | --- |"]
+    paths = sorted(LEAN_STEP.glob("before_*.json")) + [LEAN_STEP / n for n in LEAN_VARIANTS]
+    shared = " ".join(["python", *LEAN_COMMAND])
+    for path in paths:
+        if not path.exists():
+            continue
         result = json.loads(path.read_text())
         step = result["programs"]["train_finetune"]
         commit = result.get("commit") or path.stem.split("_")[-1]
-        command = result["command"].split(" --out=")[0]
-        lines.append(f"| {commit} | `{command}` | {step['peak_bytes'] / 2**30:.2f} GiB | "
-                     f"{step['temp_bytes'] / 2**30:.2f} GiB | "
+        flags = result["command"].split(" --out=")[0].removeprefix(shared).strip()
+        lines.append(f"| {commit} | {f'`{flags}`' if flags else '(none)'} | "
+                     f"{step['peak_bytes'] / 2**30:.2f} GiB | {step['temp_bytes'] / 2**30:.2f} GiB"
+                     f" | {step['bytes_accessed_per_chip'] / 2**30:.1f} GiB | "
                      f"{step['xla_to_useful_flops']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", f"Every row runs `{shared}` with its flags."])
 
 
 BLOCKS = ("tpu-example", "lean-step", "tpu-fit")

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from xmem_jax import distributed
 from xmem_jax.data import pipeline
 from xmem_jax.experiments import study
 from xmem_jax.report import experiments as report
@@ -80,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
             "chance": {"accuracy": 1 / count, "mean_rank": (count + 1) / 2},
             "layers": [retrieval(images[0][:, layer], images[1], texts[0][:, layer], texts[1])
                        for layer in range(images[0].shape[1])]}
-    write_report(results, workdir)
+    distributed.on_primary(write_report, results, workdir)
     return results
 
 

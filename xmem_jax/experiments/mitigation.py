@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
+from xmem_jax import distributed
 from xmem_jax.experiments import study
 from xmem_jax.report import experiments as report
 from xmem_jax.report.study import MODALITIES, other_modality
@@ -81,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
                                        ("gap", r["gap"]))},
         **study.provenance(config, setup, command),
     }
-    write_report(results, workdir)
+    distributed.on_primary(write_report, results, workdir)
     return results
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from xmem_jax import experiments
+from xmem_jax import distributed, experiments
 from xmem_jax.report import findings
 
 
@@ -27,6 +27,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
         print(f"Paper suite: {name}", flush=True)
         experiments.run(config.parts[name], workdir / name, part_command)
         timings[name] = time.perf_counter() - start
-    path = findings.write_findings(workdir)
-    print(f"Findings: {path}", flush=True)
+    distributed.on_primary(findings.write_findings, workdir)
+    print(f"Findings: {workdir / 'findings.md'}", flush=True)
     return {"experiment": "paper", "timings": timings, "command": command}

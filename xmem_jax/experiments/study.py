@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from data_gen import dataset as data_writer
+from xmem_jax import distributed
 from xmem_jax.data import pipeline, source, tasks
 from xmem_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from xmem_jax.model import hf, lora
@@ -79,7 +80,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def ensure_dataset(config: ml_collections.ConfigDict) -> Path:
     out_dir = Path(config.cache_dir) / "data" / config_hash(config.data)
-    path = data_writer.generate(config.data, out_dir)
+    # Process 0 writes it; the others then find it whole (several processes: a shared cache_dir).
+    path = distributed.primary_first(lambda: data_writer.generate(config.data, out_dir),
+                                     what=f"dataset {out_dir}")
     if path is None:
         raise RuntimeError(f"Dataset in {out_dir} is still missing shards")
     return path
@@ -265,7 +268,9 @@ def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: boo
                                [f"{QUERY_KIND[m]} split=heldout {_range(evaluated[m])}"],
                                config.eval_batch_size, train=False)
             for m in MODALITIES})
-        recall_path.write_text(json.dumps(scorer(result.model, config.base.num_steps), indent=1))
+        scores = scorer(result.model, config.base.num_steps)  # Every process scores its rows.
+        distributed.on_primary(distributed.write_text_atomically, recall_path,
+                               json.dumps(scores, indent=1))
     return nnx.state(result.model), json.loads(recall_path.read_text())
 
 
@@ -434,7 +439,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
             "base_recall": unpaired_recall,
             "step0_recall": {m: control[0][m] for m in MODALITIES}}}
     results["summary"] = transfer_summary(results)
-    write_report(results, workdir)
+    distributed.on_primary(write_report, results, workdir)
     return results
 
 
@@ -472,7 +477,7 @@ def run_directions(config: ml_collections.ConfigDict, workdir: str | Path, comma
     results = {"experiment": "directions", "directions": runs, "command": command,
                "summary": {f"{m}_{key}": value for m, r in runs.items()
                            for key, value in direction_summary(r).items()}}
-    write_directions_report(results, workdir)
+    distributed.on_primary(write_directions_report, results, workdir)
     return results
 
 

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from xmem_jax import distributed
 from xmem_jax.data import pipeline
 from xmem_jax.experiments import study
 from xmem_jax.report import experiments as report
@@ -164,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
         "forget_personas": ranges(config)["forget"], "retain_personas": ranges(config)["retain"],
         **study.provenance(config, setup, command),
     }
-    write_report(results, workdir)
+    distributed.on_primary(write_report, results, workdir)
     return results
 
 
