@@ -359,6 +359,8 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
     if (method == "sampled_candidates") != (num_distractors > 0):
         raise ValueError(f"num_distractors={num_distractors}: sampled_candidates needs >= 1 "
                          "distractor, and the other methods rank every candidate")
+    if method == "pruned" and choice and jax.process_count() > 1:
+        method = "exhaustive"  # Pruned rounds depend on each process's rows; the same ranks.
     if method != "exhaustive" and choice and jax.process_count() > 1:
         raise NotImplementedError(f"method={method!r} ranks on one host; across hosts use "
                                   "'exhaustive', with num_queries to bound its cost")
