@@ -367,6 +367,45 @@ def test_per_host_rows_must_match_batch_size():
                                   NamedSharding(mesh, trainer.batch_partition()), 8)
 
 
+def test_rows_pad_to_the_widest_process_width():
+    batch = make_batch(0, length=40)
+    longest, any_image, width = trainer.batch_layout(batch)
+    assert width == 40 and any_image and longest == int(batch["loss_mask"][:, 1:].sum(1).max())
+    padded = trainer.pad_width(batch, 48)
+    for key in ("tokens", "input_mask", "loss_mask"):
+        assert padded[key].shape == (BATCH, 48) and not padded[key][:, 40:].any()
+        np.testing.assert_array_equal(padded[key][:, :40], batch[key])
+    assert padded["images"] is batch["images"] and trainer.pad_width(batch, 40) is batch
+
+
+def test_iterator_state_restores_under_another_process_count(tmp_path, data_config):
+    """A checkpoint saved by 2 processes holds one iterator state per process, all equal (they
+    count global batches): a run with another process count takes that state."""
+    iterator = pipeline_iter(data_config)
+    for _ in range(3):
+        next(iterator)
+    config = checkpoints.default_config()
+    checkpointer = checkpoints.Checkpointer(tmp_path, config)
+    checkpointer.save(3, {"w": np.arange(2.0)}, iterator)
+    checkpointer.wait_until_finished()
+    expected = [next(iterator) for _ in range(2)]
+    data = tmp_path / "3" / "data"
+    state = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for k in range(2):  # As 2 processes leave it.
+        (data / f"process_{k}-of-2.json").write_text(state)
+    resumed = pipeline_iter(data_config)
+    step, restored = checkpointer.restore({"w": np.zeros(2)}, resumed)
+    assert step == 3 and restored["w"].tolist() == [0.0, 1.0]
+    for got, want in zip([next(resumed) for _ in range(2)], expected):
+        np.testing.assert_array_equal(got["example_id"], want["example_id"])
+    (data / "process_1-of-2.json").write_text(state.replace("3", "4"))
+    with pytest.raises(RuntimeError, match=r"holds no iterator state for process 0 of 1, and "
+                                           r"the 2 saved ones .* differ"):
+        checkpointer.restore({"w": np.zeros(2)}, pipeline_iter(data_config))
+    checkpointer.close()
+
+
 def test_model_that_does_not_divide_the_mesh(tmp_path):
     config = train_config()
     config.mesh.data, config.mesh.tensor = 1, 8  # 2 KV heads.

@@ -5,7 +5,10 @@ One Orbax `CheckpointManager` step directory holds two items:
     <directory>/<step>/state/   the train state (`nnx.State` of model + optimizer, step included)
     <directory>/<step>/data/    the Grain iterator state, one JSON file per process
 
-so a resumed run continues the exact data stream it stopped in. Saves are asynchronous (the
+so a resumed run continues the exact data stream it stopped in. Every process of a run writes
+its part of each checkpoint (Orbax), and a checkpoint restores under another process count: its
+arrays are resharded onto the new mesh, and the iterator states, which count global batches
+(`xmem_jax.data.pipeline`), are the same in every process. Saves are asynchronous (the
 arrays are copied off the devices, then written in the background) and atomic (written to a
 temporary directory, renamed when complete), so a job killed mid-save leaves the previous
 checkpoint as the latest. On multi-host runs, Orbax also saves at a preemption sync point
@@ -28,6 +31,8 @@ Config (`config.checkpoint`, `default_config()`):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -99,6 +104,53 @@ def _summary(error: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _DataHandler(grain_checkpoint.CheckpointHandler):
+    """Grain's iterator handler (one `process_<i>-of-<n>.json` per process) for any iterator
+    whose get_state / set_state take a JSON-able state (a Grain `DatasetIterator`, or one
+    wrapping it), restoring under another process count too: a process with no file of its
+    own takes the state that every process of the saving run agreed on."""
+
+    def save(self, directory: epath.Path, item: Any = None, args: Any = None) -> None:
+        item = item or args.item
+        text = json.dumps(item.get_state(), indent=4)
+        (directory / _state_file(jax.process_index(), jax.process_count())).write_text(text)
+
+    def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
+        item = item or args.item
+        own = directory / _state_file(jax.process_index(), jax.process_count())
+        if own.exists():
+            states = {own.read_text()}
+        else:
+            saved = sorted(directory.glob("process_*-of-*.json"))
+            states = {json.dumps(json.loads(path.read_text())) for path in saved}
+            if len(states) != 1:
+                raise ValueError(
+                    f"{directory} holds no iterator state for process {jax.process_index()} "
+                    f"of {jax.process_count()}, and the {len(saved)} saved ones "
+                    f"({', '.join(p.name for p in saved) or 'none'}) differ, so none stands for "
+                    "all: restore with the process count that saved it")
+        item.set_state(json.loads(states.pop()))
+        if hasattr(item, "start_prefetch"):
+            item.start_prefetch()
+        return item
+
+
+def _state_file(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpointer:
     """Saves and restores (train state, data iterator) pairs under one directory."""
 
@@ -123,7 +175,7 @@ class Checkpointer:
         return ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                           _DATA: grain_checkpoint.CheckpointHandler()})
+                           _DATA: _DataHandler()})
 
     @property
     def latest_step(self) -> int | None:
@@ -145,7 +197,7 @@ class Checkpointer:
         """
         items = {_STATE: ocp.args.StandardSave(state)}
         if is_checkpointable(data_iterator):
-            items[_DATA] = grain_checkpoint.CheckpointSave(data_iterator)
+            items[_DATA] = _DataSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state: nnx.State, data_iterator: Any = None,
@@ -168,7 +220,7 @@ class Checkpointer:
                 items = {_STATE: ocp.args.StandardRestore(abstract_state)}
                 has_data = (self.directory / str(step) / _DATA).exists()
                 if is_checkpointable(data_iterator) and has_data:
-                    items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
+                    items[_DATA] = _DataRestore(data_iterator)
                 elif is_checkpointable(data_iterator):
                     logging.warning("Checkpoint %s has no data iterator state; the data stream "
                                     "restarts from its beginning", where)

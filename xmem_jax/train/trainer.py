@@ -50,6 +50,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from xmem_jax import distributed
 from xmem_jax.train import checkpoints, losses, optim, sharding
 
 # Batch entries the train step reads; the rest (ids, has_image) stay on the host. `forget`
@@ -184,8 +185,8 @@ def make_global_batch(local_batch: Batch, batch_sharding: NamedSharding, batch_s
             raise ValueError(
                 f"Batch entry {key!r} has {local.shape[0]} rows on each of "
                 f"{jax.process_count()} hosts, but batch_size={batch_size} needs "
-                f"{batch_size // jax.process_count()} per host: make the input pipeline's "
-                "per-host batch size batch_size / process_count")
+                f"{batch_size // jax.process_count()} per host: build the input pipeline "
+                "with the same global batch_size (each process then yields its share)")
         batch[key] = jax.make_array_from_process_local_data(
             batch_sharding, local, (batch_size, *local.shape[1:]))
     return batch
@@ -196,19 +197,42 @@ _MIN_ANSWER_CAP = 8
 
 
 def batch_facts(local_batch: Batch) -> tuple[int, bool]:
-    """(the most answer tokens in a row, whether any row holds an image) over every host's rows.
+    """(the most answer tokens in a row, whether any row holds an image) over every process's
+    rows: the first two of `batch_layout`."""
+    return batch_layout(local_batch)[:2]
 
-    They choose the compiled step (`choose_answer_cap`, the vision tower or not), so all hosts must
-    agree. A batch without `has_image` counts as holding images.
+
+def batch_layout(local_batch: Batch) -> tuple[int, bool, int]:
+    """(the most answer tokens in a row, whether any row holds an image, the widest row width)
+    over every process's rows.
+
+    They choose the compiled step (`choose_answer_cap`, the vision tower or not, the width
+    every process pads its rows to: `pad_width`), so all processes must agree. A batch without
+    `has_image` counts as holding images.
     """
     loss_mask = np.asarray(local_batch["loss_mask"])
     longest = int(np.count_nonzero(loss_mask[:, 1:], axis=1).max(initial=0))
     has_image = local_batch.get("has_image")
     any_image = has_image is None or bool(np.any(has_image))
+    width = int(loss_mask.shape[1])
     if jax.process_count() > 1:
-        gathered = multihost_utils.process_allgather(np.array([longest, any_image]))
+        gathered = multihost_utils.process_allgather(np.array([longest, any_image, width]))
         longest, any_image = int(gathered[:, 0].max()), bool(gathered[:, 1].any())
-    return longest, any_image
+        width = int(gathered[:, 2].max())
+    return longest, any_image, width
+
+
+def pad_width(local_batch: Batch, width: int) -> Batch:
+    """`local_batch` with its token-position entries right-padded to `width` (token 0, <pad>
+    in the tokenizers here, masked out: no input, no loss), so every process's rows of a
+    global batch have one width."""
+    if np.shape(local_batch["tokens"])[1] == width:
+        return local_batch
+    padded = dict(local_batch)
+    for key in ("tokens", "input_mask", "loss_mask"):
+        value = np.asarray(local_batch[key])
+        padded[key] = np.pad(value, [(0, 0), (0, width - value.shape[1])])
+    return padded
 
 
 def choose_answer_cap(longest_answer: int, max_answer_tokens: int) -> int:
@@ -475,11 +499,14 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
             reference_state = jax.device_put(reference_state, state_shardings["model"])
         else:
             reference_state = None
-        return _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer,
-                    saved, train_iter, eval_fn, eval_every, objective, reference_state)
+        result = _run(config, workdir, graphdef, state, step, mesh, state_shardings,
+                      checkpointer, saved, train_iter, eval_fn, eval_every, objective,
+                      reference_state)
     finally:
         checkpointer.wait_until_finished()  # Saves already started complete, even on errors.
         checkpointer.close()
+    distributed.barrier("trained")  # Process 0 has written metrics.jsonl for all to read.
+    return result
 
 
 def start_from(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -572,7 +599,8 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                         f"train_iter ran out after step {step} of num_steps={num_steps}; "
                         "give the pipeline more epochs (num_epochs=None repeats forever)"
                     ) from None
-                longest_answer, any_image = batch_facts(local_batch)
+                longest_answer, any_image, width = batch_layout(local_batch)
+                local_batch = pad_width(local_batch, width)
                 cap = choose_answer_cap(longest_answer, int(config.get("max_answer_tokens", 0)))
                 if cap not in train_steps:
                     train_steps[cap] = make_train_step(graphdef, config, state_shardings, mesh,
