@@ -6,6 +6,7 @@ import pytest
 
 from configs import default
 from xmem_jax.experiments import study
+from xmem_jax.report import study as report_study
 
 
 def quick_config(tmp_path, **overrides):
@@ -56,6 +57,9 @@ def test_quick_study_writes_results_report_and_curves(tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "control: from the unpaired base" in report and "Pixel lookup" in report
     assert results["recall"] == saved["recall"]
+    figures = report_study.export(tmp_path / "run")  # What the repository keeps of a run.
+    assert figures["baselines"] == saved["baselines"] and figures["commit"] == saved["commit"]
+    assert "curves" not in figures and "curves" not in figures["controls"]["unpaired"]
     # A rerun reuses the cached dataset and base model and the finished fine-tuning runs.
     again = study.run(config, tmp_path / "run", "test")
     assert again["recall"] == results["recall"]
