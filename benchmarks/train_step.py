@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
 from xmem_jax.model import VLM, VLMConfig, count_parameters, get_model_config, hf
+from xmem_jax.provenance import source_commit
 from xmem_jax.train import sharding, trainer
 
 ANSWER_LENGTH = 8
@@ -177,6 +181,7 @@ def main():
     parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
     parser.add_argument("--peak_gflops", type=float, default=150.0,
                         help="Peak float32 GFLOP/s of this machine, for MFU.")
+    parser.add_argument("--out", default="", help="Also write the figures here as JSON.")
     args = parser.parse_args()
 
     config = get_model_config(args.config, remat=args.remat)
@@ -222,7 +227,15 @@ def main():
     best_jax = min((m, name) for name, m in medians.items()
                    if name.startswith("jax") and not name.endswith(("+tower", "before")))
     print(f"fastest JAX variant: {best_jax[1]}; torch threads: {args.torch_threads}")
-    print(f"speedup_vs_transformers: {medians[torch_name] / best_jax[0]:.2f}")
+    speedup = medians[torch_name] / best_jax[0]
+    if args.out:
+        figures = {"command": " ".join(["python", "benchmarks/train_step.py", *sys.argv[1:]]),
+                   "commit": source_commit(), "cpu_cores": os.cpu_count(),
+                   "gflop_per_step": flops / 1e9, "median_seconds": medians,
+                   "repeat_seconds": times, "speedup_vs_transformers": speedup}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"speedup_vs_transformers: {speedup:.2f}")
 
 
 if __name__ == "__main__":

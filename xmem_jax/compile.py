@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from xmem_jax.aot import fit
+from xmem_jax.provenance import source_commit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -56,19 +56,6 @@ _COUNT_FLOPS = flags.DEFINE_bool(
     "FLOPs.")
 _OUT = flags.DEFINE_string("out", "runs/compile.json", "Where to write the figures as JSON.")
 flags.mark_flags_as_required(["config", "topology"])
-
-
-def source_commit() -> str:
-    """The checkout's commit, '+' marking uncommitted changes ('' outside a git checkout)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return commit + ("+" if dirty else "")
 
 
 def main(argv):

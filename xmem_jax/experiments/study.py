@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from xmem_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from xmem_jax.model import hf, lora
 from xmem_jax.model.config import VLMConfig, get_model_config
 from xmem_jax.model.vlm import VLM
+from xmem_jax.provenance import source_commit
 from xmem_jax.report.study import MODALITIES, write_directions_report, write_report
 from xmem_jax.score import recall
 from xmem_jax.train import trainer
@@ -327,19 +327,6 @@ def finetune_seeds(config, setup: Setup, workdir: Path, names, **kwargs) -> list
         per_seed.append({"seed": seed, "recall": {n: curves[-1][n] for n in names},
                          "curves": curves})
     return per_seed
-
-
-def source_commit() -> str:
-    """The checkout's commit, '+' marking uncommitted changes ('' outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return commit + ("+" if dirty else "")
 
 
 def provenance(config, setup: Setup, command: str) -> dict:
