@@ -270,4 +270,4 @@ def write_text_atomically(path: epath.PathLike, text: str) -> None:
     path = epath.Path(path)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     temporary.write_text(text)
-    temporary.rename(path)
+    temporary.replace(path)  # Overwrites: a rerun or a second writer replaces the file.
