@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from xmem_jax.report import docs as report_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # [text](target) and [text]: target, outside code spans; images too.
@@ -58,11 +60,18 @@ def test_generated_blocks_equal_the_committed_results():
     stale = tpu_fit.stale_blocks()
     assert not stale, (f"{stale} differ from what docs/results/ renders: run "
                        "`python benchmarks/tpu_fit.py --render_only`")
+    stale = report_docs.stale_blocks()
+    assert not stale, (f"{stale} differ from what docs/results/study/ renders: run "
+                       "`python -m xmem_jax.report.docs`")
+
+
+def test_report_docs_check_exits_0_on_the_committed_blocks(capsys):
+    assert report_docs.main(["--check"]) == 0, capsys.readouterr().out
 
 
 def test_every_marker_block_has_a_renderer():
     """A block's markers in a document no checker renders would go stale unnoticed."""
-    known = set(_tpu_fit().BLOCKS)
+    known = set(_tpu_fit().BLOCKS) | set(report_docs.BLOCKS)
     for path in [ROOT / "README.md", *DOCS]:
         names = set(re.findall(r"<!-- ([\w-]+):begin -->", path.read_text()))
         assert names <= known, f"{path.relative_to(ROOT)}: no renderer for {names - known}"
