@@ -413,14 +413,17 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
                     fed = np.where(group_index >= 0, exhaustive_tokens[group_index], 0)
             _accumulate(sums, queries, batch, group_index, out, ranks, fed, allowed,
                         exhaustive_tokens)
+    population_of = queries.population
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
+        # Each process holds its own rows: the population is theirs together.
+        population_of = np.asarray(multihost_utils.process_allgather(population_of)).sum(axis=0)
     acc, rank = METHODS[method]
     results = {}
     for task_id, label in enumerate(queries.labels):
         total = dict(zip(_SUMS, (float(x) for x in sums[task_id])))
-        n, population = total["n"], int(queries.population[task_id])
+        n, population = total["n"], int(population_of[task_id])
         if n == 0:
             continue
         # Sampled candidates draw distractors per query: no finite-population correction.
