@@ -34,8 +34,16 @@ def _links(path: Path) -> list[str]:
     return [a or b for a, b in LINK.findall(text)]
 
 
+def test_readme_is_at_most_250_lines():
+    """The README is for users: what xmem-jax does, how to run it, what it found; the rest is
+    in docs/."""
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 250, f"README.md has {lines} lines; move detail into docs/"
+
+
 def test_topic_docs_exist_and_the_readme_links_each():
-    for name in ("tpu.md", "checkpoints.md", "design.md"):
+    for name in ("tpu.md", "checkpoints.md", "design.md", "data.md", "experiments.md",
+                 "results.md", "history.md", "benchmarks.md"):
         assert (ROOT / "docs" / name).is_file(), name
     readme_links = {(ROOT / link.split("#")[0]).resolve()
                     for link in _links(ROOT / "README.md") if not re.match(r"\w+:", link)}
