@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from xmem_jax.report.docs import MarkerError, find_block, read_block, write_block
 
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False,
                                  "Only rewrite the tables from the committed results.")
@@ -156,43 +157,6 @@ def render_lean_step() -> str:
 
 
 BLOCKS = ("tpu-example", "lean-step", "tpu-fit")
-
-
-class MarkerError(Exception):
-    """A block's markers are in no document, or in more than one."""
-
-
-def documents() -> list[Path]:
-    """The files a block may live in: README.md and the topic docs."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def _pattern(name: str) -> re.Pattern:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    return re.compile(re.escape(begin) + "\n(.*?)\n?" + re.escape(end), re.S)
-
-
-def find_block(name: str) -> Path:
-    """The one document holding the `name` block's markers."""
-    holders = [p for p in documents() if _pattern(name).search(p.read_text())]
-    if len(holders) != 1:
-        where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or "none of them"
-        raise MarkerError(f"the <!-- {name}:begin --> ... <!-- {name}:end --> markers must be in "
-                          f"exactly one of README.md and docs/*.md; found in: {where}")
-    return holders[0]
-
-
-def read_block(name: str) -> str:
-    """The text between the `name` block's markers, as committed."""
-    return _pattern(name).search(find_block(name).read_text()).group(1)
-
-
-def write_block(name: str, table: str) -> Path:
-    """Rewrites the `name` block in the document that holds its markers; returns that file."""
-    path = find_block(name)
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    path.write_text(_pattern(name).sub(lambda _: f"{begin}\n{table}\n{end}", path.read_text()))
-    return path
 
 
 def render_blocks() -> dict[str, str]:
