@@ -63,27 +63,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 22 training views per persona (2 more held out): with 6, the vision tower memorises views
     # (held-out image recall 0.57 vs 0.67 with 22, from scratch on 100 personas; patch 4 then
     # 0.86). The views sweep (image-trained source / target): 8 views 0.970 / 0.060, 14 views
-    # 0.975 / 0.115, 22 views 0.980 / 0.200 (README).
+    # 0.975 / 0.115, 22 views 0.980 / 0.200 (docs/results.md, views per persona).
     config.data.num_views = 24
     # Only attributes a 32 px view shows: a description that also names eye colour, age, gender
     # presentation or a small accessory identifies personas by what no image carries, and the
     # base then keys the two modalities on different features. Measured (image-trained, 300
     # world personas): all 12 attributes: source 0.870, target 0.040 (rank 35.0); these 8:
-    # source 0.905, target 0.100 (rank 25.8). See README.
+    # source 0.905, target 0.100 (rank 25.8). See docs/history.md.
     config.data.attributes = ",".join(VISIBLE_ATTRIBUTES)
     # Views of one persona differ half as much as the generator's full spread (position, scale,
     # tilt, background, lighting, noise): images the tiny vision tower can learn quickly.
     # Over five base seeds, image-trained source / target, description-trained source / target:
-    # full spread 0.885 / 0.114, 0.992 / 0.107; half 0.976 / 0.159, 0.995 / 0.103 (README).
+    # full spread 0.885 / 0.114, 0.992 / 0.107; half 0.976 / 0.159, 0.995 / 0.103 (docs/history.md).
     config.data.view_variation = 0.5
     # Held-out views are drawn like the training views (`heldout_view_variation` unset), so a
     # pixel lookup of the training views names them as well as the model (test: 0.995 against
     # source 0.980). Drawn wider, the lookup fails, but the model faster: at 2.0, source 0.285
-    # against the lookup's 0.425 (docs/results/study/heldout_view_variation_*.json, README).
+    # against the lookup's 0.425 (docs/results/study/heldout_view_variation_*.json,
+    # docs/results.md).
     # Seen by the base model only. More world personas, more transfer but a weaker base in the
-    # same steps (image-trained source / target, description-trained target; README). With 22
-    # views, the full view spread and fine-tuning rate 2e-3: 300: 0.885 / 0.135, 0.105; 400:
-    # 0.790 / 0.200, 0.140.
+    # same steps (image-trained source / target, description-trained target; docs/history.md).
+    # With 22 views, the full view spread and fine-tuning rate 2e-3: 300: 0.885 / 0.135, 0.105;
+    # 400: 0.790 / 0.200, 0.140.
     # 300 is the only setting tried with every target >= 10x chance and the source near 0.9.
     config.world_personas = (0, 300)
     # Fine-tuned on and scored; never seen by the base. Test personas (600-699, added on
@@ -100,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # True: each training batch holds one task (image batches ~48 tokens wide, description
     # batches ~80) instead of padding to its longest example, a description: ~30% faster base
     # steps. Off: with it, a 1,600-step base (same time) recalled held-out world views better
-    # (0.81 vs 0.665) but transferred less (image-trained 0.855 / 0.080; 14 views, README).
+    # (0.81 vs 0.665) but transferred less (image-trained 0.855 / 0.080; 14 views, docs/history.md).
     config.batch_by_task = False
     # Training images (base, fine-tuning, control) shifted by up to `shift` pixels and
     # brightened by a factor in [1 - brightness, 1 + brightness], per example and epoch. Off:
@@ -116,12 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.base_tasks = ("image_to_name split=train", "description_to_name split=train")
 
     # Rate 2e-3 against 1e-3 (14 views, 400 world personas): image-trained 0.780 / 0.120
-    # against 0.745 / 0.115, description-trained target 0.125 against 0.095 (README).
+    # against 0.745 / 0.115, description-trained target 0.125 against 0.095 (docs/history.md).
     config.finetune = _train_config(num_steps=300, batch_size=32, learning_rate=2e-3,
                                     warmup_steps=20)
     # Fine-tuning writes the new names above the layers that read images and descriptions:
     # the vision tower, projector, embeddings and the first 2 of 4 decoder layers stay frozen
-    # (all trainable: target mean rank 44 of 100 -> frozen: 23-35; see README).
+    # (all trainable: target mean rank 44 of 100 -> frozen: 23-35; see docs/history.md).
     config.finetune.optim.freeze_regex = r"^(vision_tower|multi_modal_projector)/|embed_tokens"
     config.finetune.optim.freeze_layers = 2
     config.eval_every = 100  # 4 points a curve; 50 gives 7 at +15 s a run (scoring ~5 s).

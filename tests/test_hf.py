@@ -628,7 +628,7 @@ def _transformers_answer(torch_model, processor, conversation, max_new_tokens):
 def test_readme_example_answers_as_transformers_generate(chat_checkpoint):
     path, torch_model, processor = chat_checkpoint
     image = _image(0)
-    # The README's example, with a tiny checkpoint and a random image.
+    # The example in docs/checkpoints.md, with a tiny checkpoint and a random image.
     gemma = hf.load(path)
     inputs = gemma.chat("What is in this image?", images=[image])
     answer = gemma.generate(inputs, max_new_tokens=8)[0]

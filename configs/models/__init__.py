@@ -17,8 +17,8 @@ from xmem_jax.model import lora
 GEMMA3 = ("gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b")
 # Each size's remat policy at its fine-tuning shapes (`python -m xmem_jax.compile`): 4B full
 # fine-tuning on v5p:2x2x2 keeps the weight matmuls ('dots') at 10% of HBM, XLA's FLOPs 1.02x
-# the useful count against 1.21x recomputing everything ('full'; README, Benchmarks). The
-# larger sizes recompute everything until measured.
+# the useful count against 1.21x recomputing everything ('full'; docs/benchmarks.md, the lean
+# step). The larger sizes recompute everything until measured.
 REMAT = {"gemma3_1b": "dots", "gemma3_4b": "dots", "gemma3_12b": "full", "gemma3_27b": "full"}
 
 

@@ -6,9 +6,9 @@
 
 `seed` sets the base model's initialisation and data order; each point trains its own base
 (~7 min on 2 cores) and fine-tunes it once (fine-tuning seed 0). `config.seeds` (fine-tuning
-seeds from ONE base) only reorders fine-tuning data and barely moves recall (README), so this
-sweep is the one that says how far a single run's figures can be trusted. sweep.md ends with
-the mean and standard deviation over the points. No unpaired control
+seeds from ONE base) only reorders fine-tuning data and barely moves recall (docs/results.md),
+so this sweep is the one that says how far a single run's figures can be trusted. sweep.md ends
+with the mean and standard deviation over the points. No unpaired control
 (`--config.experiment.control=True` adds it). `configs/sweeps/base_seeds.py:3` runs seeds 0-2.
 """
 

@@ -8,17 +8,18 @@ base (42.9M) of `xmem_jax.model.config`; the plot's x is each preset's counted p
 The points share ONE dataset (the default study's; small and base read its images at 64 px,
 tiny at 32) but each trains its own base model on the same steps and batches, so compute grows
 with the parameters: on 2 CPU cores ~10 min (tiny, the default study's, cached), ~40 min
-(small) and ~1.6 h (base), measured alone (README). Fine-tuning freezes the first 2 decoder
-layers of each (of 4, 6 and 8). No unpaired control (`--config.experiment.control=True`
+(small) and ~1.6 h (base), measured alone (docs/results.md). Fine-tuning freezes the first 2
+decoder layers of each (of 4, 6 and 8). No unpaired control (`--config.experiment.control=True`
 adds it).
 
 Learning rates: tiny's tuned rates (base 3e-3, fine-tuning 2e-3) times 128 / the decoder width,
 so 1/2 for small and 1/4 for base: Adam's update size does not shrink with width, so wider
 layers need smaller rates to move their outputs as much (the rule of muP and of the GPT-3 size
-table). Chosen before measuring, not tuned. Measured (README): with tiny's rates small's base
-underfitted (final training loss 0.17 against tiny's 0.02) and recognised held-out world views
-at 0.765; with their own rates small's and base's reach 0.022 and 0.030 and recognise them at
-0.985 and 0.965 (tiny: 0.970), and the three sizes recall the source at 0.98-0.99.
+table). Chosen before measuring, not tuned. Measured (docs/results.md): with tiny's rates
+small's base underfitted (final training loss 0.17 against tiny's 0.02) and recognised held-out
+world views at 0.765; with their own rates small's and base's reach 0.022 and 0.030 and
+recognise them at 0.985 and 0.965 (tiny: 0.970), and the three sizes recall the source at
+0.98-0.99.
 """
 
 import ml_collections

@@ -136,7 +136,7 @@ class VLMConfig:
 
 def tiny() -> VLMConfig:
     """1.41M parameters; trains from scratch on a laptop CPU. Patch 4 on 32 px (64 patches pooled
-    to 16 tokens): held-out views are recognised far better than with patch 8 (README)."""
+    to 16 tokens): held-out views are recognised far better than with patch 8 (docs/history.md)."""
     return VLMConfig(
         vision=VisionConfig(image_size=32, patch_size=4, width=128, depth=2, mlp_dim=256,
                             num_heads=4),
