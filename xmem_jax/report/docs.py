@@ -12,6 +12,7 @@ from a run or a sweep, each recording its command and the commit it ran at
     study-headline          README: the default study's headline, both directions
     study-default           docs/results.md: every figure of the default study
     heldout-view-variation  docs/results.md: held-out views drawn wider than the training ones
+    train-step              docs/benchmarks.md: CPU train steps before and after the lean step
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "docs" / "results" / "study"
 DEFAULT = {"image": STUDY / "default_image.json", "description": STUDY / "default_description.json"}
 HELDOUT = STUDY / "heldout_view_variation.json"
+TRAIN_STEP = ROOT / "docs" / "results" / "train_step"
 MODALITIES = ("image", "description")
 PLURAL = {"image": "images", "description": "descriptions"}
 
@@ -213,8 +215,23 @@ def render_heldout(holder: Path) -> str:
     return "\n".join(lines)
 
 
+def render_train_step(holder: Path) -> str:
+    """docs/benchmarks.md: CPU train-step times before and after the lean step, both in one run
+    (`benchmarks/train_step.py --before --out`): median and fastest of the repeats' medians."""
+    lines = ["| rows | variant | median | fastest repeat |", "| --- | --- | --- | --- |"]
+    notes = []
+    for path in sorted(TRAIN_STEP.glob("*.json")):
+        run = json.loads(path.read_text())
+        rows = path.stem.replace("_", " ")
+        for variant, median in run["median_seconds"].items():
+            fastest = min(run["repeat_seconds"][variant])
+            lines.append(f"| {rows} | {variant} | {median * 1e3:.1f} ms | {fastest * 1e3:.1f} ms |")
+        notes.append(f"{_link(path, holder)}: `{run['command']}` at {run['commit']}")
+    return "\n".join(lines + ["", "; ".join(notes) + "."])
+
+
 RENDERERS = {"study-headline": render_headline, "study-default": render_default,
-             "heldout-view-variation": render_heldout}
+             "heldout-view-variation": render_heldout, "train-step": render_train_step}
 BLOCKS = tuple(RENDERERS)
 
 
