@@ -357,3 +357,25 @@ distributed.check_shared({{"--workdir": "{tmp_path}/host_" + str(k)}})
                 f"process 0 wrote in --workdir={tmp_path}/host_0 (its --workdir is "
                 f"{tmp_path}/host_1)") in output, output[-3000:]
     assert not list(tmp_path.rglob(".xmem_shared_*"))
+
+
+def test_a_failed_build_on_process_0_stops_the_others_naming_its_error(tmp_path):
+    """Process 0 builds a cache (the dataset), the others wait: if it fails, they raise too,
+    with its error, instead of waiting for a cache that never comes."""
+    port = free_port()
+    command = [sys.executable, "-c", f"""
+import sys
+from xmem_jax import distributed
+k = int(sys.argv[-1].split("=")[1])
+distributed.initialize("localhost:{port}", 2, k, num_cpu_devices=1, timeout_s=60)
+
+def build():
+    raise OSError("disk full")
+
+distributed.primary_first(build, what="dataset {tmp_path}/data")
+"""]
+    (code0, output0), (code1, output1) = run_processes(command, 2, 1, timeout=120,
+                                                       log_dir=tmp_path, port=port)
+    assert code0 != 0 and "OSError: disk full" in output0
+    assert code1 != 0
+    assert f"Process 0 failed (dataset {tmp_path}/data): OSError: disk full" in output1

@@ -238,7 +238,7 @@ def test_splits_never_leak(persona_dataset_dir, data, split):
 
 
 @pytest.mark.parametrize("mode, overrides", [
-    ("prompt", dict(batch_size=6)),  # 36 examples: the last global batch is padding.
+    ("prompt", dict(batch_size=15)),  # 72 examples: the last global batch is padded.
     ("train", dict(batch_size=6, num_epochs=None, seed=3, augment_shift=2, length_bucket=8)),
     ("train", dict(batch_size=6, num_epochs=None, batch_by_task=True)),
 ])
@@ -266,6 +266,16 @@ def test_processes_read_their_rows_of_the_same_global_batches(persona_dataset_di
     if mode == "prompt":
         ids = [int(i) for batches in hosts for b in batches for i in b["example_id"][b["valid"]]]
         assert sorted(ids) == list(range(len(build(persona_dataset_dir, mode).task_set)))
+
+
+def test_a_process_loads_only_its_own_rows(persona_dataset_dir, monkeypatch):
+    loaded = []
+    load = pipeline._Load.map
+    monkeypatch.setattr(pipeline._Load, "map",
+                        lambda self, index: loaded.append(index) or load(self, index))
+    built = build(persona_dataset_dir, "prompt", process_index=1, process_count=2, batch_size=10)
+    mine = [int(i) for b in built for i in b["example_id"][b["valid"]]]
+    assert sorted(loaded) == sorted(mine) and len(mine) == 35  # Of 72; padding is not loaded.
 
 
 def test_batch_size_must_split_over_the_processes(persona_dataset_dir):
