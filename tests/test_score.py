@@ -284,7 +284,7 @@ def test_a_model_trained_on_the_answers_scores_perfectly(model, persona_dataset_
     metrics = recall.score(model, config)["image_to_name/train"]
     fed = metrics.pop("candidate_tokens")
     assert metrics == {"exact_match": 1.0, "choice_acc": 1.0, "mean_rank": 1.0,
-                       "num_examples": 9, "num_scored": 9,
+                       "num_examples": 9, "num_scored": 9, "num_candidates": 3.0,
                        "stderr": {"exact_match": 0.0, "choice_acc": 0.0, "mean_rank": 0.0},
                        "chance": {"exact_match": 0.0, "choice_acc": 1 / 3, "mean_rank": 2.0}}
     assert fed["fed"] < fed["exhaustive"]  # A confident model prunes the other names.
@@ -506,6 +506,7 @@ def test_sampled_candidates(model, query_set):
     assert "choice_acc" not in sampled
     assert sampled["chance"] == {"exact_match": 0.0, "sampled_choice_acc": 1 / 4,
                                  "sampled_mean_rank": 2.5}
+    assert (sampled["num_candidates"], full["num_candidates"]) == (4, 12)
     assert 1 <= sampled["sampled_mean_rank"] <= 4
     assert sampled["candidate_tokens"]["fed"] < full["candidate_tokens"]["fed"]
     every = recall.score(model, query_set, method="sampled_candidates", num_distractors=11,

@@ -29,11 +29,12 @@ personas):
     unbiased estimates, with standard errors.
 
 Both greedy decoding and choice come from one prefill per query; candidates are fed after it
-as per-chunk tries (`decoding.PackedCandidates`, `decoding.chunk_logits`). Measured with `python benchmarks/recall.py --choice_methods=1`
-(2-core CPU, one thread, tiny model, 64 queries x 64 names of <= 7 tokens): packed tries
-0.42 s; copying the prompt's cache per candidate and decoding the candidates token by token
-2.0 s (the copies, and one short step per token); the plain forward pass over every
-[prompt; candidate] pair 5.6 s (re-encodes the prompt and its image C times).
+as per-chunk tries (`decoding.PackedCandidates`, `decoding.chunk_logits`). Measured with
+`python benchmarks/recall.py --choice_methods=1` (2-core CPU, one thread, tiny model, 64
+queries x 64 names of <= 7 tokens): packed tries 0.42 s; copying the prompt's cache per
+candidate and decoding the candidates token by token 2.0 s (the copies, and one short step per
+token); the plain forward pass over every [prompt; candidate] pair 5.6 s (re-encodes the prompt
+and its image C times).
 
 Chance levels: accuracy 1/C and mean rank (C + 1)/2 for C candidates, averaged over the scored
 queries (C can differ between facts); exact match 0.
@@ -157,22 +158,21 @@ class QuerySet:
                                      + [int(b["answer_length"].max()) for b in self.batches])
         self.population = np.bincount([self.batches[b]["task_id"][r] for b, r, _ in rows],
                                       minlength=len(self.labels))  # Valid rows per task.
-        self._packed = {}
-        self._tries = None
+        self._built = {}  # Packed candidates and tries, shared with samples (`sample`).
 
     def packed(self, chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS
                ) -> decoding.PackedCandidates:
         """The candidate groups packed for scoring (built once per chunk size)."""
-        if chunk_tokens not in self._packed:
-            self._packed[chunk_tokens] = decoding.PackedCandidates.build(
+        if chunk_tokens not in self._built:
+            self._built[chunk_tokens] = decoding.PackedCandidates.build(
                 [(g.tokens, g.lengths) for g in self.groups], chunk_tokens)
-        return self._packed[chunk_tokens]
+        return self._built[chunk_tokens]
 
     def tries(self) -> list[prune.Trie]:
         """The candidate groups as tries, for pruned ranking (built once)."""
-        if self._tries is None:
-            self._tries = [prune.Trie.of(g.tokens, g.lengths) for g in self.groups]
-        return self._tries
+        if "tries" not in self._built:
+            self._built["tries"] = [prune.Trie.of(g.tokens, g.lengths) for g in self.groups]
+        return self._built["tries"]
 
     def sample(self, num_queries: int, seed: int = 0) -> "QuerySet":
         """`num_queries` valid rows of each task, drawn without replacement (every row of a
@@ -336,14 +336,16 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
                     exact_widths: int = 4,
                     chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS) -> dict[str, dict]:
     """Per task label: {"exact_match", "choice_acc", "mean_rank", "num_examples", "num_scored",
-    "stderr", "chance", "candidate_tokens"} (see `METHODS` for the choice metrics' names).
+    "num_candidates", "stderr", "chance", "candidate_tokens"} (see `METHODS` for the choice
+    metrics' names).
 
     `method` (`METHODS`) ranks each query's answer among its candidates; `num_queries` > 0
     scores that many queries per task, drawn once by `seed` (`QuerySet.sample`), the same at
     every evaluation. "stderr" holds each metric's standard error: 0 where it is exact, for a
     sample of queries with the finite-population correction, for sampled candidates without it
     (each query's distractors are one draw). "num_examples" counts the task's valid queries,
-    "num_scored" those scored; "candidate_tokens" the candidate tokens fed per scored query,
+    "num_scored" those scored, "num_candidates" the mean candidates a query is ranked among;
+    "candidate_tokens" the candidate tokens fed per scored query,
     "fed", against "exhaustive", what scoring every candidate feeds. Chance levels are over the
     scored queries. `max_new_tokens` defaults to the longest answer or candidate
     (<end_of_turn> included) plus 2, room for trailing punctuation that `normalize` drops.
@@ -434,6 +436,7 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
             rank: total["rank"] / n if choice else None,
             "num_examples": population,
             "num_scored": int(n),
+            "num_candidates": total["candidates"] / n,
             "stderr": {
                 "exact_match": (_stderr(total["exact"], total["exact"], n, population)
                                 if generate else None),
@@ -452,8 +455,8 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
 METHODS = {"exhaustive": ("choice_acc", "mean_rank"),
            "pruned": ("choice_acc", "mean_rank"),
            "sampled_candidates": ("sampled_choice_acc", "sampled_mean_rank")}
-_SUMS = ("n", "exact", "correct", "rank", "rank_sq", "chance_acc", "chance_rank", "fed",
-         "exhaustive")
+_SUMS = ("n", "exact", "correct", "rank", "rank_sq", "candidates", "chance_acc", "chance_rank",
+         "fed", "exhaustive")
 
 
 def _stderr(total: float, squares: float, n: float, population: int | None) -> float:
@@ -562,7 +565,7 @@ def _accumulate(sums, queries: QuerySet, batch, group_index, out, ranks, fed, al
         size = len(queries.groups[group_index[row]])
         if allowed is not None and allowed[row] is not None:
             size = len(allowed[row])
-        add = {"n": 1, "chance_acc": 1 / size, "chance_rank": (size + 1) / 2}
+        add = {"n": 1, "candidates": size, "chance_acc": 1 / size, "chance_rank": (size + 1) / 2}
         if texts is not None:
             add["exact"] = exact_match(texts[i], references[i])
         if ranks is not None:
