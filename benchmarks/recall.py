@@ -29,6 +29,21 @@ implementation, so read such a figure with the printed load average. `--score` a
 full `recall.score` (greedy exact match and candidate choice over every name);
 `--choice_methods` times three ways to compute every candidate's log-likelihood. The last line
 is `speedup_vs_transformers: X` (transformers' time / ours, for the scoring job).
+
+    python benchmarks/recall.py --counts=100,200,400,800   # cost against personas, per method
+
+`--counts` times instead one evaluation's candidate ranking (no greedy decoding) against the
+number of personas n, for each ranking method of `recall.METHODS` (the sampled ones at
+`--num_queries` and `--num_distractors`), on a tiny model trained for `--train_steps` on the
+training views' image -> name examples of all max(n) personas: n held-out image queries (the
+source modality, where the model is confident) and n held-out description queries (the target,
+never trained) are ranked among the n names. Each cell is timed after a compiling run on one
+batch, in CPU seconds of this process (wall seconds beside them: on a shared machine they
+measure the load more than the code); it prints the metrics with their standard errors, the
+candidate tokens fed per query against the exhaustive count, and per method and modality the
+log-log slopes of CPU time and of candidate tokens fed against n (1: linear, 2: quadratic). The
+last line is `scoring_cost_exponent: X`, the slope of the default method's (pruned) CPU time
+over both modalities together.
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ if _threads_flag(sys.argv[1:]) == 1:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
@@ -114,6 +130,111 @@ def until_stop(ids, stop_ids) -> list[list[int]]:
         cut = [i for i, t in enumerate(row) if t in stop_ids]
         rows.append([int(t) for t in row[:cut[0] + 1 if cut else len(row)]])
     return rows
+
+
+def train_names(model: VLM, data_dir: str, personas: int, steps: int, image_size: int,
+                num_image_tokens: int) -> float:
+    """Adam on the training views' image -> name examples of personas [0, personas); returns
+    the last loss."""
+    config = pipeline.default_config()
+    config.data_dir = data_dir
+    config.tasks = (f"image_to_name split=train personas=0:{personas}",)
+    config.batch_size = 32
+    config.max_length = 64
+    config.image_size = image_size
+    config.num_image_tokens = num_image_tokens
+    batches = iter(pipeline.build(config))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        def loss_fn(model):
+            logits = model(batch["tokens"], batch["images"], batch["input_mask"] > 0)
+            log_probs = jax.nn.log_softmax(logits[:, :-1])
+            nll = -jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
+            mask = batch["loss_mask"][:, 1:]
+            return jnp.sum(nll * mask) / jnp.sum(mask)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    loss = float("nan")
+    for _ in range(steps):
+        batch = next(batches)
+        loss = step(model, optimizer, {k: batch[k] for k in ("tokens", "images", "input_mask",
+                                                            "loss_mask")})
+    return float(loss)
+
+
+def scaling(args) -> None:
+    """Times one evaluation's candidate ranking against the persona count, per method."""
+    counts = sorted(int(c) for c in args.counts.split(","))
+    base = get_model_config(args.config)
+    methods = {"exhaustive": dict(method="exhaustive"), "pruned": dict(method="pruned"),
+               f"sampled queries ({args.num_queries}, pruned)": dict(
+                   method="pruned", num_queries=args.num_queries),
+               f"sampled candidates (k={args.num_distractors})": dict(
+                   method="sampled_candidates", num_distractors=args.num_distractors)}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = make_dataset(tmp, counts[-1], base.vision.image_size)
+
+        def queries(task: str, count: int) -> recall.QuerySet:
+            config = pipeline.default_config()
+            config.data_dir = data_dir
+            config.tasks = (f"{task} split=heldout personas=0:{count}",)
+            config.batch_size = 64
+            config.max_length = 160
+            config.image_size = base.vision.image_size
+            config.num_image_tokens = base.mm_tokens_per_image
+            return recall.QuerySet.from_config(config)
+
+        sets = {(n, modality): queries(task, n) for n in counts for modality, task in
+                (("source", "image_to_name"), ("target", "description_to_name"))}
+        vocab = sets[counts[0], "source"].tokenizer.get_vocab()
+        config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
+        model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
+        start = time.perf_counter()
+        loss = train_names(model, data_dir, counts[-1], args.train_steps,
+                           base.vision.image_size, base.mm_tokens_per_image)
+    print(f"{args.config}: {count_parameters(model):,} parameters, trained {args.train_steps} "
+          f"steps of 32 on the image -> name examples of {counts[-1]} personas (last loss "
+          f"{loss:.3f}, {time.perf_counter() - start:.0f} s); {os.cpu_count()} CPU cores, load "
+          f"average {os.getloadavg()[0]:.1f}; jax {jax.__version__}")
+    print("| personas | modality | method | CPU s | wall s | CPU ms / query | accuracy | "
+          "mean rank | candidate tokens fed / exhaustive, per query |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    cpu, tokens = {}, {}
+    for (n, modality), query_set in sets.items():
+        for name, kwargs in methods.items():
+            recall.score(model, query_set.sample(64), generate=False, **kwargs)  # Compiles.
+            start, wall = time.process_time(), time.perf_counter()
+            metrics = recall.score(model, query_set, generate=False, **kwargs)
+            seconds, wall = time.process_time() - start, time.perf_counter() - wall
+            metrics = next(iter(metrics.values()))
+            cpu[name, modality, n] = seconds
+            tokens[name, modality, n] = metrics["candidate_tokens"]["fed"] * metrics["num_scored"]
+            acc, rank = recall.METHODS[kwargs["method"]]
+            stderr, fed = metrics["stderr"], metrics["candidate_tokens"]
+            print(f"| {n} | {modality} | {name} | {seconds:.2f} | {wall:.2f} | "
+                  f"{seconds / metrics['num_scored'] * 1e3:.1f} | {metrics[acc]:.3f} ± "
+                  f"{stderr[acc]:.3f} (chance {metrics['chance'][acc]:.3f}) | "
+                  f"{metrics[rank]:.1f} ± {stderr[rank]:.1f} | {fed['fed']:.0f} / "
+                  f"{fed['exhaustive']:.0f} ({1 - fed['fed'] / fed['exhaustive']:.0%} pruned) |",
+                  flush=True)
+
+    def slope(cost, name, modalities=("source", "target")):
+        """The log-log slope of `cost` against n, over the modalities together."""
+        return np.polyfit(np.log([n for _ in modalities for n in counts]),
+                          np.log([cost[name, m, n] for m in modalities for n in counts]), 1)[0]
+
+    for name in methods:
+        print(f"{name}: CPU time ~ n^{slope(cpu, name, ['source']):.2f} (source), "
+              f"n^{slope(cpu, name, ['target']):.2f} (target); candidate tokens fed ~ "
+              f"n^{slope(tokens, name, ['source']):.2f} (source), "
+              f"n^{slope(tokens, name, ['target']):.2f} (target)")
+    exponent = slope(cpu, "pruned")
+    print(f"scoring_cost_exponent: {exponent:.2f}")
 
 
 def timed(fn) -> float:
@@ -219,9 +340,21 @@ def main():
                         help="Also time recall.score with candidate choice over all names.")
     parser.add_argument("--choice_methods", type=int, default=0,
                         help="Also time three ways of scoring every candidate.")
+    parser.add_argument("--counts", default="",
+                        help="Persona counts, e.g. 100,200,400,800: time the ranking methods "
+                             "against them instead of the comparison with transformers.")
+    parser.add_argument("--train_steps", type=int, default=1200,
+                        help="--counts: training steps on the image -> name examples.")
+    parser.add_argument("--num_queries", type=int, default=64,
+                        help="--counts: queries the sampled-queries method scores.")
+    parser.add_argument("--num_distractors", type=int, default=19,
+                        help="--counts: distractors the sampled-candidates method ranks among.")
     args = parser.parse_args()
     if args.threads not in (0, 1):
         parser.error("--threads: 1 (both single-threaded) or 0 (library defaults)")
+    if args.counts:
+        scaling(args)
+        return
 
     import torch
 
