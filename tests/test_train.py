@@ -582,3 +582,38 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(finished_workdir, tmp_
     with pytest.raises(RuntimeError, match="No checkpoint in .* could be restored"):
         checkpoints.Checkpointer(directory, config.checkpoint).restore(abstract)
     assert (directory / "6").is_dir()  # Nothing is set aside when nothing restores.
+
+
+def _event_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files under `directory` (TFRecord-framed Events)."""
+    import struct
+
+    from etils import epath
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(epath.Path(directory).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_metrics_go_to_tensorboard_as_well_as_jsonl(tmp_path):
+    from etils import epath
+
+    log = trainer.MetricsLog(epath.Path(tmp_path) / "metrics.jsonl", resume_step=0)
+    log.write({"kind": "train", "step": 5, "loss": 1.5, "tokens_per_s": 900.0})
+    log.write({"kind": "eval", "step": 10, "image_to_name": {"choice_acc": 0.25, "n": 4},
+               "note": "text is skipped"})
+    log.close()
+    scalars = _event_scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(5, 1.5)]
+    assert scalars["train/tokens_per_s"] == [(5, 900.0)]
+    assert scalars["eval/image_to_name/choice_acc"] == [(10, 0.25)]
+    assert "eval/note" not in scalars and "train/step" not in scalars
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorboardX
 import tqdm
 from etils import epath
 from flax import nnx
@@ -359,11 +360,14 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
 
 
 class MetricsLog:
-    """Metric rows to `<workdir>/metrics.jsonl` (process 0 only).
+    """Metric rows to `<workdir>/metrics.jsonl` and TensorBoard event files (process 0 only).
 
     On resume from `step`, rows logged after it (by the run that was cut off) are dropped, so the
     file describes exactly one history. Local files are appended to; object stores (gs://...),
-    which cannot append, get the whole file rewritten.
+    which cannot append, get the whole file rewritten. Every number in a row also goes to
+    `<workdir>/tensorboard` as the scalar `<kind>/<key>` (nested keys joined by '/'), so
+    `tensorboard --logdir=<workdir>` shows a run while it trains; a resumed run's events
+    overwrite the cut-off ones at the same steps in TensorBoard's view.
     """
 
     def __init__(self, path: epath.Path, resume_step: int):
@@ -371,6 +375,10 @@ class MetricsLog:
         self.enabled = jax.process_index() == 0
         self._appendable = "://" not in str(path)
         self._lines: list[str] = []
+        # Events reach the file within flush_secs; all of them by `close`.
+        self._events = (tensorboardX.SummaryWriter(str(path.parent / "tensorboard"),
+                                                   flush_secs=10)
+                        if self.enabled and self._appendable else None)
         if self.enabled and path.exists():
             lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
             # A fresh start (step 0) keeps nothing, not even an old step-0 evaluation.
@@ -382,6 +390,10 @@ class MetricsLog:
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._events is not None:
+            for tag, value in _scalars(row):
+                if tag not in ("kind", "step"):
+                    self._events.add_scalar(f"{row['kind']}/{tag}", value, row["step"])
         line = json.dumps(row, default=_to_json) + "\n"
         if self._appendable:
             with self.path.open("a") as f:
@@ -389,6 +401,19 @@ class MetricsLog:
         else:
             self._lines.append(line)
             self.path.write_text("".join(self._lines))
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+
+
+def _scalars(row: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(key path joined by '/', value) of every real number in a nested row."""
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
 
 
 def _to_json(value: Any) -> Any:
@@ -635,4 +660,5 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                 record(*pending, write=True)
     finally:
         bar.close()
+        metrics_log.close()
     return TrainResult(model=nnx.merge(graphdef, state).model, step=step, metrics=dict(last))
