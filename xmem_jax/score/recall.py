@@ -54,8 +54,9 @@ queries (C can differ between facts); exact match 0.
 Sharding: with a mesh (given, or the one the model's parameters live on), batches are placed
 with their batch axis over the mesh axes of 'activation_batch' (('data', 'fsdp')), padded with
 invalid rows to a multiple of their size; each host scores its own rows and the metric sums are
-added up over hosts. Without one, everything runs on the default device. "pruned" and
-"sampled_candidates" run their rounds on one host only.
+added up over hosts. Without one, everything runs on the default device. Pruned rounds depend
+on each host's rows, so across hosts "pruned" ranks exhaustively (the same ranks) and
+"sampled_candidates" is refused.
 """
 
 from __future__ import annotations
@@ -378,8 +379,8 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
     if method != "exhaustive" and choice and jax.process_count() > 1:
         raise NotImplementedError(f"method={method!r} ranks on one host; across hosts use "
                                   "'exhaustive', with num_queries to bound its cost")
-    if num_queries:
-        queries = queries.sample(num_queries, seed)
+    if num_queries:  # Each process holds an equal share of the queries and samples its share.
+        queries = queries.sample(math.ceil(num_queries / jax.process_count()), seed)
     if max_new_tokens is None:
         max_new_tokens = queries.max_answer_length + 2
     longest = {int(b["prompt_length"].max()) for b in queries.batches}
