@@ -215,7 +215,7 @@ def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir:
     scorer = recall.Scorer(
         {name: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
                                train=False)
-         for name, entry in eval_tasks.items()})
+         for name, entry in eval_tasks.items()}, **config.scoring.to_dict())
     trainer.train(train_config or finetune_config(config), workdir,
                   model_fn(config, model_config), train_iter,
                   eval_fn=scorer, eval_every=int(config.eval_every),
@@ -267,7 +267,7 @@ def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: boo
             m: pipeline_config(config, data_dir, model_config,
                                [f"{QUERY_KIND[m]} split=heldout {_range(evaluated[m])}"],
                                config.eval_batch_size, train=False)
-            for m in MODALITIES})
+            for m in MODALITIES}, **config.scoring.to_dict())
         scores = scorer(result.model, config.base.num_steps)  # Every process scores its rows.
         distributed.on_primary(distributed.write_text_atomically, recall_path,
                                json.dumps(scores, indent=1))
