@@ -112,7 +112,8 @@ class _DataHandler(grain_checkpoint.CheckpointHandler):
 
     def save(self, directory: epath.Path, item: Any = None, args: Any = None) -> None:
         item = item or args.item
-        text = json.dumps(item.get_state(), indent=4)
+        state = item.get_state()  # A Grain DataLoader's state is JSON already, as bytes.
+        text = state.decode() if isinstance(state, bytes) else json.dumps(state, indent=4)
         (directory / _state_file(jax.process_index(), jax.process_count())).write_text(text)
 
     def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
@@ -129,7 +130,9 @@ class _DataHandler(grain_checkpoint.CheckpointHandler):
                     f"of {jax.process_count()}, and the {len(saved)} saved ones "
                     f"({', '.join(p.name for p in saved) or 'none'}) differ, so none stands for "
                     "all: restore with the process count that saved it")
-        item.set_state(json.loads(states.pop()))
+        state = states.pop()
+        item.set_state(state.encode() if isinstance(item.get_state(), bytes)
+                       else json.loads(state))
         if hasattr(item, "start_prefetch"):
             item.start_prefetch()
         return item
