@@ -14,7 +14,7 @@ naming a held-out view by its nearest training view in raw pixels. No unpaired c
 
 import ml_collections
 
-from configs import default
+from configs import sweeps
 
 
 VARIATIONS = (0.5, 1.0, 1.5, 2.0, 2.5)
@@ -23,14 +23,5 @@ VARIATIONS = (0.5, 1.0, 1.5, 2.0, 2.5)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: the variations to run, comma-separated (default: all of VARIATIONS)."""
     variations = tuple(float(v) for v in arg.split(",")) if arg else VARIATIONS
-    experiment = default.get_config()
-    experiment.control = False
-    config = ml_collections.ConfigDict()
-    config.experiment = experiment
-    config.points = tuple(
-        {"name": f"heldout_variation_{variation}", "x": variation,
-         "overrides": {"data.heldout_view_variation": variation}}
-        for variation in variations)
-    config.x_label = "held-out view variation (training views: 0.5)"
-    config.x_log = False
-    return config
+    return sweeps.over_data_field("heldout_view_variation", variations, "heldout_variation",
+                                  "held-out view variation (training views: 0.5)")

@@ -15,7 +15,7 @@ the default study's point reuses its cache). No unpaired control
 
 import ml_collections
 
-from configs import default
+from configs import sweeps
 
 
 VARIATIONS = (0.25, 0.5, 0.75, 1.0)
@@ -24,14 +24,5 @@ VARIATIONS = (0.25, 0.5, 0.75, 1.0)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: the variations to run, comma-separated (default: all of VARIATIONS)."""
     variations = tuple(float(v) for v in arg.split(",")) if arg else VARIATIONS
-    experiment = default.get_config()
-    experiment.control = False
-    config = ml_collections.ConfigDict()
-    config.experiment = experiment
-    config.points = tuple(
-        {"name": f"variation_{variation}", "x": variation,
-         "overrides": {"data.view_variation": variation}}
-        for variation in variations)
-    config.x_label = "view variation (1 = the full spread)"
-    config.x_log = False
-    return config
+    return sweeps.over_data_field("view_variation", variations, "variation",
+                                  "view variation (1 = the full spread)")
