@@ -29,7 +29,8 @@ class GeneratorSpec:
     image_size: int
     attributes: tuple[str, ...]
     # How much views of one persona differ (position, scale, tilt, background, lighting,
-    # noise): 1 is the default spread, 0 renders every view alike.
+    # noise): 1 is the default spread, 0 renders every view alike, above 1 goes past it (up to
+    # 3, like held-out views), where a pixel lookup of the training views stops working.
     view_variation: float = 1.0
     # The spread of held-out views (None: `view_variation`); above 1 it goes past the full
     # spread. Wider than the training views, held-out views test recognition across poses and
@@ -64,8 +65,8 @@ class GeneratorSpec:
                 fail(f"num_heldout_{kind}", heldout, f"must be in [1, num_{kind}={total})")
         if not 16 <= self.image_size <= 512:
             fail("image_size", self.image_size, "must be between 16 and 512 pixels")
-        if not 0 <= self.view_variation <= 1:
-            fail("view_variation", self.view_variation, "must be in [0, 1]")
+        if not 0 <= self.view_variation <= 3:
+            fail("view_variation", self.view_variation, "must be in [0, 3]")
         if self.heldout_view_variation is not None and not 0 <= self.heldout_view_variation <= 3:
             fail("heldout_view_variation", self.heldout_view_variation, "must be in [0, 3]")
 

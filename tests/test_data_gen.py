@@ -196,7 +196,7 @@ def test_visual_attribute_sets_are_unique_at_1k_and_100k():
     ({"num_heldout_descriptions": 5}, "num_heldout_descriptions=5"),
     ({"attributes": "hair_colour,tattoo"}, "attributes='tattoo'.*unknown attribute"),
     ({"renderer": {"name": "raytracer"}}, "renderer.name='raytracer'"),
-    ({"view_variation": 1.5}, "view_variation=1.5"),
+    ({"view_variation": 3.5}, "view_variation=3.5"),
     ({"num_shards": 13}, "num_shards=13"),
     ({"shard_index": 1}, "shard_index=1"),
 ])
