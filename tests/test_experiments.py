@@ -11,8 +11,8 @@ from configs.experiments import mitigation as mitigation_config
 from configs.experiments import multihop as multihop_config
 from configs.experiments import unlearning as unlearning_config
 from xmem_jax import experiments
-from xmem_jax.data import pipeline
-from xmem_jax.experiments import unlearning
+from xmem_jax.data import pipeline, source
+from xmem_jax.experiments import study, unlearning
 from xmem_jax.train import losses
 
 
@@ -137,7 +137,13 @@ def test_multihop_quick(tmp_path, quick_cache):
     assert results["chance"]["image_to_fact"]["choice_acc"] == pytest.approx(1 / 40)
     assert [p["step"] for p in results["curves"]] == [0, 10, 20]
     assert set(results["summary"]) == {"two_hop_source", "two_hop_target", "one_hop_name_source",
-                                       "one_hop_name_target", "one_hop_name_to_fact"}
+                                       "one_hop_name_target", "one_hop_name_to_fact",
+                                       "fact_frequency_baseline"}
+    dataset = source.open_dataset(study.ensure_dataset(config))  # Cached: no new dataset.
+    cities = [dataset[p].facts["birth_city"] for p in range(*config.study_personas)]
+    most_common = max(cities.count(c) for c in cities) / len(cities)
+    assert results["baselines"]["fact_frequency"] == pytest.approx(most_common)
+    assert results["baselines"]["fact_frequency"] >= 1 / 40  # Never below uniform chance.
     assert "Multi-hop" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "curves.png").exists()
 
@@ -221,6 +227,22 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "| not reproduced |" in rows["Facts learned in one modality transfer to the other"]
     assert "unpaired control 30.0" in table
+
+
+@pytest.mark.parametrize("two_hop_source, frequency, verdict", [
+    (0.08, 0.025, "reproduced"), (0.08, 0.05, "not reproduced")])
+def test_multihop_rule_uses_the_most_common_answer_as_chance(two_hop_source, frequency, verdict):
+    """Birth cities are unevenly spread: 2 x the uniform 1/40 is no bar when always answering
+    the most common city scores 0.05."""
+    from xmem_jax.report import findings
+
+    results = {"command": "test", "chance": {"name_to_fact": {"choice_acc": 1 / 40}},
+               "summary": {"two_hop_source": two_hop_source, "two_hop_target": 0.03,
+                           "one_hop_name_to_fact": 0.9, "one_hop_name_source": 0.9,
+                           "one_hop_name_target": 0.2, "fact_frequency_baseline": frequency}}
+    _, _, got, measured = findings.multihop_row(results)
+    assert got == verdict
+    assert f"most common value {frequency:.3f}" in measured
 
 
 @pytest.mark.parametrize("small_source, small_target, verdict", [

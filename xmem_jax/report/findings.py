@@ -93,14 +93,21 @@ def unlearning_row(results: dict | None) -> tuple[str, str, str, str]:
 
 def multihop_row(results: dict | None) -> tuple[str, str, str, str]:
     claim = "The gap persists for multi-hop questions"
-    rule = "two-hop choice through the source modality >= 2 x chance and above the target's"
+    rule = ("two-hop choice through the source modality >= 2 x chance and above the target's; "
+            "chance: the larger of uniform and always answering the most common value")
     if results is None:
         return claim, rule, *NOT_RUN
-    s, chance = results["summary"], results["chance"]["name_to_fact"]["choice_acc"]
+    s, uniform = results["summary"], results["chance"]["name_to_fact"]["choice_acc"]
+    if "fact_frequency_baseline" not in s:
+        raise ValueError(f"{results['command']}: its results.json has no fact-frequency "
+                         "baseline (made before 2026-12-01); rerun the multihop experiment")
+    frequency = s["fact_frequency_baseline"]
+    chance = max(uniform, frequency)
     ok = s["two_hop_source"] >= 2 * chance and s["two_hop_source"] > s["two_hop_target"]
     return claim, rule, "reproduced" if ok else "not reproduced", (
         f"two-hop source {s['two_hop_source']:.3f}, target {s['two_hop_target']:.3f} (chance "
-        f"{chance:.3f}); one-hop: name->fact {s['one_hop_name_to_fact']:.3f}, names source "
+        f"{chance:.3f}: uniform {uniform:.3f}, most common value {frequency:.3f}); one-hop: "
+        f"name->fact {s['one_hop_name_to_fact']:.3f}, names source "
         f"{s['one_hop_name_source']:.3f} / target {s['one_hop_name_target']:.3f}")
 
 
