@@ -1,12 +1,20 @@
-"""Sweeps: overrides, resuming and the table and plot, with a fake experiment; the quick persona
-count sweep end to end."""
+"""Sweeps: overrides, resuming and the table and plot, with a fake experiment; points run apart
+(--point, --aggregate) and the lock on their shared caches; the quick persona count sweep end to
+end, in one process and as two points in two processes."""
 
 import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import ml_collections
 import pytest
 
 from xmem_jax import sweep
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_sweep_config(overrides=({"finetune.num_steps": 10}, {"finetune.num_steps": 20})):
@@ -116,6 +124,99 @@ def test_other_experiments_give_their_summary_as_columns(tmp_path):
     assert (tmp_path / "sweep.png").exists()
 
 
+def point_sweep_config(tmp_path):
+    config = fake_sweep_config()
+    config.experiment.cache_dir = str(tmp_path / "cache")
+    return config
+
+
+def test_point_builds_the_shared_caches_then_runs_only_that_point(tmp_path):
+    config = point_sweep_config(tmp_path)
+    run, built = FakeRun(), []
+    results = sweep.run_point(config, 1, tmp_path / "sweep", "cmd", run_fn=run,
+                              build_fn=lambda c: built.append(c.finetune.num_steps))
+    assert run.commands == ["cmd (point p1)"] and built == [20]
+    assert results["config"]["finetune"]["num_steps"] == 20
+    assert (tmp_path / "cache" / "build.lock").exists()
+    assert not (tmp_path / "sweep" / "sweep.md").exists()  # The table is --aggregate's.
+    # Finished: neither built nor run again.
+    sweep.run_point(config, 1, tmp_path / "sweep", "cmd", run_fn=run, build_fn=built.append)
+    assert len(run.commands) == 1 and len(built) == 1
+
+
+def test_point_out_of_range_names_the_flag_and_the_count(tmp_path):
+    with pytest.raises(ValueError, match=r"--point=2 is out of range: the sweep has 2 points, "
+                                         r"0 to 1 \(--points lists them\)"):
+        sweep.run_point(point_sweep_config(tmp_path), 2, tmp_path, "cmd", run_fn=FakeRun())
+
+
+def test_aggregate_tables_the_finished_points_and_names_the_others(tmp_path):
+    config = point_sweep_config(tmp_path)
+    with pytest.raises(ValueError, match="No point of the sweep has finished"):
+        sweep.aggregate(config, tmp_path, "agg")
+    sweep.run_point(config, 1, tmp_path, "cmd", run_fn=FakeRun(), build_fn=lambda c: None)
+    rows, missing = sweep.aggregate(config, tmp_path, "agg")
+    assert [row["name"] for row in rows] == ["p1"] and missing == ["p0"]
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| p1 | 20 |" in table and "| p0 |" not in table
+    assert "Not finished, so not in the table: p0." in table
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+    # Once every point has finished, the table is the one a sweep in one go writes.
+    sweep.run_point(config, 0, tmp_path, "cmd", run_fn=FakeRun(), build_fn=lambda c: None)
+    rows, missing = sweep.aggregate(config, tmp_path, "agg")
+    assert missing == [] and rows == sweep.run_sweep(config, tmp_path / "again", "agg",
+                                                     run_fn=FakeRun())
+    assert "Not finished" not in (tmp_path / "sweep.md").read_text()
+
+
+def test_points_lists_index_name_value_overrides_and_status(tmp_path):
+    config = point_sweep_config(tmp_path)
+    assert sweep.list_points(config, None).splitlines() == [
+        "  0  p0                    steps=10  finetune.num_steps=10",
+        "  1  p1                    steps=20  finetune.num_steps=20"]
+    sweep.run_point(config, 1, tmp_path, "cmd", run_fn=FakeRun(), build_fn=lambda c: None)
+    assert [line.split()[:2] for line in sweep.list_points(config, tmp_path).splitlines()] == [
+        ["0", "to"], ["1", "done"]]
+
+
+def test_cache_lock_lets_one_holder_in_at_a_time(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    holding, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with sweep.cache_lock(cache):
+            holding.set()
+            release.wait(10)
+
+    def second():
+        with sweep.cache_lock(cache):
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert holding.wait(10)
+    threads[1].start()
+    assert not second_in.wait(0.5)  # Blocked while the first holds the lock.
+    release.set()
+    assert second_in.wait(10)
+    for thread in threads:
+        thread.join(10)
+    assert "Waiting for another run to finish building the shared caches" in (
+        capsys.readouterr().out)
+
+
+def test_cache_lock_in_a_bucket_warns_that_it_cannot_lock(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(sweep.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+    with sweep.cache_lock("gs://b/cache"):
+        pass
+    assert warnings == [
+        "config.experiment.cache_dir=gs://b/cache is a bucket, which has no file locks: points "
+        "that share it must not build it at the same time. Give each point its own cache_dir "
+        "there, or a cache_dir on a filesystem every run mounts (NFS), or start the other points "
+        "once one has built the caches."]
+
+
 @pytest.mark.parametrize("name, arg", [("persona_counts", ""), ("persona_counts", "quick"),
                                        ("persona_counts", "gemma3_4b"), ("views", ""),
                                        ("descriptions", ""),
@@ -170,3 +271,29 @@ def test_quick_persona_count_sweep(tmp_path):
                     "target_exact_match"):
             assert 0.0 <= row[key] <= 1.0
     assert (tmp_path / "sweep" / "sweep.png").exists()
+
+
+@pytest.mark.slow
+def test_quick_sweep_points_in_two_processes_then_aggregate(tmp_path):
+    """Both points start at once into one workdir and one cache: one builds the dataset and the
+    base while the other waits on the lock, and the table holds both."""
+    base = [sys.executable, "-m", "xmem_jax.sweep",
+            "--config=configs/sweeps/persona_counts.py:quick", f"--workdir={tmp_path / 'sweep'}",
+            f"--config.experiment.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    processes = [subprocess.Popen(base + [f"--point={k}"], cwd=REPO, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for k in (0, 1)]
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    datasets = list((tmp_path / "cache" / "data").glob("*/xmem_personas/*"))
+    assert len(datasets) == 1 and not datasets[0].name.endswith(".incomplete"), datasets
+    assert len(list((tmp_path / "cache" / "base").iterdir())) == 1
+    done = subprocess.run(base + ["--aggregate"], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 of 2 points in the table" in done.stdout
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [row["x"] for row in rows] == [10.0, 20.0]
+    assert [row["chance_choice_acc"] for row in rows] == [1 / 10, 1 / 20]
