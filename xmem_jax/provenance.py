@@ -5,9 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+# A copy of the code without its git history (what `python -m xmem_jax.launch setup` installs on
+# a TPU VM) names the commit it was packed from in this file at its root.
+SOURCE_COMMIT_FILE = "SOURCE_COMMIT"
+
 
 def source_commit() -> str:
-    """The checkout's commit, '+' marking uncommitted changes ('' outside a git checkout)."""
+    """The checkout's commit, '+' marking uncommitted changes; outside a git checkout, the
+    commit SOURCE_COMMIT_FILE names, or ''."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
@@ -15,5 +20,6 @@ def source_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=root, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        stamp = root / SOURCE_COMMIT_FILE
+        return stamp.read_text().strip() if stamp.exists() else ""
     return commit + ("+" if dirty else "")
