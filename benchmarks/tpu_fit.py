@@ -11,7 +11,8 @@ compile a cell where the preferred layout fits; the example with --mesh=auto).
 
 Each cell's figures go to `docs/results/tpu_fit/<size>_<mode>_<slice>.json`, the 4B example's
 to `docs/results/compile_gemma3_4b_full_v5p-16.json` (a file already there is kept), and the
-tables between the `tpu-fit`, `tpu-example` and `lean-step` markers are rewritten from them,
+tables between the `tpu-fit`, `tpu-example`, `lean-step` and `tpu-cost` markers are rewritten
+from them (`tpu-cost`: the cells' lower-bound step times over a main-job run's fine-tuning steps),
 in whichever of README.md and docs/*.md holds each pair of markers, or `--check`ed against them
 (`lean_step/before_<commit>.json` was compiled by the same command in a checkout of that
 commit, before the lean step). Cells
@@ -31,7 +32,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-from xmem_jax.report.docs import MarkerError, find_block, read_block, write_block
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
+from configs import default as default_config  # noqa: E402
+from xmem_jax.report.docs import MarkerError, find_block, read_block, write_block  # noqa: E402
 
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False,
                                  "Only rewrite the tables from the committed results.")
@@ -156,13 +159,48 @@ def render_lean_step() -> str:
     return "\n".join(lines + ["", f"Every row runs `{shared}` with its flags."])
 
 
-BLOCKS = ("tpu-example", "lean-step", "tpu-fit")
+# Slices whose cells compiled the configs' own batch of 16 rows, as a main-job run has it.
+COST_SLICES = ("v5p-8", "v5p-16", "v6e-8", "v6e-16")
+
+
+def finetune_steps(size: str) -> int:
+    """The fine-tuning steps of one main-job run of configs/default.py:SIZE: for each seed, a
+    run on the test personas, one on the development personas, and the control's if on."""
+    config = default_config.get_config(size)
+    return config.finetune.num_steps * (2 + bool(config.control)) * len(config.seeds)
+
+
+def render_cost() -> str:
+    """Per size, mode and slice: a main-job run's fine-tuning steps at the cell's lower-bound
+    step time, as chip-hours and as seconds of the slice."""
+    lines = ["| size, mode | steps | " + " | ".join(COST_SLICES) + " |",
+             "|" + " --- |" * (len(COST_SLICES) + 2)]
+    for size in SIZES:
+        steps = finetune_steps(size)
+        for mode in MODES:
+            cells = []
+            for slice_name in COST_SLICES:
+                path = RESULTS / f"{size}_{mode}_{slice_name}.json"
+                result = json.loads(path.read_text()) if path.exists() else {}
+                step = result.get("programs", {}).get("train_finetune")
+                if step is None or step["peak_hbm_fraction"] > 1:
+                    cells.append("does not fit" if result else "not compiled")
+                    continue
+                seconds = steps * step["lower_bound_seconds"]
+                chips = SLICES[slice_name][1]
+                cells.append(f"{seconds * chips / 3600:.2g} chip-h ({seconds:.0f} s)")
+            label = "LoRA 16" if mode == "lora16" else "full, tower frozen"
+            lines.append(f"| {size}, {label} | {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+BLOCKS = ("tpu-example", "lean-step", "tpu-fit", "tpu-cost")
 
 
 def render_blocks() -> dict[str, str]:
     """Every block this script owns, rendered from the results in docs/results/; no writes."""
     blocks = {"tpu-example": render_example(json.loads(EXAMPLE.read_text())),
-              "lean-step": render_lean_step(), "tpu-fit": render()}
+              "lean-step": render_lean_step(), "tpu-fit": render(), "tpu-cost": render_cost()}
     assert tuple(blocks) == BLOCKS
     return blocks
 
