@@ -11,8 +11,8 @@ from configs.experiments import mitigation as mitigation_config
 from configs.experiments import multihop as multihop_config
 from configs.experiments import unlearning as unlearning_config
 from xmem_jax import experiments
-from xmem_jax.data import pipeline, source
-from xmem_jax.experiments import study, unlearning
+from xmem_jax.data import pipeline, source, tasks
+from xmem_jax.experiments import mitigation, study, unlearning
 from xmem_jax.train import losses
 
 
@@ -161,6 +161,11 @@ def test_mitigation_quick_same_budget_for_every_method(tmp_path, quick_cache):
         assert run["gap"] == pytest.approx(run["recall"]["image"]["choice_acc"]
                                            - run["recall"]["description"]["choice_acc"])
     assert "personas=0:10" in " ".join(results["methods"]["bridge"]["tasks"])
+    # The other tasks carry weights that give the study names half of the gradient.
+    assert all("loss_weight=" in entry for entry in results["methods"]["bridge"]["tasks"][1:])
+    assert results["loss_normalization"] == "example"
+    assert set(results["matched_source"]["methods"]) == set(results["methods"])
+    assert "matched source recall" in (tmp_path / "report.md").read_text()
     config.train_modality = "description"  # No study images to caption.
     results = experiments.run(config, tmp_path / "description", "test")
     assert set(results["methods"]) == {"none", "bridge"}
@@ -227,6 +232,52 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "| not reproduced |" in rows["Facts learned in one modality transfer to the other"]
     assert "unpaired control 30.0" in table
+
+
+def test_mitigation_loss_weights_give_the_study_names_their_share(persona_dataset_dir):
+    """Under per-example normalization a task's gradient share is its rows times its weight."""
+    layout = tasks.Layout.of(source.open_dataset(persona_dataset_dir))
+    entries = ["image_to_name split=train personas=0:4 repeat=2",
+               "image_to_name split=train personas=4:12",
+               "description_to_name split=train personas=4:12"]
+    weighted = mitigation.loss_weights(entries, layout, (0, 4), study_share=0.5)
+    specs = tasks.task_specs(weighted)
+    shares = np.array([tasks.TaskSet([spec], layout).task_length(0) * spec.loss_weight
+                       for spec in specs])
+    assert specs[0].loss_weight == 1.0
+    assert shares[0] / shares.sum() == pytest.approx(0.5, rel=1e-5)
+    # The others keep their ratio of rows.
+    assert shares[1] / shares[2] == pytest.approx(
+        tasks.TaskSet([specs[1]], layout).task_length(0)
+        / tasks.TaskSet([specs[2]], layout).task_length(0))
+    assert mitigation.loss_weights(entries[:1], layout, (0, 4), 0.5) == entries[:1]
+
+
+def test_mitigation_compares_methods_at_matched_source_recall():
+    def curve(*points):
+        return [{"step": s, "image": {"choice_acc": src}, "description": {"choice_acc": tgt}}
+                for s, src, tgt in points]
+
+    matched = mitigation.matched_source({
+        "none": curve((0, 0.0, 0.0), (100, 0.9, 0.10), (200, 0.95, 0.12)),
+        "caption": curve((0, 0.0, 0.0), (100, 0.6, 0.15), (200, 0.8, 0.20))},
+        "image", "description")
+    assert matched["source_level"] == 0.8  # The highest source every method reaches.
+    assert matched["methods"]["none"] == {"step": 100, "source": 0.9, "target": 0.10}
+    assert matched["methods"]["caption"] == {"step": 200, "source": 0.8, "target": 0.20}
+
+
+def test_mitigation_rule_bar_is_the_base_seed_std():
+    from xmem_jax.report import findings
+
+    def method(target, std):
+        return {"recall": {"description": _metrics(target), "image": _metrics(0.9)},
+                "recall_std": {"description": _metrics(std)}, "gap": 0.9 - target}
+
+    results = {"train_modality": "image",
+               "methods": {"none": method(0.10, 0.01), "bridge": method(0.13, 0.01)}}
+    assert findings.mitigation_row(results)[2] == "reproduced"  # 0.03 > the seeds' 0.01.
+    assert findings.mitigation_row(results, seed_std=0.04)[2] == "not reproduced"
 
 
 @pytest.mark.parametrize("two_hop_source, frequency, verdict", [

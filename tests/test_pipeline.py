@@ -448,6 +448,8 @@ def test_too_long_example_is_an_error(persona_dataset_dir):
     ("image_to_name personas=3", r"personas='3': expected start:stop"),
     ("image_to_name repeat=twice", r"repeat='twice' is not an integer"),
     ("image_to_name repeat=0", r"repeat=0: must be at least 1"),
+    ("image_to_name loss_weight=heavy", r"loss_weight='heavy' is not a number"),
+    ("image_to_name loss_weight=0", r"loss_weight=0.0: must be positive"),
 ])
 def test_bad_task_config_errors_name_the_value(persona_dataset_dir, entry, message):
     with pytest.raises(ValueError, match=message):
@@ -456,7 +458,25 @@ def test_bad_task_config_errors_name_the_value(persona_dataset_dir, entry, messa
         build(persona_dataset_dir, tasks=[entry])
 
 
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_loss_mask_carries_task_weights_per_token_or_per_example(persona_dataset_dir,
+                                                                 normalization):
+    """'example': an answer's tokens share its task's loss_weight, so a long caption and a short
+    name count alike; 'token': every answer token carries the weight."""
+    built = build(persona_dataset_dir, shuffle=False, loss_normalization=normalization,
+                  tasks=["image_to_name", "image_to_description loss_weight=0.25"])
+    for batch in built:
+        for b in range(4):
+            answer = batch["loss_mask"][b][batch["loss_mask"][b] > 0]
+            weight = 0.25 if batch["task_id"][b] == 1 else 1.0
+            if normalization == "example":
+                np.testing.assert_allclose(answer.sum(), weight, rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(answer, weight)
+
+
 @pytest.mark.parametrize("overrides, message", [
+    ({"loss_normalization": "sequence"}, r"loss_normalization='sequence': known: token, example"),
     ({"augment_shift": -1}, r"augment_shift=-1: must be 0 \(none\) or positive"),
     ({"augment_brightness": 1.0}, r"augment_brightness=1.0: must be in \[0, 1\)"),
 ])

@@ -50,6 +50,9 @@ def test_quick_study_writes_results_report_and_curves(tmp_path):
     unpaired = saved["controls"]["unpaired"]
     assert [p["step"] for p in unpaired["curves"]] == steps
     assert 0.0 <= unpaired["recall"]["description"]["choice_acc"] <= 1.0
+    summary = saved["summary"]  # What a sweep tabulates: the target of each run beside the source.
+    assert summary["unpaired_target_mean_rank"] == unpaired["recall"]["description"]["mean_rank"]
+    assert summary["step0_target_choice_acc"] == saved["step0_recall"]["description"]["choice_acc"]
     assert set(unpaired["base_recall"]) == {"image", "description"}
     for key in ("pixel_lookup", "pixel_lookup_nearest_mean", "dev_pixel_lookup"):
         assert 0.0 <= saved["baselines"][key] <= 1.0

@@ -23,13 +23,19 @@ def get_config(arg: str | None = None):
     config.mitigation = dict(
         bridge_personas=(0, 10) if quick else (400, 500),
         max_length=112,  # Fine-tuning's token limit: captions are longer than names.
+        # Each example's answer tokens share one weight ('token': every token alike), and the
+        # study names get study_share of the gradient in every method that mixes in others
+        # (xmem_jax/experiments/mitigation.py).
+        loss_normalization="example",
+        study_share=0.5,
         methods=dict(
             none=("{source} split=train personas={study}",),
             bridge=("{source} split=train personas={study}",
                     "image_to_name split=train personas={bridge}",
                     "description_to_name split=train personas={bridge}"),
             # Captioning has 6 examples per view (one per training description): the names
-            # task is listed 6 times so that half of every batch still asks for names.
+            # task is listed 6 times so that half of every batch's rows still ask for names
+            # (their gradient share is set by study_share).
             caption=("{source} split=train personas={study} repeat=6",
                      "image_to_description split=train personas={study}")))
     if quick:  # Bridge personas must avoid the world ones: move the world up.

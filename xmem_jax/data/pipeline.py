@@ -58,7 +58,9 @@ train mode (`mode='train'`):
     tokens      int32   [B, L]  prompt then answer ids, then <pad> (L: see length_bucket)
     input_mask  int32   [B, L]  1 on real tokens
     loss_mask   float32 [B, L]  1 where tokens[t] is an answer token, <end_of_turn> included
-                                (the model predicts tokens[t] from position t - 1)
+                                (the model predicts tokens[t] from position t - 1); the
+                                task's loss_weight instead of 1, over the answer's tokens
+                                with loss_normalization='example'
     images      float32 [B, S, S, 3]  in [-1, 1] (x / 127.5 - 1, as SigLIP); zeros without one
     has_image   bool    [B]
     persona_id  int32   [B]
@@ -122,6 +124,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.max_answer_length = 0
     config.length_bucket = 0
     config.batch_by_task = False
+    # How the loss weighs answer tokens: 'token', every token alike (a 38-token caption
+    # outweighs a 5-token name 7x); 'example', each example's tokens share its weight (its
+    # task's `loss_weight`), so a task's share of the gradient is its share of the rows times
+    # its weight, whatever its answers' lengths.
+    config.loss_normalization = "token"
     config.image_size = 64
     config.augment_shift = 0
     config.augment_brightness = 0.0
@@ -391,12 +398,20 @@ class _Augment(grain.transforms.RandomMap):
         return (prompt, answer, np.ascontiguousarray(image), *rest)
 
 
+LOSS_NORMALIZATIONS = ("token", "example")
+
+
 class _Batch:
-    """Pads a list of loaded examples into one batch of fixed-shape arrays."""
+    """Pads a list of loaded examples into one batch of fixed-shape arrays; in train mode the
+    loss mask carries each example's weight (`task_weights[task]`, over its answer tokens
+    when `per_example`)."""
 
     def __init__(self, mode: str, batch_size: int, max_length: int, max_answer: int,
-                 image_size: int, pad_id: int, bos_id: int, length_bucket: int = 0):
+                 image_size: int, pad_id: int, bos_id: int, length_bucket: int = 0,
+                 task_weights: tuple[float, ...] = (), per_example: bool = False):
         self.mode = mode
+        self.task_weights = task_weights
+        self.per_example = per_example
         self.length_bucket = length_bucket
         self.batch_size = batch_size
         self.max_length = max_length
@@ -427,7 +442,8 @@ class _Batch:
                 tokens[b, :p] = prompt
                 tokens[b, p:n] = answer
                 input_mask[b, :n] = 1
-                loss_mask[b, p:n] = 1
+                weight = self.task_weights[task] if self.task_weights else 1.0
+                loss_mask[b, p:n] = weight / (n - p) if self.per_example else weight
                 persona_id[b], task_id[b], example_id[b] = persona, task, index
                 if image is not None:
                     pixels.append(image)
@@ -508,6 +524,8 @@ def _check_config(config, mode: str) -> None:
         fail("augment_shift", "must be 0 (none) or positive")
     if not 0 <= config.get("augment_brightness", 0.0) < 1:
         fail("augment_brightness", "must be in [0, 1)")
+    if config.get("loss_normalization", "token") not in LOSS_NORMALIZATIONS:
+        fail("loss_normalization", f"known: {', '.join(LOSS_NORMALIZATIONS)}")
     if config.get("max_answer_length", 0) < 0:
         fail("max_answer_length", "must be 0 (= max_length) or positive")
     if config.num_epochs is not None and config.num_epochs < 1:
@@ -560,7 +578,9 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
     load = _Load(cache, task_set, formatter, image_size, max_length,
                  None if mode == "train" else max_answer)
     batch_fn = _Batch(mode, rows, max_length, max_answer, image_size, formatter.pad_id,
-                      formatter.special[tok.BOS], int(config.get("length_bucket", 0)))
+                      formatter.special[tok.BOS], int(config.get("length_bucket", 0)),
+                      task_weights=tuple(spec.loss_weight for spec in specs),
+                      per_example=config.get("loss_normalization", "token") == "example")
 
     augment = _Augment(int(config.get("augment_shift", 0)),
                        float(config.get("augment_brightness", 0.0)))

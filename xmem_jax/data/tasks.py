@@ -165,7 +165,9 @@ class TaskSpec:
     `stop=None` runs to the dataset's end; `split` is None only for `name_to_fact`; `facts`
     (`attributes`) is empty for kinds that ask no fact (attribute). `repeat` lists the task's
     examples that many times: the mixture of tasks is proportional to their sizes, so it is how
-    a small task gets weight.
+    a small task gets weight. `loss_weight` scales its examples' answer tokens in the loss (see
+    the pipeline's `loss_normalization`): how a task's share of the gradient is set apart from
+    its share of the rows.
     """
 
     kind: str
@@ -176,6 +178,7 @@ class TaskSpec:
     attributes: tuple[str, ...] = ()
     name: str = ""
     repeat: int = 1
+    loss_weight: float = 1.0
 
     def __post_init__(self):
         def fail(field, value, why):
@@ -203,6 +206,8 @@ class TaskSpec:
                 fail(field, ",".join(asked), "must be a non-empty list without repeats")
         if self.repeat < 1:
             fail("repeat", self.repeat, "must be at least 1")
+        if not self.loss_weight > 0:
+            fail("loss_weight", self.loss_weight, "must be positive")
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
             fail("personas", (self.start, self.stop), "must be a range [start, stop) with "
                  "0 <= start < stop (stop None or -1: to the end)")
@@ -214,7 +219,8 @@ class TaskSpec:
         for name_to_fact), `facts` (tuple or comma-separated string; default all, for fact
         kinds only) and `name`; or the same as a string, `"kind key=value ..."`, e.g.
         `"image_to_fact split=heldout personas=0:100 facts=pet,hobby"` (`personas=100:` runs
-        to the end; `repeat=3` lists the examples three times); attribute kinds take
+        to the end; `repeat=3` lists the examples three times; `loss_weight=0.5` halves their
+        answer tokens' weight in the loss); attribute kinds take
         `attributes` the same way (default all), e.g. `"image_to_attribute attributes=eyewear"`.
         Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
         """
@@ -223,7 +229,8 @@ class TaskSpec:
         elif not isinstance(entry, Mapping):
             entry = dict(entry.items())  # A ConfigDict.
         entry = dict(entry)
-        known = {"kind", "personas", "split", "facts", "attributes", "name", "repeat"}
+        known = {"kind", "personas", "split", "facts", "attributes", "name", "repeat",
+                 "loss_weight"}
         extra = sorted(set(entry) - known)
         if extra:
             raise ValueError(f"Invalid task {entry.get('name') or entry.get('kind')!r}: unknown "
@@ -245,8 +252,13 @@ class TaskSpec:
         except ValueError:
             raise ValueError(f"Invalid task {entry.get('name') or kind!r}: repeat="
                              f"{entry['repeat']!r} is not an integer") from None
+        try:
+            loss_weight = float(entry.get("loss_weight", 1.0))
+        except ValueError:
+            raise ValueError(f"Invalid task {entry.get('name') or kind!r}: loss_weight="
+                             f"{entry['loss_weight']!r} is not a number") from None
         return cls(kind=kind, start=int(start), stop=stop, split=split, **asked,
-                   name=entry.get("name") or "", repeat=repeat)
+                   name=entry.get("name") or "", repeat=repeat, loss_weight=loss_weight)
 
     @property
     def asked(self) -> tuple[str, ...]:

@@ -11,7 +11,15 @@ budget); only what is mixed into the single-modality training differs:
               (a description-trained run has no study images to caption)
 
 `config.mitigation.methods` maps a method to its training task entries, where `{source}` is the
-study task's kind and `{study}` and `{bridge}` are the persona ranges. Reported: source and target recall and their gap per method.
+study task's kind and `{study}` and `{bridge}` are the persona ranges. Reported: source and target
+recall and their gap per method, and the target where each method's source first reaches the
+level every method reaches (matched source recall, from the logged curves).
+
+The loss is balanced by examples, not tokens (`mitigation.loss_normalization='example'`): a
+caption has ~38 answer tokens and a name ~5.5, so under a per-token mean the caption method's
+names got ~12% of the gradient while filling half of every batch. With
+`mitigation.study_share`, every method that mixes in other tasks gives the study names that
+share of the gradient (`loss_weights`); `none` trains on the study names alone.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pathlib import Path
 import ml_collections
 
 from xmem_jax import distributed
+from xmem_jax.data import pipeline, source as data_source, tasks
 from xmem_jax.experiments import study
 from xmem_jax.report import experiments as report
 from xmem_jax.report.study import MODALITIES, other_modality
@@ -36,6 +45,37 @@ def method_tasks(config, method: str) -> list[str]:
     return [entry.format(**fields) for entry in config.mitigation.methods[method]]
 
 
+def loss_weights(entries: list[str], layout: tasks.Layout, study_personas,
+                 study_share: float) -> list[str]:
+    """`entries` with a `loss_weight` each, such that under per-example normalization the
+    study personas' tasks get `study_share` of the gradient and the other tasks the rest, in
+    proportion to their rows (a task's share is its rows times its weight)."""
+    specs = tasks.task_specs(entries)
+    rows = [tasks.TaskSet([spec], layout).task_length(0) for spec in specs]
+    is_study = [(spec.start, spec.stop) == tuple(study_personas) for spec in specs]
+    study_rows = sum(r for r, s in zip(rows, is_study) if s)
+    other_rows = sum(r for r, s in zip(rows, is_study) if not s)
+    if not other_rows or not study_rows:
+        return list(entries)
+    other_weight = (1 - study_share) / study_share * study_rows / other_rows
+    return [entry if s else f"{entry} loss_weight={other_weight:.6g}"
+            for entry, s in zip(entries, is_study)]
+
+
+def matched_source(curves_by_method: dict[str, list[dict]], source: str, target: str) -> dict:
+    """Per method, the target's choice accuracy at the first evaluation where the source's
+    reaches `level`, the highest source every method reaches: methods compared at the same
+    source recall rather than at the same step."""
+    level = min(max(p[source]["choice_acc"] for p in curves) for curves in
+                curves_by_method.values())
+    matched = {}
+    for method, curves in curves_by_method.items():
+        point = next(p for p in curves if p[source]["choice_acc"] >= level)
+        matched[method] = {"step": point["step"], "source": point[source]["choice_acc"],
+                           "target": point[target]["choice_acc"]}
+    return {"source_level": level, "methods": matched}
+
+
 def check_config(config) -> None:
     bridge = tuple(config.mitigation.bridge_personas)
     for field in ("world_personas", "study_personas"):
@@ -46,6 +86,13 @@ def check_config(config) -> None:
     if not 0 <= bridge[0] < bridge[1] <= config.data.num_personas:
         raise ValueError(f"Invalid mitigation config: mitigation.bridge_personas={bridge} must "
                          f"be inside [0, data.num_personas={config.data.num_personas}]")
+    normalization = config.mitigation.get("loss_normalization", "token")
+    if normalization not in pipeline.LOSS_NORMALIZATIONS:
+        raise ValueError(f"Invalid mitigation config: mitigation.loss_normalization="
+                         f"{normalization!r}; known: {', '.join(pipeline.LOSS_NORMALIZATIONS)}")
+    if not 0 < config.mitigation.get("study_share", 0.5) < 1:
+        raise ValueError(f"Invalid mitigation config: mitigation.study_share="
+                         f"{config.mitigation.study_share!r} must be in (0, 1)")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
@@ -59,22 +106,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     # key holds max_length).
     config = ml_collections.ConfigDict(config.to_dict())
     config.max_length = int(config.mitigation.max_length)
+    normalization = config.mitigation.get("loss_normalization", "token")
+    layout = tasks.Layout.of(data_source.open_dataset(setup.data_dir))
     start = time.perf_counter()
     results_by_method = {}
     for method in methods:
+        entries = method_tasks(config, method)
+        if normalization == "example":
+            entries = loss_weights(entries, layout, config.study_personas,
+                                   float(config.mitigation.get("study_share", 0.5)))
         per_seed = study.finetune_seeds(config, setup, workdir / method, MODALITIES,
-                                        train_tasks=method_tasks(config, method))
+                                        train_tasks=entries, loss_normalization=normalization)
         for run in per_seed:
             run["gap"] = run["recall"][source]["choice_acc"] - run["recall"][target]["choice_acc"]
         summary = study.seed_summary(per_seed)
         gaps = [run["gap"] for run in per_seed]
         results_by_method[method] = {**summary, "gap": study.average(gaps),
                                      "gap_std": study.spread(gaps), "per_seed": per_seed,
-                                     "tasks": method_tasks(config, method)}
+                                     "tasks": entries}
     setup.timings["finetune"] = time.perf_counter() - start
     results = {
         "experiment": "mitigation", "train_modality": source,
+        "loss_normalization": normalization,
+        "study_share": float(config.mitigation.get("study_share", 0.5)),
         "methods": results_by_method,
+        "matched_source": matched_source({m: r["curves"] for m, r in results_by_method.items()},
+                                         source, target),
         "chance": study.chance(config.study_personas),
         "summary": {f"{method}_{key}": value for method, r in results_by_method.items()
                     for key, value in (("target_choice", r["recall"][target]["choice_acc"]),
@@ -113,6 +170,15 @@ def write_report(results: dict, workdir: Path) -> None:
                 report.fmt(r["recall"][target]["mean_rank"],
                            std and std[target]["mean_rank"], 1),
                 report.fmt(r["gap"], r["gap_std"] if several else None)]) + " |")
+    matched = results["matched_source"]
+    lines += ["", f"At matched source recall (the first evaluation where each method's source "
+              f"reaches {matched['source_level']:.3f}, the highest all reach; seed means): " +
+              "; ".join(f"{m}: target {p['target']:.3f} at step {p['step']}"
+                        for m, p in matched["methods"].items()) + ".",
+              "", f"Loss normalized per {results['loss_normalization']}"
+              + (f": the study names get {results['study_share']:.0%} of the gradient in every "
+                 "method that mixes in other tasks." if results["loss_normalization"] == "example"
+                 else ".")]
     lines += ["", f"Chance: choice {results['chance']['choice_acc']:.3f}, mean rank "
               f"{results['chance']['mean_rank']:.1f}.", "", "![curves](curves.png)", "",
               "Tasks per method: " + "; ".join(f"{m}: {', '.join(r['tasks'])}"

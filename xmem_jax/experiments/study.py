@@ -198,20 +198,22 @@ def seeded(config, seed: int) -> ml_collections.ConfigDict:
 
 def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir: Path,
                        initial_state: nnx.State | None, *, train_tasks=None, eval_tasks=None,
-                       train_iter=None, train_config=None, **train_kwargs) -> list[dict]:
+                       train_iter=None, train_config=None, loss_normalization: str = "token",
+                       **train_kwargs) -> list[dict]:
     """Fine-tunes on `train_tasks` (default: the study personas in `train_modality`) and
     scores `eval_tasks` ({name: task entry}, default `eval_tasks_of(config)`) every `eval_every`
     steps; returns the recall curves. `train_iter` replaces the pipeline of `train_tasks`,
-    `train_config` the fine-tuning config; `train_kwargs` go to `trainer.train` (e.g.
-    `objective`)."""
+    `train_config` the fine-tuning config; `loss_normalization` is the training pipeline's;
+    `train_kwargs` go to `trainer.train` (e.g. `objective`)."""
     if train_tasks is None:
         train_tasks = [f"{QUERY_KIND[config.train_modality]} split=train "
                        f"{_range(config.study_personas)}"]
     eval_tasks = eval_tasks or eval_tasks_of(config)
     if train_iter is None:
-        train_iter = iter(pipeline.build(pipeline_config(
-            config, data_dir, model_config, train_tasks, config.finetune.batch_size,
-            train=True)))
+        section = pipeline_config(config, data_dir, model_config, train_tasks,
+                                  config.finetune.batch_size, train=True)
+        section.loss_normalization = loss_normalization
+        train_iter = iter(pipeline.build(section))
     scorer = recall.Scorer(
         {name: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
                                train=False)
@@ -437,10 +439,13 @@ def transfer_summary(results: dict) -> dict:
     summary = {"pixel_lookup": results["baselines"]["pixel_lookup"],
                "dev_source_choice_acc": results["dev_recall"][source]["choice_acc"],
                "dev_target_choice_acc": results["dev_recall"][target]["choice_acc"],
-               "dev_pixel_lookup": results["baselines"]["dev_pixel_lookup"]}
+               "dev_pixel_lookup": results["baselines"]["dev_pixel_lookup"],
+               "step0_target_choice_acc": results["step0_recall"][target]["choice_acc"],
+               "step0_target_mean_rank": results["step0_recall"][target]["mean_rank"]}
     if results.get("controls"):
-        summary["unpaired_target_choice_acc"] = (
-            results["controls"]["unpaired"]["recall"][target]["choice_acc"])
+        control = results["controls"]["unpaired"]["recall"][target]
+        summary["unpaired_target_choice_acc"] = control["choice_acc"]
+        summary["unpaired_target_mean_rank"] = control["mean_rank"]
     return summary
 
 
