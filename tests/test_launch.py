@@ -319,4 +319,8 @@ def test_provenance_reads_the_packed_commit_outside_git(tmp_path, monkeypatch):
     package.mkdir()
     (tmp_path / provenance.SOURCE_COMMIT_FILE).write_text("abc1234+\n")
     monkeypatch.setattr(provenance, "__file__", str(package / "provenance.py"))
-    assert provenance.source_commit() == "abc1234+"
+    provenance.source_commit.cache_clear()  # Read once per process: read it again here.
+    try:
+        assert provenance.source_commit() == "abc1234+"
+    finally:
+        provenance.source_commit.cache_clear()

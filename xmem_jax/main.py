@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from xmem_jax import provenance
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Results and checkpoints; reruns resume here.")
@@ -40,6 +42,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    provenance.source_commit()  # The code this job imported, before anything is committed.
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     from xmem_jax import distributed  # Imports jax, which reads no device until used.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from pathlib import Path
 SOURCE_COMMIT_FILE = "SOURCE_COMMIT"
 
 
+@functools.cache
 def source_commit() -> str:
     """The checkout's commit, '+' marking uncommitted changes; outside a git checkout, the
-    commit SOURCE_COMMIT_FILE names, or ''."""
+    commit SOURCE_COMMIT_FILE names, or ''. Read once per process: a job calls it when it starts
+    (the code it imported), so a commit made while it runs is not what its results name."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,

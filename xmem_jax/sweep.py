@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from xmem_jax import experiments  # Light: the experiment modules load when a point runs.
+from xmem_jax import provenance
 
 MODALITIES = ("image", "description")
 
@@ -347,6 +348,7 @@ def write_outputs(rows: list[dict], sweep_config: ml_collections.ConfigDict, wor
 
 def main(argv):
     del argv
+    provenance.source_commit()  # The code this job imported, before anything is committed.
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     sweep_config, workdir = _CONFIG.value, _WORKDIR.value
     modes = [name for name, on in (("--points", _POINTS.value),
