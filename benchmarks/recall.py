@@ -390,7 +390,8 @@ def main():
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "token_type_ids": torch.from_numpy((input_ids == config.image_token_id).astype(np.int64)),
-        "pixel_values": torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous(),
+        "pixel_values": torch.from_numpy(pipeline.normalize_images(batch["images"])).permute(
+            0, 3, 1, 2).contiguous(),
     }
     references = queries.tokenizer.batch_decode(
         [a[:n] for a, n in zip(batch["answer_tokens"], batch["answer_length"])])

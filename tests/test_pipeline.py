@@ -194,8 +194,14 @@ def test_prompt_mode_matches_train_mode(persona_dataset_dir):
             np.testing.assert_array_equal(joined, t["tokens"][b][t["input_mask"][b] == 1])
             assert (p["prompt_tokens"][b, pl:] == prompt.formatter.pad_id).all()
             assert (p["answer_tokens"][b, al:] == prompt.formatter.pad_id).all()
-        for key in ("images", "has_image", "persona_id", "task_id", "example_id"):
+        for key in ("has_image", "persona_id", "task_id", "example_id"):
             np.testing.assert_array_equal(p[key], t[key], err_msg=key)
+        # Prompt mode sends uint8 pixels, normalised on the device to what train mode sends.
+        assert p["images"].dtype == np.uint8
+        shown = p["has_image"]
+        np.testing.assert_array_equal(pipeline.normalize_images(p["images"][shown]),
+                                      t["images"][shown])
+        assert (p["images"][~shown] == 0).all()
         assert p["valid"].all()
     last = prompt_batches[-1]
     real = len(prompt.task_set) % 4 or 4
@@ -224,10 +230,9 @@ def test_splits_never_leak(persona_dataset_dir, data, split):
                 assert record.description_heldout[record.descriptions.index(used[0])] == \
                     (split == "heldout")
             else:  # Which view is it? The stored views all differ.
-                views = [pipeline.normalize_images(pipeline.decode_image(png, 16))
-                         for png in record.images]
+                views = [pipeline.decode_image(png, 16) for png in record.images]
                 match = [v for v, image in enumerate(views)
-                         if np.allclose(image, batch["images"][b], atol=1e-6)]
+                         if np.array_equal(image, batch["images"][b])]
                 assert len(match) == 1
                 assert record.view_heldout[match[0]] == (split == "heldout")
             if kind == "image_to_description":

@@ -1,7 +1,8 @@
 """Recall scoring: cached greedy decoding and candidate likelihoods agree with the plain forward
 pass; bucketing, stopping, normalisation, candidates, chance levels, padding rows, sharding and
 a model trained to know the answers; pruned ranking equals exhaustive ranking, ties and NaN
-scores included; sampled queries and candidates."""
+scores included; sampled queries and candidates; uint8 images normalised on the device as the
+pipeline normalises them."""
 
 import dataclasses
 
@@ -14,6 +15,7 @@ from flax import nnx
 
 from xmem_jax.data import pipeline
 from xmem_jax.model.config import get_model_config
+from xmem_jax.model import vlm
 from xmem_jax.model.vlm import VLM
 from xmem_jax.score import decoding, prune, recall
 from xmem_jax.train import sharding
@@ -515,3 +517,15 @@ def test_sampled_candidates(model, query_set):
         (full["choice_acc"], full["mean_rank"])
     with pytest.raises(ValueError, match="num_distractors"):
         recall.score(model, query_set, method="sampled_candidates")
+
+
+def test_uint8_images_are_normalised_on_the_device_as_the_pipeline_does(model):
+    """Bit for bit: the lookup table is the pipeline's arithmetic, and the vision tower gets the
+    same values from uint8 pixels as from the pipeline's float32 ones."""
+    pixels = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(vlm.PIXEL_VALUES.view(np.uint32),
+                                  pipeline.normalize_images(pixels).view(np.uint32))
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    encode = nnx.jit(lambda model, images: model.encode_images(images))
+    np.testing.assert_array_equal(encode(model, images),
+                                  encode(model, pipeline.normalize_images(images)))

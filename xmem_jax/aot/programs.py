@@ -202,7 +202,7 @@ def score_programs(config: ml_collections.ConfigDict, model_config: VLMConfig,
         images = None
         if model_config.vision is not None:
             size = model_config.vision.image_size
-            images = _abstract((rows, size, size, 3), jnp.float32, spec)
+            images = _abstract((rows, size, size, 3), jnp.uint8, spec)  # As scoring sends.
         return (_abstract((rows, width), jnp.int32, spec), _abstract((rows,), jnp.int32, spec),
                 images)
 

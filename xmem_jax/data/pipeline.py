@@ -71,7 +71,10 @@ prompt mode (`mode='prompt'`, for generative recall and candidate log-likelihood
     prompt_length  int32 [B]
     answer_tokens  int32 [B, La]  the answer and <end_of_turn>, padded
     answer_length  int32 [B]
-    images, has_image, persona_id, task_id, example_id  as in train mode
+    images         uint8 [B, S, S, 3]  pixels as decoded, zeros without one: a quarter of the
+                                bytes of train mode's, normalised on the device
+                                (`VLM.encode_images`) to exactly what train mode sends
+    has_image, persona_id, task_id, example_id  as in train mode
     valid          bool  [B]  False on padding rows (the last batch is padded, never dropped)
 
 Global batch k holds examples [k batch_size, (k + 1) batch_size) of the stream (shuffled,
@@ -426,7 +429,10 @@ class _Batch:
         task_id = np.full([b_size], -1, np.int32)
         example_id = np.full([b_size], -1, np.int32)
         has_image = np.zeros([b_size], bool)
-        images = np.zeros([b_size, size, size, 3], np.float32)
+        # Train mode normalises on the host, as the trainer's compiled step takes it; prompt mode
+        # sends the decoded pixels (see the module doc).
+        images = np.zeros([b_size, size, size, 3],
+                          np.float32 if self.mode == "train" else np.uint8)
         pixels, rows = [], []
         if self.mode == "train":
             width = self.max_length
@@ -473,10 +479,13 @@ class _Batch:
                      "valid": valid}
         if rows:
             has_image[rows] = True
+            pixels = np.stack(pixels)
+            if self.mode == "train":
+                pixels = normalize_images(pixels)
             if len(rows) == b_size:
-                images = normalize_images(np.stack(pixels))
+                images = pixels
             else:
-                images[rows] = normalize_images(np.stack(pixels))
+                images[rows] = pixels
         batch.update(images=images, has_image=has_image, persona_id=persona_id,
                      task_id=task_id, example_id=example_id)
         return batch

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from xmem_jax.model.config import VLMConfig
@@ -30,6 +31,13 @@ from xmem_jax.model.gemma import (Cache, Gemma3TextModel, SequenceMask, attentio
                                   empty_kv)
 from xmem_jax.model.layers import Einsum, RMSNorm
 from xmem_jax.model.siglip import SiglipVisionTower
+
+
+# uint8 pixel -> its value in [-1, 1], computed on the host exactly as the input pipeline's
+# `normalize_images` computes it (x * float32(1 / 127.5) - 1 in float32). On the device XLA fuses
+# that arithmetic into one multiply-add, which rounds 158 of the 256 values differently; a lookup
+# gives the host's values bit for bit.
+PIXEL_VALUES = np.arange(256, dtype=np.float32) * np.float32(1 / 127.5) - np.float32(1)
 
 
 class MultiModalProjector(nnx.Module):
@@ -83,9 +91,15 @@ class VLM(nnx.Module):
         self.language_model = Gemma3TextModel(config, rngs=rngs)
 
     def encode_images(self, images: jax.Array) -> jax.Array:
-        """[B, S, S, 3] or [B, N, S, S, 3] pixels in [-1, 1] -> [B, N * mm_tokens_per_image, E]."""
+        """[B, S, S, 3] or [B, N, S, S, 3] pixels -> [B, N * mm_tokens_per_image, E].
+
+        Pixels are floats in [-1, 1], or uint8 as decoded (the input pipeline's prompt mode:
+        a quarter of the bytes to the device), looked up in `PIXEL_VALUES` here.
+        """
         if self.vision_tower is None:
             raise ValueError("This model is text-only (config.vision is None) but got images")
+        if images.dtype == jnp.uint8:
+            images = jnp.asarray(PIXEL_VALUES)[images]
         batch = images.shape[0]
         images = images.reshape(-1, *images.shape[-3:])
         soft_tokens = self.multi_modal_projector(self.vision_tower(images))
@@ -126,7 +140,8 @@ class VLM(nnx.Module):
 
         Args:
           tokens: [B, L] int32, with `image_token_id` placeholders where images go.
-          images: [B, S, S, 3] (or [B, N, S, S, 3]) float32 in [-1, 1], or None for text only.
+          images: [B, S, S, 3] (or [B, N, S, S, 3]) float32 in [-1, 1] or uint8
+            (`encode_images`), or None for text only.
           input_mask: [B, L] bool, False for padding (never attended to); None means all real.
           frozen_layers: the first this many decoder layers get no gradient (training with
             `optim.freeze_layers`).
