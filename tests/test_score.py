@@ -349,11 +349,13 @@ def fake_expand(rows, tokens, depth, ancestor, read_node, read_token):
     return out
 
 
-def brute_force_ranks(candidates, targets, allowed):
+def brute_force_ranks(candidates, targets, allowed, offset=None):
     ranks = []
     for row, (target, ranked) in enumerate(zip(targets, allowed)):
         scores = [sum(fake_log_prob(row, list(c[:i]), c[i]) for i in range(len(c)))
                   for c in candidates]
+        if offset is not None:
+            scores = np.array(scores) - offset
         others = [c for c in (range(len(candidates)) if ranked is None else ranked)
                   if c != target]
         ranks.append(1 + sum(scores[c] >= scores[target] for c in others))
@@ -363,7 +365,9 @@ def brute_force_ranks(candidates, targets, allowed):
 def test_pruned_ranks_are_exact_with_ties_and_prefix_names():
     """Random tries (names that are prefixes of other names, one-token names, shared prefixes,
     chunks smaller than the trie) under a model whose scores often tie: the pruned rank is
-    1 + the other candidates scoring >= the answer, for every row and candidate subset."""
+    1 + the other candidates scoring >= the answer, for every row and candidate subset, by the
+    log-likelihood and by the log-likelihood minus an offset per candidate (ties again), in
+    one pass."""
     rng = np.random.default_rng(0)
     for trial in range(20):
         candidates = {tuple(rng.integers(1, 4, rng.integers(1, 6))) for _ in range(30)}
@@ -381,11 +385,18 @@ def test_pruned_ranks_are_exact_with_ties_and_prefix_names():
                           for row in range(rows)], np.float32)
         group = np.zeros(rows, np.int64)
         group[-1] = -1  # A padding row.
-        ranks, fed = prune.rank(fake_expand, [trie], group, targets, first, allowed,
+        offset = -0.5 * rng.integers(0, 6, len(candidates))
+        rankings = [prune.Ranking(allowed), prune.Ranking([None] * rows),
+                    prune.Ranking(allowed, [offset])]
+        ranks, fed = prune.rank(fake_expand, [trie], group, targets, first, rankings,
                                 chunk_size=4)
-        expected = brute_force_ranks(candidates, targets, allowed)
-        np.testing.assert_array_equal(ranks[:-1], expected[:-1], err_msg=f"trial {trial}")
-        assert ranks[-1] == 0 and fed[-1] == 0
+        expected = [brute_force_ranks(candidates, targets, allowed),
+                    brute_force_ranks(candidates, targets, [None] * rows),
+                    brute_force_ranks(candidates, targets, allowed, offset)]
+        for k in range(len(rankings)):
+            np.testing.assert_array_equal(ranks[k, :-1], expected[k][:-1],
+                                          err_msg=f"trial {trial}, ranking {k}")
+        assert (ranks[:, -1] == 0).all() and fed[-1] == 0
 
 
 def synthetic_queries(tokenizer, candidates, answers, lengths=(20, 24, 13)):

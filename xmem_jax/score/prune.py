@@ -6,15 +6,23 @@ below s rules out every candidate under it; only prefixes scoring >= s need the 
 (1 + the other candidates scoring >= s, so a tie counts against the true answer) and accuracy
 (rank 1) are those of scoring every candidate: pruning drops only candidates scoring below s.
 
+Several rankings share one pass (`Ranking`): among a subset of the candidates (sampled
+distractors, the study names of a group that also holds other names) and by a calibrated score,
+log-likelihood minus a per-candidate offset o(c). A candidate c beats the answer t under an offset
+when LL(c) - o(c) >= LL(t) - o(t); every prefix p of c has LL(p) >= LL(c) and, with o_min(p) the
+smallest offset under p, LL(p) - o_min(p) >= LL(c) - o(c). So p can be cut once LL(p) - o_min(p)
+falls below the answer's calibrated score; rounding is monotone, so this holds in floating point
+too (offset 0: the plain bound).
+
 Per batch of queries (`rank`):
   0. the prefill gives the log-probability of every first token;
   1. the true answer's prefixes are fed: its log-likelihood s, and the log-probabilities of
      every child of every prefix on its path;
-  2. each further round feeds every prefix whose partial sum is >= s and whose children are not
-     read yet, until there is none. A prefix whose subtree fits in half a chunk, or hangs off a
-     single chain of prefixes, is fed with its whole subtree: pruning inside it would save a few
-     tokens but cost rounds that re-feed its ancestors. Where little can be pruned (a model near
-     chance), this keeps the cost near the exhaustive pass's.
+  2. each further round feeds every prefix whose partial sum is >= s (under some ranking) and
+     whose children are not read yet, until there is none. A prefix whose subtree fits in half
+     a chunk, or hangs off a single chain of prefixes, is fed with its whole subtree: pruning
+     inside it would save a few tokens but cost rounds that re-feed its ancestors. Where little
+     can be pruned (a model near chance), this keeps the cost near the exhaustive pass's.
 
 Prefixes are fed as tries after the prompt (`decoding.chunk_logits`); a chunk re-feeds the
 ancestors its prefixes attend to, since the cache keeps only the prompt, and the chunks of every
@@ -89,6 +97,30 @@ class Trie:
                 else inner[:1])
         return np.concatenate([self.path[node, :self.depth[node]], read]), read
 
+    def subtree_min(self, values: np.ndarray) -> np.ndarray:
+        """[T] the smallest of `values` [C] over the candidates under each node (itself
+        included; inf where none)."""
+        out = np.full(len(self.token), np.inf)
+        np.minimum.at(out, self.leaf, values)
+        for level in range(int(self.depth.max()), -1, -1):  # Children before their parents.
+            nodes = np.flatnonzero(self.depth == level)
+            np.minimum.at(out, self.parent[nodes], out[nodes])
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Among which candidates a row's answer is ranked, and by which score.
+
+    allowed: per row, the candidate indices it is ranked among (its answer included), or None
+      for every candidate of its trie.
+    offset: per trie, [C] values subtracted from the candidates' log-likelihoods (a calibration;
+      never NaN; inf for a candidate no row ranks), or None for the log-likelihood itself.
+    """
+
+    allowed: Sequence[np.ndarray | None]
+    offset: Sequence[np.ndarray] | None = None
+
 
 # expand(rows [K], tokens [K, N], depth [K, N], ancestor [K, N, N], read_node [K, R],
 #        read_token [K, R]) -> log-probabilities [K, R] (`decoding.expand_program`).
@@ -96,9 +128,9 @@ Expand = Callable[..., np.ndarray]
 
 
 def rank(expand: Expand, tries: Sequence[Trie], group: np.ndarray, target: np.ndarray,
-         first: np.ndarray, allowed: Sequence[np.ndarray | None], chunk_size: int
+         first: np.ndarray, rankings: Sequence[Ranking], chunk_size: int
          ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's rank of its true answer, and the candidate tokens fed for it.
+    """Each row's rank of its true answer under each ranking, and the candidate tokens fed.
 
     Args:
       expand: runs chunks of trie nodes after their rows' prompts (see `Expand`).
@@ -106,12 +138,11 @@ def rank(expand: Expand, tries: Sequence[Trie], group: np.ndarray, target: np.nd
       group: [B] each row's trie (-1: a padding row, skipped).
       target: [B] the true answer's candidate index.
       first: [B, R0] log-probabilities of each row's trie's `first_tokens`.
-      allowed: per row, the candidate indices it ranks among (the target included), or None
-        for all of them.
+      rankings: what each rank is taken among and by which score (`Ranking`).
       chunk_size: trie nodes fed per chunk (grows to the longest candidate's prefixes).
 
     Returns:
-      ranks [B] (1 = best; 0 on padding rows) and fed tokens [B].
+      ranks [len(rankings), B] (1 = best; 0 on padding rows) and fed tokens [B].
 
     Raises:
       FloatingPointError: a log-probability the ranking reads is NaN.
@@ -123,12 +154,19 @@ def rank(expand: Expand, tries: Sequence[Trie], group: np.ndarray, target: np.nd
     row_of = np.repeat(np.arange(len(group)), size)
     partial = np.full(size.sum(), np.nan, np.float32)
     expanded = np.zeros(size.sum(), bool)
-    alive = np.zeros(size.sum(), bool)  # Proper prefixes of a candidate the row ranks.
+    # Per ranking: proper prefixes of a candidate a row ranks, and the least offset under each
+    # node of each group (`Trie.subtree_min`; 0 without offsets).
+    alive = np.zeros((len(rankings), size.sum()), bool)
+    floors = [{} if ranking.offset is None else
+              {g: tries[g].subtree_min(ranking.offset[g]) for g in np.unique(group[rows])}
+              for ranking in rankings]
     for r in rows:
         trie = tries[group[r]]
-        leaves = trie.leaf if allowed[r] is None else trie.leaf[allowed[r]]
-        prefixes = trie.path[trie.parent[leaves]]
-        alive[offset[r] + prefixes[prefixes >= 0]] = True
+        for k, ranking in enumerate(rankings):
+            allowed = ranking.allowed[r]
+            leaves = trie.leaf if allowed is None else trie.leaf[allowed]
+            prefixes = trie.path[trie.parent[leaves]]
+            alive[k, offset[r] + prefixes[prefixes >= 0]] = True
         kids = trie.children_of(0)
         partial[offset[r] + kids] = _checked(first[r, :len(kids)])
     fed = np.zeros(len(group), np.int64)
@@ -143,23 +181,52 @@ def rank(expand: Expand, tries: Sequence[Trie], group: np.ndarray, target: np.nd
             units[r] = [(path, path)]
     if units:
         _feed(expand, tries, group, offset, units, partial, expanded, fed, limit)
-    best = np.array([partial[offset[r] + tries[group[r]].leaf[target[r]]] if group[r] >= 0
-                     else np.inf for r in range(len(group))], np.float32)
-    while True:  # Later rounds: every unread prefix scoring >= the true answer.
+
+    def offsets(k: int, r: int, candidates: np.ndarray) -> np.ndarray | float:
+        offset_k = rankings[k].offset
+        return 0.0 if offset_k is None else offset_k[group[r]][candidates]
+
+    # Per ranking and row: the answer's score, against which every other candidate is compared.
+    best = np.full((len(rankings), len(group)), np.inf)
+    for k in range(len(rankings)):
+        for r in rows:
+            t = target[r]
+            best[k, r] = np.float64(partial[offset[r] + tries[group[r]].leaf[t]]) - offsets(
+                k, r, t)
+
+    def floor(k: int, flat: np.ndarray) -> np.ndarray | float:
+        if rankings[k].offset is None:
+            return 0.0
+        rows_of = row_of[flat]
+        out = np.empty(len(flat))
+        for g, values in floors[k].items():
+            at = group[rows_of] == g
+            out[at] = values[flat[at] - offset[rows_of[at]]]
+        return out
+
+    while True:  # Later rounds: every unread prefix that can still outscore the answer.
+        open_ = np.flatnonzero(~expanded & alive.any(axis=0) & ~np.isnan(partial))
+        bound = np.float64(partial[open_])
+        needed = np.zeros(len(open_), bool)
+        for k in range(len(rankings)):
+            needed |= alive[k, open_] & (bound - floor(k, open_) >= best[k, row_of[open_]])
         units = {}
-        for flat in np.flatnonzero(alive & ~expanded & (partial >= best[row_of])):
+        for flat in open_[needed]:
             r = int(row_of[flat])
             units.setdefault(r, []).append(tries[group[r]].unit(flat - offset[r],
                                                                 limit[group[r]]))
         if not units:
             break
         _feed(expand, tries, group, offset, units, partial, expanded, fed, limit)
-    ranks = np.zeros(len(group), np.int64)
-    for r in rows:
-        trie = tries[group[r]]
-        others = (np.arange(len(trie.leaf)) if allowed[r] is None else allowed[r])
-        others = others[others != target[r]]
-        ranks[r] = 1 + int(np.sum(partial[offset[r] + trie.leaf[others]] >= best[r]))
+    ranks = np.zeros((len(rankings), len(group)), np.int64)
+    for k, ranking in enumerate(rankings):
+        for r in rows:
+            trie = tries[group[r]]
+            allowed = ranking.allowed[r]
+            others = np.arange(len(trie.leaf)) if allowed is None else allowed
+            others = others[others != target[r]]
+            scores = np.float64(partial[offset[r] + trie.leaf[others]]) - offsets(k, r, others)
+            ranks[k, r] = 1 + int(np.sum(scores >= best[k, r]))  # NaN (never fed): below.
     return ranks, fed
 
 

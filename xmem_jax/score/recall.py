@@ -553,8 +553,8 @@ def _rank_pruned(model, place: _Placement, queries: QuerySet, prompts, rows: int
         return np.concatenate([place.get(o) for o in outs])[:count, :reads]
 
     ranks, fed = prune.rank(expand, tries, groups[:len(group_index)], target, out.pop("first"),
-                            allowed, size)
-    return out, ranks, fed
+                            [prune.Ranking(allowed)], size)
+    return out, ranks[0], fed
 
 
 def _power_of_two(n: int) -> int:
