@@ -49,10 +49,12 @@ over both modalities together.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import functools
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,6 +86,14 @@ from xmem_jax.data import pipeline  # noqa: E402
 from xmem_jax.data.tokenizer import END_OF_TURN, EOS, IMAGE_TOKEN  # noqa: E402
 from xmem_jax.model import VLM, count_parameters, get_model_config, hf  # noqa: E402
 from xmem_jax.score import decoding, recall  # noqa: E402
+
+
+def scratch_dir() -> str:
+    """A temporary directory, removed when the process exits: query sets stream their queries
+    from the dataset written there while they are scored."""
+    path = tempfile.mkdtemp(prefix="xmem_benchmark_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def make_dataset(out_dir: str, num_personas: int, image_size: int) -> str:
@@ -176,27 +186,27 @@ def scaling(args) -> None:
                    method="pruned", num_queries=args.num_queries),
                f"sampled candidates (k={args.num_distractors})": dict(
                    method="sampled_candidates", num_distractors=args.num_distractors)}
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_dataset(tmp, counts[-1], base.vision.image_size)
+    tmp = scratch_dir()
+    data_dir = make_dataset(tmp, counts[-1], base.vision.image_size)
 
-        def queries(task: str, count: int) -> recall.QuerySet:
-            config = pipeline.default_config()
-            config.data_dir = data_dir
-            config.tasks = (f"{task} split=heldout personas=0:{count}",)
-            config.batch_size = 64
-            config.max_length = 160
-            config.image_size = base.vision.image_size
-            config.num_image_tokens = base.mm_tokens_per_image
-            return recall.QuerySet.from_config(config)
+    def queries(task: str, count: int) -> recall.QuerySet:
+        config = pipeline.default_config()
+        config.data_dir = data_dir
+        config.tasks = (f"{task} split=heldout personas=0:{count}",)
+        config.batch_size = 64
+        config.max_length = 160
+        config.image_size = base.vision.image_size
+        config.num_image_tokens = base.mm_tokens_per_image
+        return recall.QuerySet.from_config(config)
 
-        sets = {(n, modality): queries(task, n) for n in counts for modality, task in
-                (("source", "image_to_name"), ("target", "description_to_name"))}
-        vocab = sets[counts[0], "source"].tokenizer.get_vocab()
-        config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
-        model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
-        start = time.perf_counter()
-        loss = train_names(model, data_dir, counts[-1], args.train_steps,
-                           base.vision.image_size, base.mm_tokens_per_image)
+    sets = {(n, modality): queries(task, n) for n in counts for modality, task in
+            (("source", "image_to_name"), ("target", "description_to_name"))}
+    vocab = sets[counts[0], "source"].tokenizer.get_vocab()
+    config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
+    model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
+    start = time.perf_counter()
+    loss = train_names(model, data_dir, counts[-1], args.train_steps,
+                       base.vision.image_size, base.mm_tokens_per_image)
     print(f"{args.config}: {count_parameters(model):,} parameters, trained {args.train_steps} "
           f"steps of 32 on the image -> name examples of {counts[-1]} personas (last loss "
           f"{loss:.3f}, {time.perf_counter() - start:.0f} s); {os.cpu_count()} CPU cores, load "
@@ -360,17 +370,17 @@ def main():
 
     torch.set_num_threads(1 if args.threads == 1 else os.cpu_count())
     base = get_model_config(args.config)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_dataset(tmp, args.num_prompts, base.vision.image_size)
-        config = pipeline.default_config()
-        config.data_dir = data_dir
-        config.tasks = ("image_to_name split=heldout",)
-        config.batch_size = args.num_prompts
-        config.max_length = 64
-        config.image_size = base.vision.image_size
-        config.num_image_tokens = base.mm_tokens_per_image
-        queries = recall.QuerySet.from_config(config)
-    batch = queries.batches[0]
+    tmp = scratch_dir()
+    data_dir = make_dataset(tmp, args.num_prompts, base.vision.image_size)
+    config = pipeline.default_config()
+    config.data_dir = data_dir
+    config.tasks = ("image_to_name split=heldout",)
+    config.batch_size = args.num_prompts
+    config.max_length = 64
+    config.image_size = base.vision.image_size
+    config.num_image_tokens = base.mm_tokens_per_image
+    queries = recall.QuerySet.from_config(config)
+    batch = next(queries.stream())[0]
     max_new_tokens = args.max_new_tokens or queries.max_answer_length + 2
     vocab = queries.tokenizer.get_vocab()
     stop_ids = (vocab[END_OF_TURN], vocab[EOS])

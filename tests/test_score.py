@@ -1,10 +1,12 @@
 """Recall scoring: cached greedy decoding and candidate likelihoods agree with the plain forward
 pass; bucketing, stopping, normalisation, candidates, chance levels, padding rows, sharding and
 a model trained to know the answers; pruned ranking equals exhaustive ranking, ties and NaN
-scores included; sampled queries and candidates; uint8 images normalised on the device as the
-pipeline normalises them."""
+scores included; sampled queries and candidates; queries streamed with a few batches in host
+memory, their uint8 images normalised on the device as the pipeline normalises them."""
 
 import dataclasses
+import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -193,8 +195,10 @@ def query_set(persona_dataset_dir):
 
 def test_query_set_candidates_chance_and_padding(query_set):
     assert len(query_set.groups) == 1 and len(query_set.groups[0]) == 12  # Every name.
-    assert sum(int(b["valid"].sum()) for b in query_set.batches) == 12
-    assert sum(len(b["valid"]) for b in query_set.batches) == 15
+    batches = [batch for batch, _, _ in query_set.stream()]
+    assert sum(int(b["valid"].sum()) for b in batches) == 12
+    assert sum(len(b["valid"]) for b in batches) == 15
+    assert query_set.longest_prompts() == [int(b["prompt_length"].max()) for b in batches]
     assert query_set.chance() == {"exact_match": 0.0, "choice_acc": 1 / 12, "mean_rank": 6.5}
     names = query_set.tokenizer.batch_decode(list(query_set.groups[0].index))
     assert all(n.endswith("<end_of_turn>") for n in names) and len(set(names)) == 12
@@ -235,7 +239,7 @@ def test_rigged_scores_give_perfect_and_worst_metrics(model, query_set, monkeypa
     """Metric bookkeeping: likelihoods that put the answer first, then last; padding rows (which
     would get no answer) may hold anything."""
     def rigged(best):
-        feeds = zip(query_set.target, query_set.batches)
+        feeds = ((target, batch) for batch, _, target in query_set.stream())
 
         def score_batch(model, prompt_tokens, prompt_length, images=None, **kwargs):
             target, batch = next(feeds)
@@ -528,6 +532,42 @@ def test_sampled_candidates(model, query_set):
         (full["choice_acc"], full["mean_rank"])
     with pytest.raises(ValueError, match="num_distractors"):
         recall.score(model, query_set, method="sampled_candidates")
+
+
+# -- Host memory: streamed queries, uint8 images. -----------------------------------------------
+
+
+def test_an_evaluation_holds_a_few_batches_in_host_memory(model, persona_dataset_dir,
+                                                          monkeypatch):
+    """48 queries in 24 batches of 2, scored twice: every batch the pipeline makes is counted,
+    and counted off when its images are freed (a weak reference); at most a few are alive at
+    any time, however many the evaluation streams."""
+    lock, counts = threading.Lock(), {"made": 0, "alive": 0, "most": 0}
+    make = pipeline._Batch.__call__
+
+    def release():
+        with lock:
+            counts["alive"] -= 1
+
+    def counting(self, elements):
+        batch = make(self, elements)
+        assert batch["images"].dtype == np.uint8  # Normalised on the device.
+        with lock:
+            counts["made"] += 1
+            counts["alive"] += 1
+            counts["most"] = max(counts["most"], counts["alive"])
+        weakref.finalize(batch["images"], release)
+        return batch
+
+    monkeypatch.setattr(pipeline._Batch, "__call__", counting)
+    scorer = recall.Scorer({"views": data_config(
+        persona_dataset_dir, ["image_to_name split=all personas=0:12"], batch_size=2)})
+    for step in range(2):
+        assert scorer(model, step)["views"]["num_scored"] == 48
+    assert counts["made"] == 2 * 24
+    # The prefetched ones, the one scored, the one before it until its device copies go, and
+    # one to spare (measured: 4; 24 with every batch read ahead).
+    assert counts["most"] <= recall.QUERY_PREFETCH_BATCHES + 3, counts
 
 
 def test_uint8_images_are_normalised_on_the_device_as_the_pipeline_does(model):

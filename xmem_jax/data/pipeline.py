@@ -79,9 +79,11 @@ prompt mode (`mode='prompt'`, for generative recall and candidate log-likelihood
 
 Global batch k holds examples [k batch_size, (k + 1) batch_size) of the stream (shuffled,
 repeated, augmented by their position in it), whatever the process count; process p reads and
-yields only its rows [p B, (p + 1) B) of it, so 1 process and N processes feed the same global
-batches. Train mode drops a last partial global batch; prompt mode pads it with padding
-examples (a lone <bos>, valid=False). Every process yields the same number of batches.
+yields only its rows [p B, (p + 1) B) of it (`process_rows`), so 1 process and N processes feed
+the same global batches. Train mode drops a last partial global batch; prompt mode pads it with
+padding examples (a lone <bos>, valid=False). Every process yields the same number of batches.
+Prompt mode can read a chosen list of examples instead of every one (`build(..., examples=...)`:
+a sample of the queries).
 
 Resuming: `iterator.get_state()` / `iterator.set_state(state)` (Grain's `DatasetIterator`)
 restore the stream exactly; the state counts global batches, so it is the same on every
@@ -104,6 +106,7 @@ import dataclasses
 import io
 import sys
 import threading
+from typing import Sequence
 
 import grain
 import ml_collections
@@ -269,6 +272,16 @@ class _ProcessRows(grain.MapDataset):
     def __str__(self) -> str:
         return (f"ProcessRows(global_batch={self._global}, rows={self._offset}:"
                 f"{self._offset + self._rows})")
+
+
+def process_rows(num_examples: int, batch_size: int, process_index: int, process_count: int
+                 ) -> list[range]:
+    """The stream positions of process `process_index`'s real rows in each global batch of a
+    one-pass stream of `num_examples` (what `_ProcessRows` reads; the rest is padding)."""
+    rows = batch_size // process_count
+    return [range(min(start + process_index * rows, num_examples),
+                  min(start + (process_index + 1) * rows, num_examples))
+            for start in range(0, num_examples, batch_size)]
 
 
 class _TaskIndex(grain.transforms.Map):
@@ -547,14 +560,18 @@ def _check_config(config, mode: str) -> None:
 
 def build(config: ml_collections.ConfigDict, mode: str = "train", *,
           process_index: int | None = None, process_count: int | None = None,
-          check_examples: int = 2) -> Pipeline:
+          check_examples: int = 2, examples: Sequence[int] | None = None) -> Pipeline:
     """Builds the pipeline for this process (process index / count default to JAX's): its
     rows of every global batch of `config.batch_size` examples.
 
     `check_examples`: per task, how many leading examples to check for exact tokenization
-    (cached pieces vs. the whole text; see `tasks.Formatter.check`).
+    (cached pieces vs. the whole text; see `tasks.Formatter.check`). `examples` (prompt mode,
+    one unshuffled pass): the example indices to read, in this order, instead of every one.
     """
     _check_config(config, mode)
+    if examples is not None and (mode != "prompt" or config.shuffle or config.num_epochs != 1):
+        raise ValueError("A list of examples is read in prompt mode, in one unshuffled pass "
+                         "(shuffle=False, num_epochs=1)")
     if process_index is None or process_count is None:
         import jax  # Only here: the pipeline itself needs no accelerator.
 
@@ -613,8 +630,10 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
                            (int(config.seed) + t) % 2**32) for t, n in enumerate(lengths)]
         ds = grain.MapDataset.mix(streams, weights=lengths)
     else:
-        ds = batches(grain.MapDataset.range(len(task_set)), int(config.seed))
-    host_examples = -(-len(task_set) // batch_size) * rows
+        ds = batches(grain.MapDataset.range(len(task_set)) if examples is None else
+                     grain.MapDataset.source([int(i) for i in examples]), int(config.seed))
+    count = len(task_set) if examples is None else len(examples)
+    host_examples = -(-count // batch_size) * rows
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(config.get("num_threads", 1)),
         prefetch_buffer_size=int(config.get("prefetch_buffer_size", 256))))

@@ -25,8 +25,8 @@ personas):
   * "sampled_candidates": the answer among `num_distractors` k other candidates drawn per query
     (the same at every evaluation): accuracy and mean rank among k + 1, chance 1/(k + 1), a
     different metric, named "sampled_choice_acc" and "sampled_mean_rank".
-  * `num_queries` (with any method): a fixed sample of queries per task; the metrics are then
-    unbiased estimates, with standard errors.
+  * `num_queries` (with any method): a fixed sample of queries per task, over all processes;
+    the metrics are then unbiased estimates, with standard errors.
 
 Measured with `python benchmarks/recall.py --counts=100,200,400,800` at 41a3686 (tiny model
 trained on 800 personas' image -> name examples; CPU seconds of one evaluation's ranking at
@@ -51,6 +51,11 @@ and its image C times).
 Chance levels: accuracy 1/C and mean rank (C + 1)/2 for C candidates, averaged over the scored
 queries (C can differ between facts); exact match 0.
 
+Host memory: a query set built from a pipeline config streams its batches from the input
+pipeline, `QUERY_PREFETCH_BATCHES` read ahead, and an evaluation holds one batch at a time; what
+is kept between evaluations is the candidates and one prompt length per query. Images travel as
+uint8 and are normalised on the device (`VLM.encode_images`).
+
 Sharding: with a mesh (given, or the one the model's parameters live on), batches are placed
 with their batch axis over the mesh axes of 'activation_batch' (('data', 'fsdp')), padded with
 invalid rows to a multiple of their size; each host scores its own rows and the metric sums are
@@ -67,7 +72,7 @@ import dataclasses
 import math
 import re
 import string
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -83,6 +88,9 @@ from xmem_jax.train import sharding
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _BATCH_KEYS = ("prompt_tokens", "prompt_length", "answer_tokens", "answer_length", "images",
                "has_image", "persona_id", "task_id", "example_id", "valid")
+# Batches a query set's pipeline reads ahead of the one being scored: enough to overlap loading
+# with scoring, and the most an evaluation holds in host memory besides that one.
+QUERY_PREFETCH_BATCHES = 2
 
 
 def normalize(text: str) -> str:
@@ -120,58 +128,90 @@ class CandidateGroup:
         return len(self.index)
 
 
-class QuerySet:
-    """Prompt-mode batches, loaded once, with each valid row's candidate group and target.
+def _answer(batch, row) -> tuple[int, ...]:
+    return tuple(int(t) for t in batch["answer_tokens"][row, :batch["answer_length"][row]])
 
-    `QuerySet.from_config(pipeline_config)` builds the pipeline (prompt mode, one pass, no
-    shuffle) and derives candidates from the dataset (see the module doc); the constructor
-    takes batches directly, with `groups[task_id]` the candidates of that task (default: the
-    distinct answers of its rows in `batches`).
+
+class QuerySet:
+    """Prompt-mode queries, each valid row with its candidate group and answer, scored batch by
+    batch (`stream`).
+
+    This class holds batches given in memory (a few: tests, small sets); `from_config` streams
+    them from the input pipeline instead (`PipelineQuerySet`), so an evaluation over any number
+    of queries holds a few batches at a time. `groups[key]` holds the candidates of the rows
+    whose `group_of(batch, row)` is key (default: their task id; default groups: the distinct
+    answers of their rows).
     """
 
     def __init__(self, batches: Iterable[Mapping[str, Any]], tokenizer, *,
                  labels: Sequence[str] | None = None,
                  groups: Mapping[Any, CandidateGroup] | None = None,
                  group_of=None, pad_id: int | None = None):
-        self.tokenizer = tokenizer
-        self.batches = [{k: np.asarray(b[k]) for k in _BATCH_KEYS if k in b} for b in batches]
-        if not self.batches:
+        self._batches = [{k: np.asarray(b[k]) for k in _BATCH_KEYS if k in b} for b in batches]
+        if not self._batches:
             raise ValueError("No batches to score")
+        group_of = group_of or (lambda batch, row: int(batch["task_id"][row]))
+        rows = [(b, r) for b in self._batches for r in np.flatnonzero(b["valid"])]
+        if groups is None:
+            keys = dict.fromkeys(group_of(b, r) for b, r in rows)
+            groups = {key: CandidateGroup.of(_answer(b, r) for b, r in rows
+                                             if group_of(b, r) == key) for key in keys}
+        task_ids = sorted({int(b["task_id"][r]) for b, r in rows})
+        labels = (list(labels) if labels is not None
+                  else [f"task{i}" for i in range(max(task_ids, default=-1) + 1)])
+        self._setup(tokenizer, labels, groups, group_of, pad_id)
+        # Valid rows per task, of this process's batches.
+        self.population = np.bincount([b["task_id"][r] for b, r in rows],
+                                      minlength=len(labels))
+
+    def _setup(self, tokenizer, labels, groups, group_of, pad_id) -> None:
+        self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
         self.stop_ids = tuple(vocab[t] for t in (END_OF_TURN, EOS) if t in vocab)
         self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
-        task_ids = sorted({int(t) for b in self.batches for t in b["task_id"][b["valid"]]})
-        self.labels = (list(labels) if labels is not None
-                       else [f"task{i}" for i in range(max(task_ids, default=-1) + 1)])
-        group_of = group_of or (lambda batch, row: int(batch["task_id"][row]))
-        rows = [(b, r, group_of(batch, r)) for b, batch in enumerate(self.batches)
-                for r in np.flatnonzero(batch["valid"])]
-        if groups is None:
-            groups = {}
-            for key in dict.fromkeys(g for _, _, g in rows):
-                groups[key] = CandidateGroup.of(self._answer(self.batches[b], r)
-                                                for b, r, g in rows if g == key)
-        keys = list(groups)
-        self.groups = [groups[k] for k in keys]
-        # Per batch: each row's group (-1 for padding rows) and its answer's candidate row.
-        self.group_index = [np.full(len(b["valid"]), -1, np.int32) for b in self.batches]
-        self.target = [np.full(len(b["valid"]), -1, np.int32) for b in self.batches]
-        position = {k: i for i, k in enumerate(keys)}
-        for b, r, key in rows:
-            if key not in position:
-                raise ValueError(f"No candidate group {key!r} for batch {b} row {r}")
-            group = groups[key]
-            answer = self._answer(self.batches[b], r)
-            if answer not in group.index:
-                raise ValueError(f"The answer {self.tokenizer.decode(answer)!r} of batch {b} row "
-                                 f"{r} is not among its {len(group)} candidates ({key!r})")
-            self.group_index[b][r] = position[key]
-            self.target[b][r] = group.index[answer]
-        self.max_answer_length = max([g.tokens.shape[1] for g in self.groups]
-                                     + [int(b["answer_length"].max()) for b in self.batches])
-        self.population = np.bincount([self.batches[b]["task_id"][r] for b, r, _ in rows],
-                                      minlength=len(self.labels))  # Valid rows per task.
+        self.labels = list(labels)
+        self.keys = list(groups)
+        self.groups = [groups[k] for k in self.keys]
+        self._position = {k: i for i, k in enumerate(self.keys)}
+        self.group_of = group_of
+        self.max_answer_length = max(g.tokens.shape[1] for g in self.groups)
         self._built = {}  # Packed candidates and tries, shared with samples (`sample`).
+
+    def stream(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+        """Each batch, with each row's candidate group (-1: a padding row) and its answer's
+        index in it, one batch at a time."""
+        for batch in self._read():
+            yield (batch, *self._resolve(batch))
+
+    def _read(self) -> Iterable[dict[str, np.ndarray]]:
+        return iter(self._batches)
+
+    def _resolve(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        group_index = np.full(len(batch["valid"]), -1, np.int32)
+        target = np.full(len(batch["valid"]), -1, np.int32)
+        for row in np.flatnonzero(batch["valid"]):
+            key = self.group_of(batch, row)
+            example = int(batch["example_id"][row])
+            if key not in self._position:
+                raise ValueError(f"No candidate group {key!r} for example {example}")
+            group = self.groups[self._position[key]]
+            answer = _answer(batch, row)
+            if answer not in group.index:
+                raise ValueError(f"The answer {self.tokenizer.decode(answer)!r} of example "
+                                 f"{example} is not among its {len(group)} candidates ({key!r})")
+            group_index[row], target[row] = self._position[key], group.index[answer]
+        return group_index, target
+
+    def longest_prompts(self) -> list[int]:
+        """Each batch's longest prompt, in stream order."""
+        return [int(b["prompt_length"].max()) for b in self._batches]
+
+    def total_population(self) -> np.ndarray:
+        """Valid queries per task over all processes (each holds its own batches)."""
+        if jax.process_count() == 1:
+            return self.population
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(self.population)).sum(axis=0)
 
     def packed(self, chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS
                ) -> decoding.PackedCandidates:
@@ -188,92 +228,139 @@ class QuerySet:
         return self._built["tries"]
 
     def sample(self, num_queries: int, seed: int = 0) -> "QuerySet":
-        """`num_queries` valid rows of each task, drawn without replacement (every row of a
-        task with fewer), in batches of the same size; `population` stays the full count, so
-        metrics over the sample estimate the full set's without bias (`score_query_set`)."""
+        """`num_queries` valid rows of each task over all processes (each process draws its
+        equal share of its own rows), without replacement (every row of a task with fewer), in
+        batches of the same size; `population` stays the full count, so metrics over the sample
+        estimate the full set's without bias (`score_query_set`)."""
+        share = math.ceil(num_queries / jax.process_count())
         rng = np.random.default_rng(seed)
-        rows = [(b, r) for b, batch in enumerate(self.batches)
+        rows = [(b, r) for b, batch in enumerate(self._batches)
                 for r in np.flatnonzero(batch["valid"])]
-        tasks = np.array([self.batches[b]["task_id"][r] for b, r in rows])
+        tasks = np.array([self._batches[b]["task_id"][r] for b, r in rows])
         chosen = sorted(int(i) for task in np.unique(tasks) for i in rng.choice(
-            np.flatnonzero(tasks == task), min(num_queries, int(np.sum(tasks == task))),
+            np.flatnonzero(tasks == task), min(share, int(np.sum(tasks == task))),
             replace=False))
-        size = len(self.batches[0]["valid"])
+        size = len(self._batches[0]["valid"])
         picked = copy.copy(self)
-        picked.batches, picked.group_index, picked.target = [], [], []
+        picked._batches = []
         for start in range(0, len(chosen), size):
             picks = [rows[i] for i in chosen[start:start + size]]
             picks += [picks[0]] * (size - len(picks))  # Padding rows, marked invalid below.
-            real = np.arange(size) < len(chosen[start:start + size])
-            batch = {k: np.stack([self.batches[b][k][r] for b, r in picks])
-                     for k in self.batches[0]}
-            batch["valid"] = real
-            picked.batches.append(batch)
-            for name in ("group_index", "target"):
-                getattr(picked, name).append(
-                    np.where(real, [getattr(self, name)[b][r] for b, r in picks], -1))
+            batch = {k: np.stack([self._batches[b][k][r] for b, r in picks])
+                     for k in self._batches[0]}
+            batch["valid"] = np.arange(size) < len(chosen[start:start + size])
+            picked._batches.append(batch)
         return picked
 
-    @staticmethod
-    def _answer(batch, row) -> tuple[int, ...]:
-        return tuple(int(t) for t in batch["answer_tokens"][row, :batch["answer_length"][row]])
+    def chance(self, task_id: int | None = None) -> dict[str, float]:
+        """Chance levels over the valid rows (of one task, or all): one pass over them."""
+        sizes = [len(self.groups[g]) for batch, group_index, _ in self.stream()
+                 for g, task in zip(group_index, batch["task_id"])
+                 if g >= 0 and task_id in (None, task)]
+        return {"exact_match": 0.0, "choice_acc": float(np.mean([1 / c for c in sizes])),
+                "mean_rank": float(np.mean([(c + 1) / 2 for c in sizes]))}
 
     @classmethod
-    def from_config(cls, pipeline_config: ml_collections.ConfigDict) -> "QuerySet":
+    def from_config(cls, pipeline_config: ml_collections.ConfigDict) -> "PipelineQuerySet":
+        """The queries of a pipeline config's tasks, streamed (`PipelineQuerySet`)."""
+        return PipelineQuerySet(pipeline_config)
+
+
+class PipelineQuerySet(QuerySet):
+    """The queries of a pipeline config's tasks, streamed from a one-pass, prompt-mode input
+    pipeline with `QUERY_PREFETCH_BATCHES` batches read ahead: no evaluation holds more.
+
+    Built once, from the dataset and without decoding an image: the candidate groups (see the
+    module doc) and every example's prompt length, so each batch's width is known before it is
+    read.
+    """
+
+    def __init__(self, pipeline_config: ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(pipeline_config.to_dict())
         config.shuffle = False
         config.num_epochs = 1
-        return cls.from_pipeline(pipeline.build(config, mode="prompt"))
-
-    @classmethod
-    def from_pipeline(cls, built: pipeline.Pipeline) -> "QuerySet":
-        """From a prompt-mode pipeline running one pass (every example once)."""
-        if built.mode != "prompt":
-            raise ValueError(f"Recall scoring needs a prompt-mode pipeline, got {built.mode!r}")
-        task_set, formatter = built.task_set, built.formatter
-        groups = dataset_candidate_groups(task_set, formatter, built.persona_dataset)
+        config.prefetch_buffer_size = min(int(config.prefetch_buffer_size),
+                                          QUERY_PREFETCH_BATCHES)
+        self.config = config
+        self._pipeline = pipeline.build(config, mode="prompt")
+        task_set, formatter = self._pipeline.task_set, self._pipeline.formatter
+        self.task_set = task_set
+        dataset = self._pipeline.persona_dataset
+        groups, self.prompt_lengths = _scan_examples(task_set, formatter, dataset)
 
         def group_of(batch, row):
             ref = task_set.locate(int(batch["example_id"][row]))
             return (ref.task_id, ref.fact if task_set.specs[ref.task_id].kind in
                     task_lib.ASKING_KINDS else None)
 
-        return cls(built.dataset, built.tokenizer, labels=[spec.label for spec in task_set.specs],
-                   groups=groups, group_of=group_of, pad_id=formatter.pad_id)
+        self._setup(self._pipeline.tokenizer, [spec.label for spec in task_set.specs], groups,
+                    group_of, formatter.pad_id)
+        self.population = np.array([task_set.task_length(t)
+                                    for t in range(len(task_set.specs))])  # Every process's.
+        self.examples = np.arange(len(task_set))  # Those streamed, in order.
+        self._samples = {}
 
-    def chance(self, task_id: int | None = None) -> dict[str, float]:
-        """Chance levels over the valid rows (of one task, or all)."""
-        sizes = [len(self.groups[g]) for gi in self.group_index for g in gi[gi >= 0]]
-        if task_id is not None:
-            sizes = [len(self.groups[g]) for b, gi in zip(self.batches, self.group_index)
-                     for g in gi[(gi >= 0) & (b["task_id"] == task_id)]]
-        return {"exact_match": 0.0, "choice_acc": float(np.mean([1 / c for c in sizes])),
-                "mean_rank": float(np.mean([(c + 1) / 2 for c in sizes]))}
+    def _read(self) -> Iterable[dict[str, np.ndarray]]:
+        return iter(self._pipeline)
+
+    def longest_prompts(self) -> list[int]:
+        lengths = self.prompt_lengths[self.examples]
+        return [int(lengths[rows].max()) if len(rows) else 1  # Padding rows: a lone <bos>.
+                for rows in pipeline.process_rows(len(lengths), int(self.config.batch_size),
+                                                  jax.process_index(), jax.process_count())]
+
+    def total_population(self) -> np.ndarray:
+        return self.population
+
+    def sample(self, num_queries: int, seed: int = 0) -> "PipelineQuerySet":
+        """`num_queries` queries of each task over all processes (the same draw in each),
+        without replacement (every query of a task with fewer), streamed from a pipeline over
+        them alone; `population` stays the full count (see `QuerySet.sample`). Drawn and
+        built once per (num_queries, seed)."""
+        if (num_queries, seed) not in self._samples:
+            rng = np.random.default_rng(seed)
+            tasks = np.searchsorted(self.task_set.offsets, self.examples, side="right") - 1
+            chosen = sorted(int(i) for task in np.unique(tasks) for i in rng.choice(
+                np.flatnonzero(tasks == task), min(num_queries, int(np.sum(tasks == task))),
+                replace=False))
+            picked = copy.copy(self)
+            picked.examples = self.examples[chosen]
+            picked._pipeline = pipeline.build(self.config, mode="prompt",
+                                              examples=picked.examples)
+            self._samples[num_queries, seed] = picked
+        return self._samples[num_queries, seed]
 
 
-def dataset_candidate_groups(task_set: task_lib.TaskSet, formatter: task_lib.Formatter, dataset
-                             ) -> dict[tuple[int, str | None], CandidateGroup]:
-    """Per (task id, fact or attribute): every value it can take; per (task id, None): every
-    distinct answer of the task's examples (names, or captioning's training descriptions) over
-    its personas."""
+def _scan_examples(task_set: task_lib.TaskSet, formatter: task_lib.Formatter, dataset
+                   ) -> tuple[dict[tuple[int, str | None], CandidateGroup], np.ndarray]:
+    """The candidate groups: per (task id, fact or attribute), every value it can take; per
+    (task id, None), every distinct answer of the task's examples (names, or captioning's
+    training descriptions) over its personas. And every example's prompt length. Each
+    persona's record is read once and no image is decoded."""
     groups = {}
+    lengths = np.zeros(len(task_set), np.int32)
     eot = [formatter.end_of_turn_id]
     for task_id, spec in enumerate(task_set.specs):
+        answers, record, persona = [], None, None
+        start = task_set.offsets[task_id]
+        for index in range(start, start + task_set.task_length(task_id)):
+            ref = task_set.locate(index)
+            example = formatter.format_without_record(ref)
+            if example is None:
+                if ref.persona != persona:
+                    persona, record = ref.persona, dataset[ref.persona]
+                example = formatter.format(ref, record)
+            lengths[index] = len(example.prompt)
+            if spec.kind not in task_lib.ASKING_KINDS:
+                answers.append(example.answer)
         if spec.kind in task_lib.ASKING_KINDS:
             for asked in spec.asked:
                 values = task_lib.QUESTIONS[asked][1]
                 groups[task_id, asked] = CandidateGroup.of(
                     ids + eot for ids in formatter.encode_batch(list(values)))
-            continue
-        answers, record, persona = [], None, None
-        start = task_set.offsets[task_id]
-        for index in range(start, start + task_set.task_length(task_id)):
-            ref = task_set.locate(index)
-            if ref.persona != persona:
-                persona, record = ref.persona, dataset[ref.persona]
-            answers.append(formatter.format(ref, record).answer)
-        groups[task_id, None] = CandidateGroup.of(answers)
-    return groups
+        else:
+            groups[task_id, None] = CandidateGroup.of(answers)
+    return groups, lengths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,19 +466,17 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
     if method != "exhaustive" and choice and jax.process_count() > 1:
         raise NotImplementedError(f"method={method!r} ranks on one host; across hosts use "
                                   "'exhaustive', with num_queries to bound its cost")
-    if num_queries:  # Each process holds an equal share of the queries and samples its share.
-        queries = queries.sample(math.ceil(num_queries / jax.process_count()), seed)
+    if num_queries:
+        queries = queries.sample(num_queries, seed)
     if max_new_tokens is None:
         max_new_tokens = queries.max_answer_length + 2
-    longest = {int(b["prompt_length"].max()) for b in queries.batches}
-    if len(longest) <= exact_widths:
+    if len(set(queries.longest_prompts())) <= exact_widths:
         buckets = None
     place = _Placement(mesh if mesh is not None else model_mesh(model))
     exhaustive_tokens = _exhaustive_tokens(queries.packed(chunk_tokens)) if choice else None
     sums = np.zeros((len(queries.labels), len(_SUMS)), np.float64)
     with place.context():
-        for batch, group_index, target in zip(queries.batches, queries.group_index,
-                                              queries.target):
+        for batch, group_index, target in queries.stream():
             valid = batch["valid"]
             rows = place.shards * math.ceil(len(valid) / place.shards)
             width, any_image = place.agree(
@@ -428,12 +513,10 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
                     fed = np.where(group_index >= 0, exhaustive_tokens[group_index], 0)
             _accumulate(sums, queries, batch, group_index, out, ranks, fed, allowed,
                         exhaustive_tokens)
-    population_of = queries.population
+    population_of = queries.total_population()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
-        # Each process holds its own rows: the population is theirs together.
-        population_of = np.asarray(multihost_utils.process_allgather(population_of)).sum(axis=0)
     acc, rank = METHODS[method]
     results = {}
     for task_id, label in enumerate(queries.labels):
@@ -633,8 +716,9 @@ def _single(results: dict[str, dict], name: str) -> dict:
 class Scorer:
     """`scorer(model, step) -> {name: metrics}`: the trainer's periodic evaluation hook.
 
-    Each pipeline config holds one task; its queries and candidates are loaded once. `kwargs`
-    go to `score_query_set` (e.g. a study config's `scoring`: method, num_queries, ...).
+    Each pipeline config holds one task; its candidates are read once and its queries streamed
+    at every evaluation. `kwargs` go to `score_query_set` (e.g. a study config's `scoring`:
+    method, num_queries, ...).
     """
 
     def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict], **kwargs):
