@@ -25,7 +25,8 @@ def spec_of(**overrides):
     return personas.GeneratorSpec.from_config(small_config(**overrides))
 
 
-def dataset_files(root: Path) -> dict[str, bytes]:
+def dataset_files(root) -> dict[str, bytes]:
+    root = Path(root)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -101,6 +102,32 @@ def test_crash_mid_shard_leaves_no_complete_looking_dataset(tmp_path, monkeypatc
     assert not (tmp_path / schema.DATASET_NAME / schema.VERSION).exists()
     with pytest.raises(source.DatasetError, match="not finished"):
         source.open_dataset(tmp_path)
+
+
+def test_crash_mid_move_leaves_no_complete_looking_dataset_and_a_rerun_finishes(
+        generated, tmp_path, monkeypatch):
+    """The finished files move into the version folder one by one (as a bucket moves them),
+    dataset_info.json last; a crash between two moves leaves a folder readers refuse."""
+    moved = []
+
+    def crash_on_the_third(source, target):
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(target)
+        move(source, target)
+
+    move = dataset.files.move
+    monkeypatch.setattr(dataset.files, "move", crash_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.generate(small_config(), tmp_path)
+    final = tmp_path / schema.DATASET_NAME / schema.VERSION
+    assert len(dataset_files(final)) == 2 and not (final / "dataset_info.json").exists()
+    with pytest.raises(source.DatasetError, match="not finished"):
+        source.open_dataset(tmp_path)
+    monkeypatch.setattr(dataset.files, "move", move)
+    assert str(dataset.generate(small_config(), tmp_path)) == str(final)
+    assert dataset_files(final) == dataset_files(generated)
+    assert not (tmp_path / schema.DATASET_NAME / f"{schema.VERSION}.incomplete").exists()
 
 
 def test_records_hold_every_field(generated):

@@ -379,12 +379,3 @@ distributed.primary_first(build, what="dataset {tmp_path}/data")
     assert code0 != 0 and "OSError: disk full" in output0
     assert code1 != 0
     assert f"Process 0 failed (dataset {tmp_path}/data): OSError: disk full" in output1
-
-
-def test_atomic_writes_replace_an_existing_file(tmp_path):
-    """A rerun (or a second run sharing a base) rewrites results files in place."""
-    path = tmp_path / "results.json"
-    distributed.write_text_atomically(path, "first")
-    distributed.write_text_atomically(path, "second")
-    assert path.read_text() == "second"
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # No temporary left.

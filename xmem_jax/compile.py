@@ -30,9 +30,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from xmem_jax.aot import fit
@@ -69,7 +69,7 @@ def main(argv):
     except ValueError as e:  # A bad name, mesh or batch: the message says what to change.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out = Path(_OUT.value)
+    out = epath.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     report["command"] = "python -m xmem_jax.compile " + " ".join(sys.argv[1:])
     report["commit"] = commit

@@ -263,11 +263,3 @@ def _batch_fields(config: Any, prefix: str) -> Iterable[tuple[str, int]]:
                                          or key.endswith("eval_batch_size")):
             yield name, value
 
-
-def write_text_atomically(path: epath.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file renamed into place, so a crash leaves
-    the old file or none, never a truncated one that looks complete."""
-    path = epath.Path(path)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    temporary.write_text(text)
-    temporary.replace(path)  # Overwrites: a rerun or a second writer replaces the file.

@@ -30,15 +30,15 @@ import json
 import shlex
 import statistics
 import sys
-from pathlib import Path
 from typing import Callable, Iterator
 
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from xmem_jax import experiments  # Light: the experiment modules load when a point runs.
-from xmem_jax import provenance
+from xmem_jax import files, provenance
 
 MODALITIES = ("image", "description")
 
@@ -103,7 +103,7 @@ def point_row(point: dict, results: dict) -> dict:
 
 
 def read_finished(point: dict, config: ml_collections.ConfigDict,
-                  workdir: Path) -> dict | None:
+                  workdir: epath.Path) -> dict | None:
     """The point's results.json if it has finished (warning when another config made it)."""
     results_path = workdir / point["name"] / "results.json"
     if not results_path.exists():
@@ -115,12 +115,12 @@ def read_finished(point: dict, config: ml_collections.ConfigDict,
     return results
 
 
-def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str | Path, command: str,
+def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str,
               run_fn: Callable[..., dict] = experiments.run) -> list[dict]:
     """Runs every point not yet done (`run_fn(config, point_workdir, command)`, which writes
     the point's results.json), reads back the others, writes sweep.json, sweep.md and
     sweep.png, and returns the rows."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     rows = []
     for point, config in zip(sweep_config.points, point_configs(sweep_config)):
         name = point["name"]
@@ -135,7 +135,7 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str | Path, comm
     return rows
 
 
-def list_points(sweep_config: ml_collections.ConfigDict, workdir: str | Path | None) -> str:
+def list_points(sweep_config: ml_collections.ConfigDict, workdir: epath.PathLike | None) -> str:
     """One line a point: its index (for --point), name, swept value and overrides, and with a
     workdir whether it has finished there."""
     point_configs(sweep_config)  # A bad override fails here, not on the slice that runs it.
@@ -145,7 +145,7 @@ def list_points(sweep_config: ml_collections.ConfigDict, workdir: str | Path | N
                              for key, value in point.get("overrides", {}).items())
         status = None
         if workdir is not None:
-            done = (Path(workdir) / point["name"] / "results.json").exists()
+            done = (epath.Path(workdir) / point["name"] / "results.json").exists()
             status = "done  " if done else "to run"
         lines.append("  ".join(part for part in (
             f"{index:>3}", status, f"{point['name']:<20}",
@@ -158,11 +158,12 @@ def cache_lock(cache_dir: str) -> Iterator[None]:
     """Holds `<cache_dir>/build.lock` exclusively (process 0 of a job; its other processes
     follow it through the build's own barriers), so that sweep points started at the same
     time build the shared dataset and base model once, not into each other's files. The
-    lock is the kernel's (flock): a run that dies releases it. A bucket has none: there it
+    lock is the kernel's (flock): a run that dies releases it. A bucket has no such lock (one
+    made of an object would outlive a preempted slice and stop every other point): there it
     only warns."""
     from xmem_jax import distributed
 
-    if "://" in cache_dir:
+    if not files.is_local(cache_dir):
         logging.warning(
             "config.experiment.cache_dir=%s is a bucket, which has no file locks: points that "
             "share it must not build it at the same time. Give each point its own cache_dir "
@@ -173,7 +174,7 @@ def cache_lock(cache_dir: str) -> Iterator[None]:
     if not distributed.is_primary():
         yield
         return
-    path = Path(cache_dir) / "build.lock"
+    path = epath.Path(cache_dir) / "build.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as lock:
         try:
@@ -201,7 +202,7 @@ def build_shared_caches(config: ml_collections.ConfigDict) -> None:
         study.train_base(config, setup.data_dir, setup.model_config, unpaired=True)
 
 
-def run_point(sweep_config: ml_collections.ConfigDict, index: int, workdir: str | Path,
+def run_point(sweep_config: ml_collections.ConfigDict, index: int, workdir: epath.PathLike,
               command: str, run_fn: Callable[..., dict] = experiments.run,
               build_fn: Callable[[ml_collections.ConfigDict], None] = build_shared_caches
               ) -> dict:
@@ -212,7 +213,7 @@ def run_point(sweep_config: ml_collections.ConfigDict, index: int, workdir: str 
         raise ValueError(f"--point={index} is out of range: the sweep has {len(configs)} "
                          f"points, 0 to {len(configs) - 1} (--points lists them)")
     point, config = sweep_config.points[index], configs[index]
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     results = read_finished(point, config, workdir)
     if results is not None:
         print(f"Point {index} ({point['name']}): done, {workdir / point['name']} holds its "
@@ -225,11 +226,11 @@ def run_point(sweep_config: ml_collections.ConfigDict, index: int, workdir: str 
     return run_fn(config, workdir / point["name"], f"{command} (point {point['name']})")
 
 
-def aggregate(sweep_config: ml_collections.ConfigDict, workdir: str | Path,
+def aggregate(sweep_config: ml_collections.ConfigDict, workdir: epath.PathLike,
               command: str) -> tuple[list[dict], list[str]]:
     """Writes sweep.json, sweep.md and sweep.png from the points that have finished; returns
     their rows and the names of the others (named in sweep.md too)."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     rows, missing = [], []
     for point, config in zip(sweep_config.points, point_configs(sweep_config)):
         results = read_finished(point, config, workdir)
@@ -292,7 +293,7 @@ def markdown(rows: list[dict], sweep_config: ml_collections.ConfigDict, command:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], sweep_config: ml_collections.ConfigDict, path: Path) -> None:
+def plot(rows: list[dict], sweep_config: ml_collections.ConfigDict, path: epath.Path) -> None:
     """Source and target choice accuracy against x, with chance per point (it changes with the
     persona count), and any summary values."""
     import matplotlib
@@ -328,11 +329,11 @@ def plot(rows: list[dict], sweep_config: ml_collections.ConfigDict, path: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], sweep_config: ml_collections.ConfigDict, workdir: Path,
+def write_outputs(rows: list[dict], sweep_config: ml_collections.ConfigDict, workdir: epath.Path,
                   command: str, missing: list[str] = ()) -> None:
     """sweep.json, sweep.md and sweep.png (process 0 writes them; the others wait)."""
     from xmem_jax import distributed

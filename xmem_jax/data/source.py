@@ -1,18 +1,20 @@
 """Opens a generated persona dataset for random access, without TensorFlow.
 
-Every failure names the directory and says what to do, since a dataset is often produced by one
-job and read by another, possibly much later.
+A dataset in a bucket (gs://...) is read where it is: TFDS reads its metadata through epath, and
+ArrayRecord's reader opens gs:// shards itself (with Google's default credentials). Every
+failure names the directory and says what to do, since a dataset is often produced by one job
+and read by another, possibly much later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import grain
 import tensorflow_datasets as tfds
+from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
 from data_gen.attributes import ATTRIBUTE_NAMES, FACT_NAMES
@@ -59,7 +61,7 @@ class PersonaRecord:
 
 @dataclasses.dataclass(frozen=True)
 class PersonaDataset:
-    path: Path
+    path: epath.Path
     records: Any  # Random access to serialized records (an ArrayRecord data source).
     generator_config: dict
     image_size: int
@@ -68,14 +70,14 @@ class PersonaDataset:
         return PersonaRecord.parse(self.records[index])
 
     @property
-    def tokenizer_dir(self) -> Path:
+    def tokenizer_dir(self) -> epath.Path:
         return self.path / schema.TOKENIZER_SUBDIR
 
     def __len__(self) -> int:
         return len(self.records)
 
 
-def _version_dir(path: Path) -> Path:
+def _version_dir(path: epath.Path) -> epath.Path:
     """Accepts the generator's --out_dir, its xmem_personas/ folder, or a version folder."""
     if not path.exists():
         raise DatasetError(f"Dataset directory {path} does not exist. Generate one with "
@@ -85,7 +87,10 @@ def _version_dir(path: Path) -> Path:
         return path
     root = path / schema.DATASET_NAME if (path / schema.DATASET_NAME).is_dir() else path
     versions = sorted(p.name for p in root.iterdir() if p.is_dir() and "." in p.name)
-    finished = [v for v in versions if not v.endswith(".incomplete")]
+    # The generator moves a version's files in from `<version>.incomplete`, dataset_info.json
+    # last (data_gen.dataset).
+    finished = [v for v in versions if not v.endswith(".incomplete")
+                and (root / v / "dataset_info.json").exists()]
     if not finished:
         hint = (" Its generation has not finished (shards missing): rerun the generator."
                 if versions else "")
@@ -99,8 +104,8 @@ def _version_dir(path: Path) -> Path:
     return root / supported[-1]
 
 
-def open_dataset(path: str | Path) -> PersonaDataset:
-    version_dir = _version_dir(Path(path))
+def open_dataset(path: epath.PathLike) -> PersonaDataset:
+    version_dir = _version_dir(epath.Path(path))
     try:
         info = json.loads((version_dir / "dataset_info.json").read_text())
         version = info["version"]

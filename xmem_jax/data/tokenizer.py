@@ -7,12 +7,14 @@ for the tiny model and for real checkpoints.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 import tokenizers
 import transformers
+from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from xmem_jax import files
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -41,13 +43,15 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> transformers.PreT
     )
 
 
-def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
-    """Loads the tokenizer saved in `path` (ours, or a model's own tokenizer files)."""
-    path = Path(path)
+def load_tokenizer(path: epath.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """Loads the tokenizer saved in `path` (ours, or a model's own tokenizer files), a local
+    directory or a bucket's."""
+    path = epath.Path(path)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(
             f"No tokenizer in {path}: expected tokenizer.json or tokenizer.model there")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    with files.local_directory(path) as local:  # Hugging Face reads local folders only.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(local))
     missing = [t for t in (PAD, EOS, BOS, IMAGE_TOKEN) if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"Tokenizer in {path} lacks the special tokens {missing}")

@@ -15,9 +15,9 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 EXPERIMENTS = {"transfer": ("study", "run"), "directions": ("study", "run_directions"),
                "multihop": ("multihop", "run"), "unlearning": ("unlearning", "run"),
@@ -25,7 +25,7 @@ EXPERIMENTS = {"transfer": ("study", "run"), "directions": ("study", "run_direct
                "alignment": ("alignment", "run")}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
     name = config.get("experiment", "transfer")
     if name not in EXPERIMENTS:
         raise ValueError(f"Unknown experiment {name!r} (config.experiment); known: "
@@ -38,10 +38,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
 def use_compilation_cache(cache_dir: str | None) -> None:
     """Keeps compiled XLA programs in `<cache_dir>/xla` (JAX's persistent compilation cache), so
     a rerun, or another run sharing the cache, loads them instead of compiling again: ~30 s of
-    a cached default run on a CPU. Call it before anything compiles; '' or None: no cache."""
+    a cached default run on a CPU. A bucket works too (JAX reads it through epath). Call it
+    before anything compiles; '' or None: no cache."""
     if not cache_dir:
         return
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / "xla"))
+    jax.config.update("jax_compilation_cache_dir", str(epath.Path(cache_dir) / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -11,12 +11,12 @@ fine-tuning will build on).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from xmem_jax import distributed
@@ -64,9 +64,9 @@ def retrieval(image_states: np.ndarray, image_ids: np.ndarray, text_states: np.n
     return {"accuracy": float(np.mean(rank == 1)), "mean_rank": float(rank.mean())}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
     setup = study.prepare(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = study.model_fn(config, setup.model_config)()
     nnx.update(model, setup.base_state)
@@ -85,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     return results
 
 
-def write_report(results: dict, workdir: Path) -> None:
+def write_report(results: dict, workdir: epath.Path) -> None:
     lines = ["# Is there a modality-shared persona code? (image -> description retrieval)", "",
              f"Command: `{results['command']}`", "",
              "Held-out image prompts matched to the nearest persona's mean held-out description "

@@ -25,9 +25,9 @@ share of the gradient (`loss_weights`); `none` trains on the study names alone.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from xmem_jax import distributed
 from xmem_jax.data import pipeline, source as data_source, tasks
@@ -95,10 +95,10 @@ def check_config(config) -> None:
                          f"{config.mitigation.study_share!r} must be in (0, 1)")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
     check_config(config)
     setup = study.prepare(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     source, target = config.train_modality, other_modality(config.train_modality)
     methods = [m for m in config.mitigation.methods
                if not (source != "image" and m in STUDY_ONLY_IMAGES)]
@@ -143,14 +143,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     return results
 
 
-def write_report(results: dict, workdir: Path) -> None:
+def write_report(results: dict, workdir: epath.Path) -> None:
     source = results["train_modality"]
     target = other_modality(source)
     several = len(results["seeds"]) > 1
     chance = {m: results["chance"] for m in MODALITIES}
     report.plot_curves({f"{method}: trained on {source}s": r["curves"]
                         for method, r in results["methods"].items()},
-                       [source, target], chance, Path(workdir) / "curves.png",
+                       [source, target], chance, epath.Path(workdir) / "curves.png",
                        "fine-tuning step")
     lines = [
         f"# Mitigation: trained on {source}s, with and without each method", "",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import collections
 import time
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from xmem_jax import distributed
 from xmem_jax.data import source as data_source
@@ -42,7 +42,7 @@ def train_tasks(config) -> list[str]:
             f"name_to_fact {personas} facts={fact} repeat={config.multihop.fact_repeat}"]
 
 
-def frequency_baseline(data_dir: Path, personas, fact: str) -> float:
+def frequency_baseline(data_dir: epath.Path, personas, fact: str) -> float:
     """The choice accuracy of always answering the most common `fact` value of `personas` (a
     range): the fair chance level when values are unevenly spread (birth cities among 100
     personas: 34 distinct, the most common 5 times, so 0.05 against 1/40 uniform). Every
@@ -53,9 +53,9 @@ def frequency_baseline(data_dir: Path, personas, fact: str) -> float:
     return counts.most_common(1)[0][1] / sum(counts.values())
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
     setup = study.prepare(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     source, target = config.train_modality, other_modality(config.train_modality)
     names = list(eval_tasks(config))
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     return results
 
 
-def write_report(results: dict, workdir: Path) -> None:
+def write_report(results: dict, workdir: epath.Path) -> None:
     source = results["train_modality"]
     target = other_modality(source)
     names = [f"{source}_to_fact", f"{target}_to_fact", "name_to_fact", f"{source}_to_name",
@@ -91,7 +91,7 @@ def write_report(results: dict, workdir: Path) -> None:
     std = results["recall_std"] if len(results["seeds"]) > 1 else None
     report.plot_curves({f"trained: {source} -> name, name -> {results['fact']}":
                         results["curves"]}, names, results["chance"],
-                       Path(workdir) / "curves.png", "fine-tuning step")
+                       epath.Path(workdir) / "curves.png", "fine-tuning step")
     lines = [
         f"# Multi-hop: names taught through {source}s, the fact `{results['fact']}` in text",
         "", f"Command: `{results['command']}`", "",

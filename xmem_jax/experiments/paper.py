@@ -9,16 +9,16 @@ the paper's claims (`xmem_jax.report.findings`).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from xmem_jax import distributed, experiments
 from xmem_jax.report import findings
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
-    workdir = Path(workdir)
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
+    workdir = epath.Path(workdir)
     timings = {}
     for name in config.order:
         start = time.perf_counter()

@@ -21,15 +21,15 @@ import dataclasses
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from data_gen import dataset as data_writer
-from xmem_jax import distributed
+from xmem_jax import distributed, files
 from xmem_jax.data import pipeline, source, tasks
 from xmem_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from xmem_jax.model import hf, lora
@@ -78,8 +78,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                   "used to choose a setting")
 
 
-def ensure_dataset(config: ml_collections.ConfigDict) -> Path:
-    out_dir = Path(config.cache_dir) / "data" / config_hash(config.data)
+def ensure_dataset(config: ml_collections.ConfigDict) -> epath.Path:
+    out_dir = epath.Path(config.cache_dir) / "data" / config_hash(config.data)
     # Process 0 writes it; the others then find it whole (several processes: a shared cache_dir).
     path = distributed.primary_first(lambda: data_writer.generate(config.data, out_dir),
                                      what=f"dataset {out_dir}")
@@ -88,7 +88,7 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> Path:
     return path
 
 
-def pipeline_config(config, data_dir: Path, model_config: VLMConfig, task_entries,
+def pipeline_config(config, data_dir: epath.Path, model_config: VLMConfig, task_entries,
                     batch_size: int, *, train: bool) -> ml_collections.ConfigDict:
     section = pipeline.default_config()
     section.data_dir = str(data_dir)
@@ -161,7 +161,7 @@ def eval_tasks_of(config) -> dict[str, str]:
             for m in MODALITIES}
 
 
-def curves_from_log(workdir: Path, names=MODALITIES) -> list[dict]:
+def curves_from_log(workdir: epath.Path, names=MODALITIES) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["step"], **{n: r[n] for n in names}} for r in rows
             if r["kind"] == "eval"]
@@ -196,10 +196,10 @@ def seeded(config, seed: int) -> ml_collections.ConfigDict:
     return copy
 
 
-def finetune_and_score(config, data_dir: Path, model_config: VLMConfig, workdir: Path,
-                       initial_state: nnx.State | None, *, train_tasks=None, eval_tasks=None,
-                       train_iter=None, train_config=None, loss_normalization: str = "token",
-                       **train_kwargs) -> list[dict]:
+def finetune_and_score(config, data_dir: epath.Path, model_config: VLMConfig,
+                       workdir: epath.Path, initial_state: nnx.State | None, *,
+                       train_tasks=None, eval_tasks=None, train_iter=None, train_config=None,
+                       loss_normalization: str = "token", **train_kwargs) -> list[dict]:
     """Fine-tunes on `train_tasks` (default: the study personas in `train_modality`) and
     scores `eval_tasks` ({name: task entry}, default `eval_tasks_of(config)`) every `eval_every`
     steps; returns the recall curves. `train_iter` replaces the pipeline of `train_tasks`,
@@ -235,8 +235,8 @@ def base_personas(config, kind: str, *, unpaired: bool = False) -> tuple[int, in
     return (start, middle) if kind in tasks.IMAGE_KINDS else (middle, stop)
 
 
-def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: bool = False,
-               ) -> tuple[nnx.State, dict]:
+def train_base(config, data_dir: epath.Path, model_config: VLMConfig, *,
+               unpaired: bool = False) -> tuple[nnx.State, dict]:
     """The base model: world personas in both modalities (cached by its config), and its
     held-out recall of `base_eval_personas` (world personas) in both modalities: if the base
     does not recall held-out views of the personas it was trained on, fine-tuning it cannot
@@ -250,7 +250,7 @@ def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: boo
     key = config_hash(data, model, config.base, config.base_tasks,
                       config.world_personas, config.max_length, config.seed,
                       config.batch_by_task, config.augment, *(["unpaired"] if unpaired else []))
-    workdir = Path(config.cache_dir) / "base" / key
+    workdir = epath.Path(config.cache_dir) / "base" / key
     entries = [f"{entry} {_range(base_personas(config, entry.split()[0], unpaired=unpaired))}"
                for entry in config.base_tasks]
     train_pipeline = pipeline.build(pipeline_config(
@@ -271,7 +271,7 @@ def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: boo
                                config.eval_batch_size, train=False)
             for m in MODALITIES}, **config.scoring.to_dict())
         scores = scorer(result.model, config.base.num_steps)  # Every process scores its rows.
-        distributed.on_primary(distributed.write_text_atomically, recall_path,
+        distributed.on_primary(files.write_text_atomically, recall_path,
                                json.dumps(scores, indent=1))
     return nnx.state(result.model), json.loads(recall_path.read_text())
 
@@ -280,7 +280,7 @@ def train_base(config, data_dir: Path, model_config: VLMConfig, *, unpaired: boo
 class Setup:
     """What every experiment starts from: the dataset, the model's architecture and the
     pretrained weights (the cached base model, or a Hugging Face checkpoint)."""
-    data_dir: Path
+    data_dir: epath.Path
     model_config: VLMConfig
     base_state: nnx.State
     base_recall: dict | None  # Held-out recall of world personas (None for a checkpoint).
@@ -306,7 +306,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         base_recall = None
     else:
         print(f"Base model: world personas in both modalities (cached in "
-              f"{Path(config.cache_dir) / 'base'})", flush=True)
+              f"{epath.Path(config.cache_dir) / 'base'})", flush=True)
         base_state, base_recall = train_base(config, data_dir, model_config)
     timings["base"] = time.perf_counter() - start
     return Setup(data_dir, model_config, base_state, base_recall, timings)
@@ -319,7 +319,7 @@ def seed_summary(per_seed: list[dict]) -> dict:
             "curves": mean_curves([r["curves"] for r in per_seed])}
 
 
-def finetune_seeds(config, setup: Setup, workdir: Path, names, **kwargs) -> list[dict]:
+def finetune_seeds(config, setup: Setup, workdir: epath.Path, names, **kwargs) -> list[dict]:
     """`finetune_and_score` from the base once per seed of `config.seeds`, in
     `workdir/seed_<s>`: each run's seed, final recall of the eval tasks `names`, and curves."""
     per_seed = []
@@ -338,7 +338,7 @@ def provenance(config, setup: Setup, command: str) -> dict:
             "config": config.to_dict()}
 
 
-def pixel_lookup(data_dir: Path, personas, image_size: int) -> dict:
+def pixel_lookup(data_dir: epath.Path, personas, image_size: int) -> dict:
     """Identifies each held-out view of `personas` (a range) by the nearest training view of
     those personas in raw pixels (`nearest_view`, L2), or by the nearest persona's mean training
     view (`nearest_mean`), at `image_size` as the pipeline resizes them: no learning, so image
@@ -370,11 +370,11 @@ def with_personas(config, personas) -> ml_collections.ConfigDict:
     return copy
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
     """The transfer study, for each of `config.seeds`, on the test personas (`recall`) and on
     the development ones (`dev_recall`); the unpaired control runs the first seed."""
     setup = prepare(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings = setup.timings
     print(f"Fine-tuning on the study personas' {config.train_modality}s", flush=True)
@@ -455,11 +455,11 @@ def chance(personas) -> dict:
     return {"exact_match": 0.0, "choice_acc": 1.0 / count, "mean_rank": (count + 1) / 2}
 
 
-def run_directions(config: ml_collections.ConfigDict, workdir: str | Path, command: str,
+def run_directions(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str,
                    ) -> dict:
     """The transfer study in each direction of `config.directions` (one subdirectory each),
     with a combined report: the `directions` experiment."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     runs = {}
     for modality in config.directions:
         directed = ml_collections.ConfigDict(config.to_dict())

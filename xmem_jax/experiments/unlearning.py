@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from xmem_jax import distributed
@@ -115,14 +115,14 @@ def forget_retain_iter(config, setup: study.Setup) -> ForgetRetainBatches:
     return ForgetRetainBatches(*streams)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
     section = config.unlearning
     if section.modality not in MODALITIES:
         raise ValueError(f"Invalid unlearning config: unlearning.modality={section.modality!r}; "
                          f"known: {', '.join(MODALITIES)}")
     names = list(eval_tasks(config))
     setup = study.prepare(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     start = time.perf_counter()
     learned = {}
     for seed in config.seeds:  # 1. Learn both modalities.
@@ -169,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, command: str) ->
     return results
 
 
-def learned_model_state(config, setup: study.Setup, learn_dir: Path) -> nnx.State:
+def learned_model_state(config, setup: study.Setup, learn_dir: epath.Path) -> nnx.State:
     """The model at the end of the learn stage (restored from its final checkpoint, which
     holds the trained weights; the frozen ones are the base's)."""
     result = trainer.train(study.finetune_config(config), learn_dir,
@@ -178,14 +178,15 @@ def learned_model_state(config, setup: study.Setup, learn_dir: Path) -> nnx.Stat
     return nnx.state(result.model)
 
 
-def write_report(results: dict, workdir: Path) -> None:
+def write_report(results: dict, workdir: epath.Path) -> None:
     unlearned = results["unlearn_modality"]
     other = other_modality(unlearned)
     names = [f"{s}/{m}" for s in SETS for m in (unlearned, other)]
     several = len(results["seeds"]) > 1
     report.plot_curves({f"{method} (unlearn via {unlearned}s)": r["curves"]
                         for method, r in results["methods"].items()},
-                       names, results["chance"], Path(workdir) / "curves.png", "unlearning step")
+                       names, results["chance"], epath.Path(workdir) / "curves.png",
+                       "unlearning step")
     first = next(iter(results["methods"].values()))
     rows = [("learned (before unlearning)", first["learned"], None)]
     rows += [(method, r["recall"], r["recall_std"] if several else None)

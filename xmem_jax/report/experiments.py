@@ -7,12 +7,14 @@ Like `report.study`, everything is drawn from the results dict alone, which is a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from xmem_jax import files  # noqa: E402
 
 
 def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
@@ -30,7 +32,7 @@ def recall_table(rows: list[tuple[str, dict, dict | None]], names: list[str],
     return lines
 
 
-def plot_curves(runs: dict[str, list[dict]], names: list[str], chance: dict, path: Path,
+def plot_curves(runs: dict[str, list[dict]], names: list[str], chance: dict, path: epath.Path,
                 xlabel: str, metric: str = "choice_acc") -> None:
     """One panel per run: `metric` of each named eval task against steps, chance dashed."""
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1, 3.8), sharey=True,
@@ -50,11 +52,11 @@ def plot_curves(runs: dict[str, list[dict]], names: list[str], chance: dict, pat
     axes[0][0].set_ylabel(f"{metric} (dotted: chance)")
     axes[0][-1].legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 
-def write(results: dict, workdir: str | Path, lines: list[str]) -> None:
-    workdir = Path(workdir)
+def write(results: dict, workdir: epath.PathLike, lines: list[str]) -> None:
+    workdir = epath.Path(workdir)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

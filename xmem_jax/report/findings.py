@@ -11,16 +11,16 @@ as such, with the numbers; a claim whose experiment has not run says "not run".
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 NOT_RUN = ("not run", "-")
 # The committed base-seed sweeps of the default study (xmem_jax.report.docs renders them).
-BASE_SEEDS = Path(__file__).resolve().parents[2] / "docs" / "results" / "study"
+BASE_SEEDS = epath.Path(__file__).resolve().parents[2] / "docs" / "results" / "study"
 
 
-def _load(workdir: Path, experiment: str) -> dict | None:
+def _load(workdir: epath.Path, experiment: str) -> dict | None:
     for path in sorted(workdir.glob("*/results.json")):
         results = json.loads(path.read_text())
         if results.get("experiment") == experiment:
@@ -57,7 +57,7 @@ def transfer_rows(directions: dict | None) -> list[tuple[str, str, str, str]]:
          "reproduced" if gap_ok else "not reproduced", measured)]
 
 
-def scale_row(workdir: Path) -> tuple[str, str, str, str]:
+def scale_row(workdir: epath.Path) -> tuple[str, str, str, str]:
     claim = "The gap persists for more capable models"
     rule = ("source - target choice >= 0.2 at every model size of the model_size sweep, the "
             "larger sizes recalling the source at least as well (else: inconclusive)")
@@ -155,8 +155,8 @@ def mitigation_row(results: dict | None, seed_std: float | None = None,
     return claim, rule, "reproduced" if ok else "not reproduced", measured
 
 
-def findings_markdown(workdir: str | Path) -> str:
-    workdir = Path(workdir)
+def findings_markdown(workdir: epath.PathLike) -> str:
+    workdir = epath.Path(workdir)
     mitigation = _load(workdir, "mitigation")
     rows = [*transfer_rows(_load(workdir, "directions")), scale_row(workdir),
             unlearning_row(_load(workdir, "unlearning")), multihop_row(_load(workdir, "multihop")),
@@ -171,8 +171,8 @@ def findings_markdown(workdir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def write_findings(workdir: str | Path) -> Path:
-    path = Path(workdir) / "findings.md"
+def write_findings(workdir: epath.PathLike) -> epath.Path:
+    path = epath.Path(workdir) / "findings.md"
     path.write_text(findings_markdown(workdir))
     return path
 

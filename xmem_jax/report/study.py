@@ -12,12 +12,14 @@ a sweep's directory it copies `sweep.json`'s rows.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from xmem_jax import files  # noqa: E402
 
 MODALITIES = ("image", "description")
 METRICS = ("choice_acc", "exact_match")
@@ -27,7 +29,7 @@ def other_modality(modality: str) -> str:
     return MODALITIES[1 - MODALITIES.index(modality)]
 
 
-def plot_curves(results: dict, path: Path) -> None:
+def plot_curves(results: dict, path: epath.Path) -> None:
     source = results["train_modality"]
     target = other_modality(source)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4), sharey=True)
@@ -51,7 +53,7 @@ def plot_curves(results: dict, path: Path) -> None:
     axes[0].set_ylabel("recall")
     axes[-1].legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -137,14 +139,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, workdir: str | Path) -> None:
-    workdir = Path(workdir)
+def write_report(results: dict, workdir: epath.PathLike) -> None:
+    workdir = epath.Path(workdir)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(results, workdir / "curves.png")
     (workdir / "report.md").write_text(markdown(results))
 
 
-def write_directions_report(results: dict, workdir: str | Path) -> None:
+def write_directions_report(results: dict, workdir: epath.PathLike) -> None:
     """Both directions side by side; each direction's own report is in its subdirectory."""
     lines = ["# Cross-modal transfer in both directions", "",
              f"Command: `{results['command']}`", "",
@@ -165,7 +167,7 @@ def write_directions_report(results: dict, workdir: str | Path) -> None:
                f"{control['recall'][target]['mean_rank']:.1f}" if control else "-")
             + f" | {run['chance']['choice_acc']:.3f} / {run['chance']['mean_rank']:.1f} |")
     lines += ["", *[f"![{m}]({m}/curves.png)" for m in results["directions"]], ""]
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "report.md").write_text("\n".join(lines))
 
@@ -176,9 +178,9 @@ EXPORTED = ("experiment", "train_modality", "command", "commit", "seeds", "study
             "step0_recall", "baselines", "base_recall", "timings", "directions")
 
 
-def export(run_dir: str | Path) -> dict:
+def export(run_dir: epath.PathLike) -> dict:
     """The figures of a study (or directions) run or of a sweep, without curves."""
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)
     if (run_dir / "sweep.json").exists():
         return {"sweep": str(run_dir), "rows": json.loads((run_dir / "sweep.json").read_text()),
                 "command": (run_dir / "sweep.md").read_text().split("Command: `")[1].split("`")[0]}
@@ -204,8 +206,9 @@ if __name__ == "__main__":
 
     def main(argv):
         del argv
-        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-        Path(_OUT.value).write_text(json.dumps(export(_RUN.value), indent=1) + "\n")
+        out = epath.Path(_OUT.value)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(export(_RUN.value), indent=1) + "\n")
         print(f"Wrote {_OUT.value}")
 
     app.run(main)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -45,6 +44,7 @@ from flax import nnx
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
+from xmem_jax import files
 from xmem_jax.train.optim import path_name
 
 _STATE, _DATA = "state", "data"
@@ -158,8 +158,8 @@ class Checkpointer:
     """Saves and restores (train state, data iterator) pairs under one directory."""
 
     def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict):
-        directory = str(directory)  # Orbax needs absolute local paths; gs://... stays as it is.
-        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        directory = epath.Path(directory)  # Orbax needs absolute local paths.
+        self.directory = directory.resolve() if files.is_local(directory) else directory
         self._config = config
         self._manager = self._open()
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -45,13 +46,14 @@ import ml_collections
 import numpy as np
 import optax
 import tensorboardX
+import tensorboardX.record_writer
 import tqdm
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from xmem_jax import distributed
+from xmem_jax import distributed, files
 from xmem_jax.train import checkpoints, losses, optim, sharding
 
 # Batch entries the train step reads; the rest (ids, has_image) stay on the host. `forget`
@@ -363,7 +365,7 @@ class MetricsLog:
     """Metric rows to `<workdir>/metrics.jsonl` and TensorBoard event files (process 0 only).
 
     On resume from `step`, rows logged after it (by the run that was cut off) are dropped, so the
-    file describes exactly one history. Local files are appended to; object stores (gs://...),
+    file describes exactly one history. Local files are appended to; buckets (gs://...),
     which cannot append, get the whole file rewritten. Every number in a row also goes to
     `<workdir>/tensorboard` as the scalar `<kind>/<key>` (nested keys joined by '/'), so
     `tensorboard --logdir=<workdir>` shows a run while it trains; a resumed run's events
@@ -373,12 +375,12 @@ class MetricsLog:
     def __init__(self, path: epath.Path, resume_step: int):
         self.path = path
         self.enabled = jax.process_index() == 0
-        self._appendable = "://" not in str(path)
+        self._appendable = files.is_local(path)
         self._lines: list[str] = []
         # Events reach the file within flush_secs; all of them by `close`.
         self._events = (tensorboardX.SummaryWriter(str(path.parent / "tensorboard"),
                                                    flush_secs=10)
-                        if self.enabled and self._appendable else None)
+                        if self.enabled else None)
         if self.enabled and path.exists():
             lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
             # A fresh start (step 0) keeps nothing, not even an old step-0 evaluation.
@@ -405,6 +407,39 @@ class MetricsLog:
     def close(self) -> None:
         if self._events is not None:
             self._events.close()
+
+
+class _BucketEventFile:
+    """A TensorBoard event file in a bucket, written through epath like every other file of a
+    run: an object cannot be appended to, so each flush uploads every event so far (as
+    tensorboardX's own gs:// writer, which this replaces, does)."""
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._events = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self._events.write(data)
+
+    def flush(self) -> None:
+        self._path.write_bytes(self._events.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    """A tensorboardX writer factory: its `RecordWriter` opens an event file through the
+    factory registered for the path's scheme."""
+
+    def open(self, path: str) -> _BucketEventFile:
+        return _BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # A bucket has no folders to make.
+
+
+tensorboardX.record_writer.register_writer_factory("gs", _BucketEventFiles())
 
 
 def _scalars(row: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
