@@ -4,7 +4,7 @@ Every path that names a workdir, a cache, a dataset or an output is an `etils.ep
 backends read and write both (a bucket through fsspec's gcsfs); no code opens such a path with
 `open()`, `os.path` or `pathlib`. A bucket is not a disk: an object appears whole once its upload
 finishes and cannot be appended to, a folder exists only while it holds an object, renaming a
-folder copies its objects one by one, and nothing can be locked. The helpers here are for
+folder copies its objects one by one, and nothing can be locked. The functions here serve
 libraries that open files themselves and accept only local ones.
 """
 
