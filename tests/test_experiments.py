@@ -176,7 +176,10 @@ def test_unlearning_quick_runs_every_method_and_resumes(tmp_path, quick_cache):
     config = unlearning_config.get_config("quick")
     config.cache_dir = quick_cache
     results = experiments.run(config, tmp_path, "test")
-    assert set(results["methods"]) == set(losses.UNLEARNING_METHODS)
+    assert set(results["methods"]) == {*losses.UNLEARNING_METHODS, "npo (both modalities)"}
+    assert results["methods"]["npo (both modalities)"]["modalities"] == ["image", "description"]
+    assert set(results["matched_retain"]["methods"]) == set(results["methods"])
+    assert "At matched retain recall" in (tmp_path / "report.md").read_text()
     for run in results["methods"].values():
         assert [p["step"] for p in run["curves"]] == [0, 2, 4]
         assert set(run["recall"]) == {"forget/image", "forget/description", "retain/image",
@@ -204,11 +207,15 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
             "controls": {"unpaired": {"recall": {t: _metrics(0.01, 50.0)}}}}
         for m, t in (("image", "description"), ("description", "image"))}}
     learned = {"forget/image": _metrics(0.9), "forget/description": _metrics(0.9)}
-    unlearning_results = {"experiment": "unlearning", "unlearn_modality": "image", "methods": {
-        "gradient_ascent": {"learned": learned, "recall": {
-            "forget/image": _metrics(0.05), "forget/description": _metrics(0.6)}},
-        "npo": {"learned": learned, "recall": {
-            "forget/image": _metrics(0.05), "forget/description": _metrics(0.1)}}}}
+    unlearning_results = {
+        "experiment": "unlearning", "unlearn_modality": "image", "command": "test",
+        "chance": {"forget/description": {"choice_acc": 0.05}},
+        "methods": {"gradient_ascent": {"learned": learned}, "npo": {"learned": learned}},
+        "matched_retain": {"fraction": 0.9, "methods": {  # Judged at matched retain recall.
+            "gradient_ascent": {"step": 20, "forget/image": 0.05, "forget/description": 0.6,
+                                "retain/image": 0.85},
+            "npo": {"step": 40, "forget/image": 0.05, "forget/description": 0.1,
+                    "retain/image": 0.85}}}}
     for name, results in (("transfer", directions), ("unlearning", unlearning_results)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
@@ -216,10 +223,11 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "| reproduced |" in rows["Facts learned in one modality transfer to the other"]
     assert "| reproduced |" in rows["Recall in the target modality stays well below the source"]
-    # npo leaves 0.1 - 0.05 < 0.1 lingering: the rule needs every method.
+    # npo leaves 0.1 - 0.05 < 0.1 lingering: the rule needs every method that unlearned.
     assert "| not reproduced |" in rows[
         "Under unlearning in one modality, knowledge lingers in the other"]
-    assert "npo: forget/image 0.900 -> 0.050, forget/description 0.900 -> 0.100" in table
+    assert ("npo at step 40: forget/image 0.900 -> 0.050, forget/description -> 0.100 (2.0x "
+            "chance), retain/image 0.850") in table
     for claim in ("The gap persists for more capable models",
                   "The gap persists for multi-hop questions", "A baseline method mitigates the gap"):
         assert "| not run |" in rows[claim]
@@ -232,6 +240,45 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "| not reproduced |" in rows["Facts learned in one modality transfer to the other"]
     assert "unpaired control 30.0" in table
+
+
+def test_unlearning_rule_skips_methods_that_did_not_unlearn_at_matched_retain():
+    from xmem_jax.report import findings
+
+    learned = {"forget/image": _metrics(0.9)}
+    results = {"unlearn_modality": "image", "command": "test",
+               "chance": {"forget/description": {"choice_acc": 0.05}},
+               "methods": {"gradient_ascent": {"learned": learned}, "npo": {"learned": learned},
+                           "npo (both modalities)": {"learned": learned,
+                                                     "modalities": ["image", "description"]}},
+               "matched_retain": {"fraction": 0.9, "methods": {
+                   # Gradient ascent keeps the retain set only before it has unlearned.
+                   "gradient_ascent": {"step": 0, "forget/image": 0.9,
+                                       "forget/description": 0.9, "retain/image": 0.9},
+                   "npo": {"step": 40, "forget/image": 0.05, "forget/description": 0.5,
+                           "retain/image": 0.85},
+                   "npo (both modalities)": {"step": 40, "forget/image": 0.05,
+                                             "forget/description": 0.06, "retain/image": 0.85}}}}
+    _, rule, verdict, measured = findings.unlearning_row(results)
+    assert verdict == "reproduced" and "0.9 of the retain set's" in rule
+    assert "gradient_ascent at step 0" in measured and "did not unlearn at this retain" in measured
+    assert "(reference: both modalities)" in measured
+    results["matched_retain"]["methods"]["npo"]["forget/description"] = 0.1
+    assert findings.unlearning_row(results)[2] == "not reproduced"
+
+
+def test_matched_retain_takes_each_seed_where_it_keeps_the_retain_set():
+    def point(step, retain, forget_image, forget_description=0.5):
+        return {"step": step, "retain/image": {"choice_acc": retain},
+                "retain/description": {"choice_acc": 0.9},
+                "forget/image": {"choice_acc": forget_image},
+                "forget/description": {"choice_acc": forget_description}}
+
+    curves = [point(0, 1.0, 1.0), point(20, 0.95, 0.4), point(40, 0.5, 0.0)]
+    methods = {"gradient_ascent": {"per_seed": [{"learned": curves[0], "curves": curves}]}}
+    matched = unlearning.matched_retain(methods, "image", 0.9)
+    assert matched["methods"]["gradient_ascent"]["step"] == 20  # 0.95 >= 0.9; 0.5 is not.
+    assert matched["methods"]["gradient_ascent"]["forget/image"] == 0.4
 
 
 def test_mitigation_loss_weights_give_the_study_names_their_share(persona_dataset_dir):

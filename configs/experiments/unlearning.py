@@ -29,5 +29,11 @@ def get_config(arg: str | None = None):
         warmup_steps=0,
         eval_every=2 if quick else 20,
         beta=0.1,  # NPO's inverse temperature.
-        retain_weight=1.0)
+        retain_weight=1.0,
+        # Methods are judged where they keep this fraction of the retain set's learned recall
+        # in the unlearned modality (xmem_jax.experiments.unlearning.matched_retain).
+        matched_retain_fraction=0.9,
+        # This method also unlearns through BOTH modalities: the reference for how far the
+        # other modality's recall can fall ('' for none).
+        both_modalities_reference="npo")
     return config

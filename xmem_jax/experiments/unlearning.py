@@ -11,7 +11,10 @@
 
 Forget and retain recall (held-out views and descriptions) are scored in both modalities every
 `unlearning.eval_every` steps: the question is how much the forget personas are still
-recalled through the modality that was NOT unlearned.
+recalled through the modality that was NOT unlearned. Methods are compared at matched retain
+recall (`matched_retain`), the residual as a multiple of chance, and one method
+(`unlearning.both_modalities_reference`) also unlearns through both modalities: how far the
+other modality's recall falls when it is unlearned too.
 """
 
 from __future__ import annotations
@@ -99,18 +102,21 @@ def unlearn_config(config) -> ml_collections.ConfigDict:
     return train_config
 
 
-def forget_retain_iter(config, setup: study.Setup) -> ForgetRetainBatches:
+def forget_retain_iter(config, setup: study.Setup, modalities: tuple[str, ...]
+                       ) -> ForgetRetainBatches:
+    """Batches of forget and retain rows, both through `modalities` (one, or both for the
+    reference run)."""
     section = config.unlearning
     batch_size = int(config.finetune.batch_size)
     forget_rows = int(round(batch_size * float(section.forget_fraction)))
     if not 0 < forget_rows < batch_size:
         raise ValueError(f"Invalid unlearning config: forget_fraction={section.forget_fraction}"
                          f" leaves no forget or no retain rows in a batch of {batch_size}")
-    kind = study.QUERY_KIND[section.modality]
     streams = [
         iter(pipeline.build(study.pipeline_config(
             config, setup.data_dir, setup.model_config,
-            [f"{kind} split=train {study._range(ranges(config)[name])}"], rows, train=True)))
+            [f"{study.QUERY_KIND[m]} split=train {study._range(ranges(config)[name])}"
+             for m in modalities], rows, train=True)))
         for name, rows in (("forget", forget_rows), ("retain", batch_size - forget_rows))]
     return ForgetRetainBatches(*streams)
 
@@ -137,7 +143,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str
 
     start = time.perf_counter()
     methods = {}
-    for method in section.methods:  # 2. Unlearn through one modality.
+    # 2. Unlearn through one modality; the reference run unlearns through both.
+    runs = [(method, method, (section.modality,)) for method in section.methods]
+    if section.get("both_modalities_reference"):
+        method = section.both_modalities_reference
+        runs.append((f"{method} (both modalities)", method, MODALITIES))
+    for label, method, modalities in runs:
         objective = losses.Objective(method, beta=float(section.beta),
                                      retain_weight=float(section.retain_weight))
         per_seed = []
@@ -146,15 +157,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str
             seeded.eval_every = int(section.eval_every)
             learned_state = learned_model_state(seeded, setup, learned[seed])
             curves = study.finetune_and_score(
-                seeded, setup.data_dir, setup.model_config, workdir / method / f"seed_{seed}",
+                seeded, setup.data_dir, setup.model_config,
+                workdir / label.replace(" (both modalities)", "_both") / f"seed_{seed}",
                 learned_state, eval_tasks=eval_tasks(config),
-                train_iter=forget_retain_iter(seeded, setup), train_config=unlearn_config(config),
+                train_iter=forget_retain_iter(seeded, setup, modalities),
+                train_config=unlearn_config(config),
                 objective=objective, reference_state=learned_state)
             per_seed.append({"seed": seed, "recall": {n: curves[-1][n] for n in names},
                              "learned": {n: curves[0][n] for n in names}, "curves": curves})
-        methods[method] = {**study.seed_summary(per_seed),
-                           "learned": study.average([r["learned"] for r in per_seed]),
-                           "per_seed": per_seed}
+        methods[label] = {**study.seed_summary(per_seed),
+                          "learned": study.average([r["learned"] for r in per_seed]),
+                          "per_seed": per_seed, "modalities": list(modalities)}
     setup.timings["unlearn"] = time.perf_counter() - start
     unlearned, other = section.modality, other_modality(section.modality)
     results = {
@@ -162,11 +175,35 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str
         "chance": {n: next(iter(methods.values()))["recall"][n]["chance"] for n in names},
         "summary": {f"{method}_{s}_{m}": r["recall"][f"{s}/{m}"]["choice_acc"]
                     for method, r in methods.items() for s in SETS for m in (unlearned, other)},
+        "matched_retain": matched_retain(methods, unlearned,
+                                         float(section.get("matched_retain_fraction", 0.9))),
         "forget_personas": ranges(config)["forget"], "retain_personas": ranges(config)["retain"],
         **study.provenance(config, setup, command),
     }
     distributed.on_primary(write_report, results, workdir)
     return results
+
+
+def matched_retain(methods: dict, unlearned: str, fraction: float) -> dict:
+    """Every method judged where it still keeps `fraction` of the retain set's learned recall
+    in the unlearned modality: per seed, the last evaluation with retain/<unlearned> at or
+    above `fraction` x its value before unlearning (methods differ most in what they cost the
+    retain set, so comparing them at the same step compares different trade-offs). Per method,
+    the seed means of that point's step and recall."""
+    other = other_modality(unlearned)
+    names = [f"forget/{unlearned}", f"forget/{other}", f"retain/{unlearned}", f"retain/{other}"]
+    matched = {}
+    for method, run in methods.items():
+        points = []
+        for seed_run in run["per_seed"]:
+            level = fraction * seed_run["learned"][f"retain/{unlearned}"]["choice_acc"]
+            kept = [p for p in seed_run["curves"]
+                    if p[f"retain/{unlearned}"]["choice_acc"] >= level]
+            points.append(kept[-1] if kept else seed_run["curves"][0])
+        matched[method] = {"step": float(np.mean([p["step"] for p in points])),
+                           **{n: float(np.mean([p[n]["choice_acc"] for p in points]))
+                              for n in names}}
+    return {"fraction": fraction, "methods": matched}
 
 
 def learned_model_state(config, setup: study.Setup, learn_dir: epath.Path) -> nnx.State:
@@ -176,6 +213,24 @@ def learned_model_state(config, setup: study.Setup, learn_dir: epath.Path) -> nn
                            study.model_fn(config, setup.model_config), iter(()),
                            initial_state=setup.base_state)
     return nnx.state(result.model)
+
+
+def matched_retain_lines(results: dict) -> list[str]:
+    """The report's table of every method at matched retain recall, with the residual in the
+    other modality as a multiple of chance."""
+    unlearned = results["unlearn_modality"]
+    other = other_modality(unlearned)
+    matched = results["matched_retain"]
+    chance = results["chance"][f"forget/{other}"]["choice_acc"]
+    lines = [f"At matched retain recall (each seed at its last evaluation keeping "
+             f"{matched['fraction']:g} of retain/{unlearned}'s learned recall; seed means):", "",
+             f"| method | step | forget/{unlearned} | forget/{other} | forget/{other} / chance "
+             f"| retain/{unlearned} | retain/{other} |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method, p in matched["methods"].items():
+        lines.append(f"| {method} | {p['step']:.0f} | {p[f'forget/{unlearned}']:.3f} | "
+                     f"{p[f'forget/{other}']:.3f} | {p[f'forget/{other}'] / chance:.1f}x | "
+                     f"{p[f'retain/{unlearned}']:.3f} | {p[f'retain/{other}']:.3f} |")
+    return lines
 
 
 def write_report(results: dict, workdir: epath.Path) -> None:
@@ -199,6 +254,6 @@ def write_report(results: dict, workdir: epath.Path) -> None:
         f"{results['seeds']}. `forget/{other}` is the knowledge that lingers in the modality "
         "that was not unlearned.", "",
         *report.recall_table(rows, names, results["chance"]),
-        "", "![curves](curves.png)", "",
+        "", *matched_retain_lines(results), "", "![curves](curves.png)", "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
     report.write(results, workdir, lines)

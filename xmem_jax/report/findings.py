@@ -78,21 +78,37 @@ def scale_row(workdir: epath.Path) -> tuple[str, str, str, str]:
 
 def unlearning_row(results: dict | None) -> tuple[str, str, str, str]:
     claim = "Under unlearning in one modality, knowledge lingers in the other"
-    rule = ("for every method: forget recall through the other modality exceeds that through "
-            "the unlearned one by >= 0.1")
+    rule = ("at matched retain recall (each method where it keeps 0.9 of the retain set's, in "
+            "the unlearned modality): every one-modality method that unlearned there (forget "
+            "recall through the unlearned modality at most half of what was learned) leaves "
+            ">= 0.1 more through the other modality, and at least one unlearned")
     if results is None:
         return claim, rule, *NOT_RUN
+    if "matched_retain" not in results:
+        raise ValueError(f"{results['command']}: its results.json has no matched-retain "
+                         "points (made before 2026-12-01); rerun the unlearning experiment")
     unlearned = results["unlearn_modality"]
     other = "description" if unlearned == "image" else "image"
-    parts, ok = [], True
+    chance = results["chance"][f"forget/{other}"]["choice_acc"]
+    matched = results["matched_retain"]
+    rule = rule.replace("0.9", f"{matched['fraction']:g}")
+    parts, ok, judged = [], True, 0
     for method, run in results["methods"].items():
-        gone = run["recall"][f"forget/{unlearned}"]["choice_acc"]
-        lingers = run["recall"][f"forget/{other}"]["choice_acc"]
-        ok &= lingers - gone >= 0.1
-        parts.append(f"{method}: forget/{unlearned} {run['learned'][f'forget/{unlearned}']['choice_acc']:.3f}"
-                     f" -> {gone:.3f}, forget/{other} "
-                     f"{run['learned'][f'forget/{other}']['choice_acc']:.3f} -> {lingers:.3f}")
-    return claim, rule, "reproduced" if ok else "not reproduced", "; ".join(parts)
+        point = matched["methods"][method]
+        learned = run["learned"][f"forget/{unlearned}"]["choice_acc"]
+        gone, lingers = point[f"forget/{unlearned}"], point[f"forget/{other}"]
+        one_modality = len(run.get("modalities", [unlearned])) == 1
+        did_unlearn = gone <= learned / 2
+        if one_modality and did_unlearn:
+            judged += 1
+            ok &= lingers - gone >= 0.1
+        parts.append(f"{method} at step {point['step']:.0f}: forget/{unlearned} {learned:.3f} -> "
+                     f"{gone:.3f}, forget/{other} -> {lingers:.3f} ({lingers / chance:.1f}x "
+                     f"chance), retain/{unlearned} {point[f'retain/{unlearned}']:.3f}"
+                     + ("" if did_unlearn else " (did not unlearn at this retain)")
+                     + ("" if one_modality else " (reference: both modalities)"))
+    verdict = "reproduced" if ok and judged else "not reproduced"
+    return claim, rule, verdict, "; ".join(parts)
 
 
 def multihop_row(results: dict | None) -> tuple[str, str, str, str]:
