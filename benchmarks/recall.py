@@ -31,6 +31,7 @@ full `recall.score` (greedy exact match and candidate choice over every name);
 is `speedup_vs_transformers: X` (transformers' time / ours, for the scoring job).
 
     python benchmarks/recall.py --counts=100,200,400,800   # cost against personas, per method
+    python benchmarks/recall.py --robustness=1             # cost of the robustness metrics
 
 `--counts` times instead one evaluation's candidate ranking (no greedy decoding) against the
 number of personas n, for each ranking method of `recall.METHODS` (the sampled ones at
@@ -44,6 +45,14 @@ candidate tokens fed per query against the exhaustive count, and per method and 
 log-log slopes of CPU time and of candidate tokens fed against n (1: linear, 2: quadratic). The
 last line is `scoring_cost_exponent: X`, the slope of the default method's (pruned) CPU time
 over both modalities together.
+
+`--robustness` times one evaluation (pruned, every query, greedy decoding included) at the
+default study's shape, `--study_personas` queried and `--world_personas` more names, on a tiny
+model trained on every one's image -> name examples: the main choice alone, with the
+calibrated choice, with the choice among the world names too, with both (`recall` module
+doc). Medians of `--repeats` in CPU seconds; the last line is `robustness_extra_cost: X`, the
+fraction both add to the CPU time over both modalities. `--out` writes the figures, every
+repeat's seconds and metrics, with the command and the commit.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import argparse
 import atexit
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
@@ -247,6 +257,87 @@ def scaling(args) -> None:
     print(f"scoring_cost_exponent: {exponent:.2f}")
 
 
+def robustness(args) -> None:
+    """Times one evaluation of the default scoring (pruned, every query) with and without the
+    robustness metrics: calibrated choice and choice among the world names too."""
+    base = get_model_config(args.config)
+    study, world = args.study_personas, args.world_personas
+    tmp = scratch_dir()
+    data_dir = make_dataset(tmp, world + study, base.vision.image_size)
+    config = pipeline.default_config()
+    config.data_dir = data_dir
+    config.batch_size = 64
+    config.max_length = 160
+    config.image_size = base.vision.image_size
+    config.num_image_tokens = base.mm_tokens_per_image
+    sets = {}
+    for modality, task in (("source", "image_to_name"), ("target", "description_to_name")):
+        config.tasks = (f"{task} split=heldout personas={world}:{world + study}",)
+        sets[modality] = recall.QuerySet.from_config(config, world_personas=(0, world))
+    vocab = sets["source"].tokenizer.get_vocab()
+    model_config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
+    model = nnx.jit(lambda: VLM(model_config, rngs=nnx.Rngs(args.seed)))()
+    start = time.perf_counter()
+    loss = train_names(model, data_dir, world + study, args.train_steps,
+                       base.vision.image_size, base.mm_tokens_per_image)
+    print(f"{args.config}: trained {args.train_steps} steps of 32 on the image -> name examples "
+          f"of {world + study} personas (last loss {loss:.3f}, {time.perf_counter() - start:.0f} "
+          f"s); {study} study personas' held-out views (source) and descriptions (target, never "
+          f"trained), {world} world names; {os.cpu_count()} CPU cores, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    variants = {"main only": dict(world_names=False),
+                "+ calibrated": dict(world_names=False, calibrated=True),
+                "+ world names": dict(world_names=True),
+                "+ both": dict(world_names=True, calibrated=True)}
+    print("| modality | scoring | CPU s (median) | choice | with world (chance) | calibrated | "
+          "candidate tokens fed per query |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    cpu, rows = {}, []
+    for modality, queries in sets.items():
+        for name, kwargs in variants.items():
+            recall.score(model, queries, **kwargs)  # Compiles.
+            seconds = []
+            for _ in range(args.repeats):
+                start = time.process_time()
+                metrics = next(iter(recall.score(model, queries, **kwargs).values()))
+                seconds.append(time.process_time() - start)
+            cpu[modality, name] = statistics.median(seconds)
+            world_acc = (f"{metrics['choice_acc_with_world']:.3f} "
+                         f"({metrics['chance']['choice_acc_with_world']:.4f})"
+                         if "choice_acc_with_world" in metrics else "-")
+            calibrated = (f"{metrics['calibrated_choice_acc']:.3f}"
+                          if "calibrated_choice_acc" in metrics else "-")
+            print(f"| {modality} | {name} | {cpu[modality, name]:.2f} | "
+                  f"{metrics['choice_acc']:.3f} | {world_acc} | {calibrated} | "
+                  f"{metrics['candidate_tokens']['fed']:.0f} |", flush=True)
+            rows.append({"modality": modality, "scoring": name, "cpu_s": seconds,
+                         "metrics": metrics})
+    extra = {}
+    for name in list(variants)[1:]:
+        extra[name] = {m: cpu[m, name] / cpu[m, "main only"] - 1 for m in sets}
+        print(f"{name}: {', '.join(f'{e:+.0%}' for e in extra[name].values())} CPU time "
+              "(source, target)")
+    both = sum(cpu[m, "+ both"] for m in sets) / sum(cpu[m, "main only"] for m in sets) - 1
+    write_results(args, {"train_steps": args.train_steps, "last_loss": loss,
+                         "study_personas": study, "world_personas": world, "rows": rows,
+                         "extra_cpu_time": extra, "robustness_extra_cost": both})
+    print(f"robustness_extra_cost: {both:.2f}")
+
+
+def write_results(args, figures: dict) -> None:
+    """Writes `figures` to `--out` (if given) with the command, the commit and the machine."""
+    if not args.out:
+        return
+    from xmem_jax.provenance import source_commit
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "command": "python " + " ".join(sys.argv), "commit": source_commit(),
+        "config": args.config, "cpu_cores": os.cpu_count(), "jax": jax.__version__,
+        **figures}, indent=1) + "\n")
+    print(f"Wrote {args.out}")
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -359,11 +450,23 @@ def main():
                         help="--counts: queries the sampled-queries method scores.")
     parser.add_argument("--num_distractors", type=int, default=19,
                         help="--counts: distractors the sampled-candidates method ranks among.")
+    parser.add_argument("--out", default="",
+                        help="--robustness: also write the figures to this JSON.")
+    parser.add_argument("--robustness", type=int, default=0,
+                        help="Time the default scoring with and without the calibrated and "
+                             "with-world-names metrics instead.")
+    parser.add_argument("--study_personas", type=int, default=100,
+                        help="--robustness: the personas whose held-out queries are scored.")
+    parser.add_argument("--world_personas", type=int, default=300,
+                        help="--robustness: the world personas whose names join the candidates.")
     args = parser.parse_args()
     if args.threads not in (0, 1):
         parser.error("--threads: 1 (both single-threaded) or 0 (library defaults)")
     if args.counts:
         scaling(args)
+        return
+    if args.robustness:
+        robustness(args)
         return
 
     import torch

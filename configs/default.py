@@ -134,8 +134,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # among num_distractors drawn names (another metric, named apart); 'exhaustive' scores
     # every name for every query. 256 keeps the study's 200 queries a task exact and a
     # 10^4-persona evaluation linear in personas (measured: xmem_jax/score/recall.py).
+    # Robustness rows beside the choice, from the same prefills: calibrated (each name's
+    # log-likelihood minus that after a content-free prompt) and world_names (the rank among the
+    # world personas' names too). Together they multiply scoring's CPU time by 2.8, mostly the
+    # target's exact rank among 400 names instead of 100 (docs/results/scoring/robustness.json):
+    # at ~5 s of scoring an evaluation (above) and 4 evaluations a phase, ~35 s more a phase of
+    # 160-490 s; the rows are what a reviewer checks the choice against, so they are on.
     config.scoring = ml_collections.ConfigDict(dict(method="pruned", num_queries=256,
-                                                    num_distractors=0, seed=0))
+                                                    num_distractors=0, seed=0, calibrated=True,
+                                                    world_names=True))
 
     if pretrained:  # The checkpoint is the pretrained VLM: no base stage, no random control.
         config.control = False

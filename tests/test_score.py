@@ -1,8 +1,9 @@
 """Recall scoring: cached greedy decoding and candidate likelihoods agree with the plain forward
 pass; bucketing, stopping, normalisation, candidates, chance levels, padding rows, sharding and
 a model trained to know the answers; pruned ranking equals exhaustive ranking, ties and NaN
-scores included; sampled queries and candidates; queries streamed with a few batches in host
-memory, their uint8 images normalised on the device as the pipeline normalises them."""
+scores included, for the main, the with-world-names and the calibrated ranks; sampled queries
+and candidates; queries streamed with a few batches in host memory, their uint8 images
+normalised on the device as the pipeline normalises them."""
 
 import dataclasses
 import threading
@@ -403,9 +404,10 @@ def test_pruned_ranks_are_exact_with_ties_and_prefix_names():
         assert (ranks[:, -1] == 0).all() and fed[-1] == 0
 
 
-def synthetic_queries(tokenizer, candidates, answers, lengths=(20, 24, 13)):
+def synthetic_queries(tokenizer, candidates, answers, lengths=(20, 24, 13), world=None):
     """Three image prompts (`prompts`) whose answers are `candidates[answers[row]]`, ranked
-    among `candidates` (one group)."""
+    among `candidates` (one group), and among `world` names too if given; the content-free
+    prompt is the first prompt with a grey image."""
     tokens, prompt_length, images = prompts(lengths)
     width = max(len(c) for c in candidates)
     answer_tokens = np.zeros((len(answers), width), np.int32)
@@ -416,72 +418,147 @@ def synthetic_queries(tokenizer, candidates, answers, lengths=(20, 24, 13)):
              "answer_length": np.array([len(candidates[a]) for a in answers], np.int32),
              "has_image": np.ones(len(answers), bool), "task_id": np.zeros(len(answers), np.int32),
              "example_id": np.arange(len(answers)), "valid": np.ones(len(answers), bool)}
-    return recall.QuerySet([batch], tokenizer, labels=["names"],
-                           groups={0: recall.CandidateGroup.of(candidates)})
+    group = recall.CandidateGroup.of(candidates)
+    grey = np.zeros(images.shape[1:], np.float32)
+    queries = recall.QuerySet([batch], tokenizer, labels=["names"], groups={0: group},
+                              content_free={0: (tokens[0, :prompt_length[0]], grey)})
+    if world is not None:
+        queries.world_groups = [group.extended(world)]
+    return queries
 
 
 def row_ranks(model, queries, monkeypatch, **kwargs):
-    """Each scored row's rank, as `score_query_set` accumulates it, and its metrics."""
+    """Each scored row's ranks [rankings, rows], as `score_query_set` accumulates them, and
+    its metrics."""
     seen = []
     accumulate = recall._accumulate
 
-    def spy(sums, queries, batch, group_index, out, ranks, *args):
-        seen.extend(ranks[batch["valid"]])
-        return accumulate(sums, queries, batch, group_index, out, ranks, *args)
+    def spy(sums, columns, queries, batch, group_index, out, ranks, *args):
+        seen.append(ranks[:, batch["valid"]])
+        return accumulate(sums, columns, queries, batch, group_index, out, ranks, *args)
 
     monkeypatch.setattr(recall, "_accumulate", spy)
     metrics = recall.score_query_set(model, queries, generate=False, **kwargs)
     monkeypatch.undo()
-    return np.array(seen), metrics
+    return np.concatenate(seen, axis=1), metrics
 
 
 # Names sharing prefixes, names that are prefixes of others, a one-token name, <end_of_turn>
-# closing some; chunks of 5 tokens split them.
+# closing some; chunks of 5 tokens split them. World names share prefixes with them, one is a
+# prefix of one of them, one has one of them as its prefix.
 NAMES = [[11, 12, 13, EOT], [11, 12, 14, EOT], [11, 12], [11, 12, 13], [20, EOT], [30],
          [11, 15, 16, 17, 18, EOT], [40, 41, 42, EOT], [40, 41, 43, EOT], [40, 44, 45]]
+WORLD_NAMES = [[11, 12, 13, 19, EOT], [40, 41], [20, 21, EOT], [50, EOT], [30, 31]]
+
+
+@pytest.fixture(scope="module")
+def world_query_set(persona_dataset_dir):
+    """Held-out views of personas 0-5, ranked among their names and those of personas 6-11."""
+    return recall.QuerySet.from_config(data_config(
+        persona_dataset_dir, ["image_to_name split=heldout personas=0:6"]), world_personas=(6, 12))
+
+
+def test_world_names_and_content_free_prompts(world_query_set):
+    group, world = world_query_set.groups[0], world_query_set.world_groups[0]
+    assert (len(group), len(world)) == (6, 12)
+    assert list(world.index)[:6] == list(group.index)  # The task's own names first.
+    [(prompt, image)] = world_query_set.content_free
+    assert image.dtype == np.uint8 and (image == 128).all()
+    text = world_query_set.tokenizer.decode(prompt)
+    assert text.endswith("Who is this person?<end_of_turn>\n<start_of_turn>model\n")
+    description = recall.QuerySet.from_config(data_config(
+        world_query_set.config.data_dir, ["description_to_name split=heldout personas=0:2"]))
+    [(prompt, image)] = description.content_free
+    assert image is None
+    assert world_query_set.tokenizer.decode(prompt) == (
+        "<bos><start_of_turn>user\nN/A\n\nWho is this person?<end_of_turn>\n"
+        "<start_of_turn>model\n")
+    in_memory = recall.QuerySet([next(world_query_set.stream())[0]], world_query_set.tokenizer)
+    with pytest.raises(ValueError, match="content-free prompt"):
+        recall.score(None, in_memory, calibrated=True)
+
+
+def test_content_free_scores_match_full_forward(model, world_query_set):
+    """One prefill per candidate group: each name's log-likelihood after the content-free
+    prompt (its grey uint8 view normalised as the pipeline would) is the plain forward pass's."""
+    [prior] = recall._content_free_scores(model, recall._Placement(None), world_query_set, 32)
+    [(prompt, image)] = world_query_set.content_free
+    for answer, c in world_query_set.groups[0].index.items():
+        log_probs = full_log_probs(model, list(prompt) + list(answer),
+                                   pipeline.normalize_images(image), length=64)
+        expected = sum(float(log_probs[len(prompt) - 1 + i, a]) for i, a in enumerate(answer))
+        np.testing.assert_allclose(prior[c], expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("source", ["dataset", "prefix names"])
-def test_pruned_scoring_equals_exhaustive_on_a_random_model(model, query_set, monkeypatch,
+def test_pruned_scoring_equals_exhaustive_on_a_random_model(model, world_query_set, monkeypatch,
                                                             source):
-    queries = query_set
+    """Every ranking: the main one, with world names, calibrated; and every metric."""
+    queries = world_query_set
     if source == "prefix names":
-        queries = synthetic_queries(query_set.tokenizer, NAMES, [0, 2, 9])
-    kwargs = dict(chunk_tokens=5) if source == "prefix names" else {}
+        queries = synthetic_queries(world_query_set.tokenizer, NAMES, [0, 2, 9], world=WORLD_NAMES)
+    kwargs = dict(calibrated=True, chunk_tokens=5 if source == "prefix names" else 32)
     exhaustive, full = row_ranks(model, queries, monkeypatch, method="exhaustive", **kwargs)
     pruned, metrics = row_ranks(model, queries, monkeypatch, method="pruned", **kwargs)
+    assert exhaustive.shape == (3, 3 if source == "prefix names" else 6)
     np.testing.assert_array_equal(pruned, exhaustive)
-    label = queries.labels[0] if source == "prefix names" else "image_to_name/heldout"
-    for key in ("choice_acc", "mean_rank", "chance"):
-        assert metrics[label][key] == full[label][key]
-    assert metrics[label]["candidate_tokens"]["exhaustive"] == \
-        full[label]["candidate_tokens"]["fed"]
+    [label] = queries.labels
+    tokens = metrics[label].pop("candidate_tokens")
+    assert tokens["exhaustive"] == full[label].pop("candidate_tokens")["fed"]
+    assert metrics[label] == full[label]
+    names, wide = len(queries.groups[0]), len(queries.world_groups[0])
+    assert metrics[label]["num_candidates_with_world"] == wide
+    assert metrics[label]["chance"]["choice_acc_with_world"] == pytest.approx(1 / wide)
+    assert metrics[label]["chance"]["mean_rank_with_world"] == pytest.approx((wide + 1) / 2)
+    assert metrics[label]["chance"]["calibrated_choice_acc"] == pytest.approx(1 / names)
+    assert (exhaustive[1] >= exhaustive[0]).all()  # More names: never a better rank.
 
 
 def test_ties_count_against_the_answer(query_set, monkeypatch):
-    """With zero embeddings (the tied LM head too) every token has log-probability -log V, so
-    names of equal length tie exactly: the answer ranks below every name no longer than it."""
+    """With zero embeddings (the tied LM head too) every token has log-probability -log V after
+    any prompt, so names of equal length tie exactly: the answer ranks below every name no
+    longer than it, among the task's names and among the world names too; and every calibrated
+    score is 0, so the answer ranks last."""
     tied = build_model()
     tied.language_model.embed_tokens.embedding.value = jnp.zeros_like(
         tied.language_model.embed_tokens.embedding.value)
-    queries = synthetic_queries(query_set.tokenizer, NAMES, [0, 2, 5])
+    queries = synthetic_queries(query_set.tokenizer, NAMES, [0, 2, 5], world=WORLD_NAMES)
     lengths = np.array([len(n) for n in NAMES])
-    expected = [int(np.sum(lengths <= lengths[a])) for a in (0, 2, 5)]  # Itself included.
-    assert expected == [9, 3, 1]
+    world_lengths = np.array([len(n) for n in NAMES + WORLD_NAMES])
+    expected = [[int(np.sum(lengths <= lengths[a])) for a in (0, 2, 5)],  # Itself included.
+                [int(np.sum(world_lengths <= lengths[a])) for a in (0, 2, 5)],
+                [len(NAMES)] * 3]
+    assert expected[:2] == [[9, 3, 1], [13, 6, 1]]
     for method in ("exhaustive", "pruned"):
-        ranks, metrics = row_ranks(tied, queries, monkeypatch, method=method, chunk_tokens=5)
-        assert list(ranks) == expected, method
+        ranks, metrics = row_ranks(tied, queries, monkeypatch, method=method, chunk_tokens=5,
+                                   calibrated=True)
+        assert ranks.tolist() == expected, method
         assert metrics["names"]["choice_acc"] == pytest.approx(1 / 3)  # [30] is alone.
+        assert metrics["names"]["choice_acc_with_world"] == pytest.approx(1 / 3)
+        assert metrics["names"]["calibrated_choice_acc"] == 0
 
 
 @pytest.mark.parametrize("method", recall.METHODS)
-def test_a_nan_score_is_an_error(query_set, method):
+def test_a_nan_score_is_an_error(world_query_set, method):
     broken = build_model()
     norm = broken.language_model.norm.scale
     norm.value = norm.value.at[0].set(jnp.nan)
     kwargs = dict(num_distractors=3) if method == "sampled_candidates" else {}
     with pytest.raises(FloatingPointError, match="NaN"):
-        recall.score(broken, query_set, method=method, generate=False, **kwargs)
+        recall.score(broken, world_query_set, method=method, generate=False, calibrated=True,
+                     **kwargs)
+
+
+def test_a_nan_content_free_score_is_an_error(model, world_query_set, monkeypatch):
+    """The queries' scores are finite (pruned ranking reads them from other programs), the
+    content-free prompt's are NaN."""
+    def nan_scores(model, prompt_tokens, prompt_length, images=None, **kwargs):
+        shape = (np.asarray(prompt_tokens).shape[0], kwargs["candidates"].num_candidates)
+        return {"candidate_log_likelihoods": np.full(shape, np.nan, np.float32)}
+
+    monkeypatch.setattr(decoding, "score_batch", nan_scores)
+    with pytest.raises(FloatingPointError, match="content-free prompt is NaN"):
+        recall.score(model, world_query_set, generate=False, calibrated=True)
 
 
 def test_sampled_queries(model, query_set):
@@ -561,7 +638,8 @@ def test_an_evaluation_holds_a_few_batches_in_host_memory(model, persona_dataset
 
     monkeypatch.setattr(pipeline._Batch, "__call__", counting)
     scorer = recall.Scorer({"views": data_config(
-        persona_dataset_dir, ["image_to_name split=all personas=0:12"], batch_size=2)})
+        persona_dataset_dir, ["image_to_name split=all personas=0:12"], batch_size=2)},
+        calibrated=True)
     for step in range(2):
         assert scorer(model, step)["views"]["num_scored"] == 48
     assert counts["made"] == 2 * 24

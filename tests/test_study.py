@@ -59,6 +59,12 @@ def test_quick_study_writes_results_report_and_curves(tmp_path):
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
     report = (tmp_path / "run" / "report.md").read_text()
     assert "control: from the unpaired base" in report and "Pixel lookup" in report
+    for metrics in saved["recall"].values():  # Robustness rows: with the 40 world names too,
+        assert metrics["num_candidates_with_world"] == 20 + 40  # and calibrated.
+        assert metrics["chance"]["choice_acc_with_world"] == pytest.approx(1 / 60)
+        assert metrics["mean_rank_with_world"] >= metrics["mean_rank"]
+        assert 0.0 <= metrics["calibrated_choice_acc"] <= 1.0
+    assert "world personas' names, 60 in all" in report and "Calibrated choice" in report
     assert results["recall"] == saved["recall"]
     figures = report_study.export(tmp_path / "run")  # What the repository keeps of a run.
     assert figures["baselines"] == saved["baselines"] and figures["commit"] == saved["commit"]

@@ -77,6 +77,10 @@ assert len(QUESTIONS) == len(FACTS) + len(ATTRIBUTE_NAMES), "a fact is named lik
 NAME_QUESTION = "Who is this person?"
 CAPTION_QUESTION = "Describe this person."
 SUBJECT = "this person"  # The subject of fact questions about an image or a description.
+# What a content-free prompt says in place of a description or a name ("N/A", the content-free
+# input of Zhao et al., "Calibrate Before Use", 2021); its image is a uniform grey view.
+CONTENT_FREE_TEXT = "N/A"
+CONTENT_FREE_PIXEL = 128
 
 # Gemma 3's chat template (tokenizer_config.json / chat_template.json of the Gemma 3 models).
 CHAT_TEMPLATE = (
@@ -573,6 +577,25 @@ class Formatter:
             image = record.images[ref.view]
         return Formatted(prompt=prompt, answer=answer, image=image,
                          persona_id=persona.persona_id, task_id=ref.task_id)
+
+    def content_free_prompt(self, task_id: int, asked: str | None = None
+                            ) -> tuple[np.ndarray, bool]:
+        """A prompt of task `task_id` (asking `asked`) with no persona in it, and whether it
+        shows an image (then a uniform grey one, `CONTENT_FREE_PIXEL`): the same template with
+        `CONTENT_FREE_TEXT` in place of the description or the name, so a candidate's
+        log-likelihood under it measures the model's prior for that answer."""
+        kind = self.specs[task_id].kind
+        question = {"image_to_name": None, "description_to_name": None,
+                    "image_to_description": "caption"}.get(kind, asked)
+        if kind in IMAGE_KINDS:
+            return self._image_prompts[question], True
+        if kind in DESCRIPTION_KINDS:
+            return np.concatenate([self._text_head,
+                                   np.asarray(self.encode(CONTENT_FREE_TEXT), np.int32),
+                                   self._after[question]]), False
+        return np.concatenate([self._fact_before[asked],  # name_to_fact: "N/A" as the name.
+                               np.asarray(self.encode(" " + CONTENT_FREE_TEXT), np.int32),
+                               self._fact_after[asked]]), False
 
     # -- Text forms, for checks against transformers' chat template and processor. ------------
 

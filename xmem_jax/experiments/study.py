@@ -217,7 +217,8 @@ def finetune_and_score(config, data_dir: epath.Path, model_config: VLMConfig,
     scorer = recall.Scorer(
         {name: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
                                train=False)
-         for name, entry in eval_tasks.items()}, **config.scoring.to_dict())
+         for name, entry in eval_tasks.items()},
+        world_personas=tuple(config.world_personas), **config.scoring.to_dict())
     trainer.train(train_config or finetune_config(config), workdir,
                   model_fn(config, model_config), train_iter,
                   eval_fn=scorer, eval_every=int(config.eval_every),

@@ -114,6 +114,7 @@ def markdown(results: dict) -> str:
         "",
         "![recall curves](curves.png)",
         "",
+        *robustness_lines(results),
     ]
     if results.get("baselines"):
         b = results["baselines"]
@@ -137,6 +138,28 @@ def markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def robustness_lines(results: dict) -> list[str]:
+    """The test personas' choice among the study and world names together, and calibrated by
+    a content-free prompt (`xmem_jax.score.recall`), where the run scored them."""
+    source = results["train_modality"]
+    recall = results["recall"]
+    lines = []
+    for acc, rank, what in (
+            ("choice_acc_with_world", "mean_rank_with_world",
+             f"Choice among the {results['num_study_personas']} study names and the world "
+             f"personas' names, {recall[source].get('num_candidates_with_world', 0):.0f} in all"),
+            ("calibrated_choice_acc", "calibrated_mean_rank",
+             "Calibrated choice, by each name's log-likelihood minus that after a content-free "
+             "prompt (a grey view, or 'N/A' as the description)")):
+        if acc not in recall[source]:
+            continue
+        chance = recall[source]["chance"]
+        lines += [f"{what}; chance {chance[acc]:.3f}, mean rank {chance[rank]:.1f}: " + ", ".join(
+            f"{role} ({m}) {recall[m][acc]:.3f} (mean rank {recall[m][rank]:.1f})"
+            for role, m in (("source", source), ("target", other_modality(source)))) + ".", ""]
+    return lines
 
 
 def write_report(results: dict, workdir: epath.PathLike) -> None:

@@ -51,6 +51,21 @@ and its image C times).
 Chance levels: accuracy 1/C and mean rank (C + 1)/2 for C candidates, averaged over the scored
 queries (C can differ between facts); exact match 0.
 
+Two robustness metrics beside the main choice (`score_query_set`), from the same pass:
+
+  * with world names: a query set built with `world_personas` (the personas the base model was
+    trained on; `QuerySet.from_config`) also ranks a name task's answer among its names and the
+    world personas' names together, "choice_acc_with_world" and "mean_rank_with_world" with
+    their own chance levels: the names a weak query most likely confuses it with are those the
+    model knows best, and the task's names alone leave them out.
+  * calibrated (`calibrated=True`): candidates ranked by log p(c | query) - log p(c | a
+    content-free prompt), "calibrated_choice_acc" and "calibrated_mean_rank": a name the model
+    favours whatever the query (a frequent one, say) no longer wins by its prior alone. The
+    content-free prompt is the task's own template with no persona in it
+    (`tasks.Formatter.content_free_prompt`): a uniform grey view in place of the image, "N/A"
+    in place of the description (Zhao et al. 2021), so only the query's content differs. It is
+    one prefill per candidate group and evaluation, never per query.
+
 Host memory: a query set built from a pipeline config streams its batches from the input
 pipeline, `QUERY_PREFETCH_BATCHES` read ahead, and an evaluation holds one batch at a time; what
 is kept between evaluations is the candidates and one prompt length per query. Images travel as
@@ -88,6 +103,7 @@ from xmem_jax.train import sharding
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _BATCH_KEYS = ("prompt_tokens", "prompt_length", "answer_tokens", "answer_length", "images",
                "has_image", "persona_id", "task_id", "example_id", "valid")
+NAME_KINDS = frozenset(k for k in task_lib.KINDS if k.endswith("_to_name"))
 # Batches a query set's pipeline reads ahead of the one being scored: enough to overlap loading
 # with scoring, and the most an evaluation holds in host memory besides that one.
 QUERY_PREFETCH_BATCHES = 2
@@ -124,6 +140,10 @@ class CandidateGroup:
             tokens[row, :len(answer)] = answer
         return cls(tokens, np.array([len(a) for a in index], np.int32), index)
 
+    def extended(self, answers: Iterable[Sequence[int]]) -> "CandidateGroup":
+        """These candidates, in their order, then those of `answers` not among them."""
+        return CandidateGroup.of([*self.index, *answers])
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -140,13 +160,15 @@ class QuerySet:
     them from the input pipeline instead (`PipelineQuerySet`), so an evaluation over any number
     of queries holds a few batches at a time. `groups[key]` holds the candidates of the rows
     whose `group_of(batch, row)` is key (default: their task id; default groups: the distinct
-    answers of their rows).
+    answers of their rows). `content_free`: per group key, a prompt without the query's content
+    (token ids, and an image or None) for the calibrated score (`score_query_set`).
     """
 
     def __init__(self, batches: Iterable[Mapping[str, Any]], tokenizer, *,
                  labels: Sequence[str] | None = None,
                  groups: Mapping[Any, CandidateGroup] | None = None,
-                 group_of=None, pad_id: int | None = None):
+                 group_of=None, pad_id: int | None = None,
+                 content_free: Mapping[Any, tuple[np.ndarray, np.ndarray | None]] | None = None):
         self._batches = [{k: np.asarray(b[k]) for k in _BATCH_KEYS if k in b} for b in batches]
         if not self._batches:
             raise ValueError("No batches to score")
@@ -159,12 +181,12 @@ class QuerySet:
         task_ids = sorted({int(b["task_id"][r]) for b, r in rows})
         labels = (list(labels) if labels is not None
                   else [f"task{i}" for i in range(max(task_ids, default=-1) + 1)])
-        self._setup(tokenizer, labels, groups, group_of, pad_id)
+        self._setup(tokenizer, labels, groups, group_of, pad_id, content_free)
         # Valid rows per task, of this process's batches.
         self.population = np.bincount([b["task_id"][r] for b, r in rows],
                                       minlength=len(labels))
 
-    def _setup(self, tokenizer, labels, groups, group_of, pad_id) -> None:
+    def _setup(self, tokenizer, labels, groups, group_of, pad_id, content_free) -> None:
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
         self.stop_ids = tuple(vocab[t] for t in (END_OF_TURN, EOS) if t in vocab)
@@ -174,6 +196,13 @@ class QuerySet:
         self.groups = [groups[k] for k in self.keys]
         self._position = {k: i for i, k in enumerate(self.keys)}
         self.group_of = group_of
+        missing = [k for k in self.keys if content_free is not None and k not in content_free]
+        if missing:
+            raise ValueError(f"No content-free prompt for the candidate groups {missing}")
+        self.content_free = None if content_free is None else [content_free[k] for k in self.keys]
+        # Per group: its candidates followed by the world personas' names (name tasks of a set
+        # built with world personas), or None (`PipelineQuerySet`).
+        self.world_groups: list[CandidateGroup] | None = None
         self.max_answer_length = max(g.tokens.shape[1] for g in self.groups)
         self._built = {}  # Packed candidates and tries, shared with samples (`sample`).
 
@@ -213,19 +242,26 @@ class QuerySet:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(self.population)).sum(axis=0)
 
-    def packed(self, chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS
-               ) -> decoding.PackedCandidates:
-        """The candidate groups packed for scoring (built once per chunk size)."""
-        if chunk_tokens not in self._built:
-            self._built[chunk_tokens] = decoding.PackedCandidates.build(
-                [(g.tokens, g.lengths) for g in self.groups], chunk_tokens)
-        return self._built[chunk_tokens]
+    def ranked_groups(self, with_world: bool = False) -> list[CandidateGroup]:
+        return self.world_groups if with_world else self.groups
 
-    def tries(self) -> list[prune.Trie]:
+    def packed(self, chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS, with_world: bool = False
+               ) -> decoding.PackedCandidates:
+        """The candidate groups (with the world names: `world_groups`) packed for scoring,
+        built once."""
+        key = ("packed", chunk_tokens, with_world)
+        if key not in self._built:
+            self._built[key] = decoding.PackedCandidates.build(
+                [(g.tokens, g.lengths) for g in self.ranked_groups(with_world)], chunk_tokens)
+        return self._built[key]
+
+    def tries(self, with_world: bool = False) -> list[prune.Trie]:
         """The candidate groups as tries, for pruned ranking (built once)."""
-        if "tries" not in self._built:
-            self._built["tries"] = [prune.Trie.of(g.tokens, g.lengths) for g in self.groups]
-        return self._built["tries"]
+        key = ("tries", with_world)
+        if key not in self._built:
+            self._built[key] = [prune.Trie.of(g.tokens, g.lengths)
+                                for g in self.ranked_groups(with_world)]
+        return self._built[key]
 
     def sample(self, num_queries: int, seed: int = 0) -> "QuerySet":
         """`num_queries` valid rows of each task over all processes (each process draws its
@@ -261,9 +297,10 @@ class QuerySet:
                 "mean_rank": float(np.mean([(c + 1) / 2 for c in sizes]))}
 
     @classmethod
-    def from_config(cls, pipeline_config: ml_collections.ConfigDict) -> "PipelineQuerySet":
+    def from_config(cls, pipeline_config: ml_collections.ConfigDict,
+                    world_personas: Sequence[int] | None = None) -> "PipelineQuerySet":
         """The queries of a pipeline config's tasks, streamed (`PipelineQuerySet`)."""
-        return PipelineQuerySet(pipeline_config)
+        return PipelineQuerySet(pipeline_config, world_personas)
 
 
 class PipelineQuerySet(QuerySet):
@@ -271,11 +308,13 @@ class PipelineQuerySet(QuerySet):
     pipeline with `QUERY_PREFETCH_BATCHES` batches read ahead: no evaluation holds more.
 
     Built once, from the dataset and without decoding an image: the candidate groups (see the
-    module doc) and every example's prompt length, so each batch's width is known before it is
-    read.
+    module doc), every example's prompt length (so each batch's width is known before it is
+    read), each group's content-free prompt, and with `world_personas` (start, stop) the world
+    personas' names after the names of every name task (`world_groups`).
     """
 
-    def __init__(self, pipeline_config: ml_collections.ConfigDict):
+    def __init__(self, pipeline_config: ml_collections.ConfigDict,
+                 world_personas: Sequence[int] | None = None):
         config = ml_collections.ConfigDict(pipeline_config.to_dict())
         config.shuffle = False
         config.num_epochs = 1
@@ -293,12 +332,24 @@ class PipelineQuerySet(QuerySet):
             return (ref.task_id, ref.fact if task_set.specs[ref.task_id].kind in
                     task_lib.ASKING_KINDS else None)
 
+        grey = np.full((config.image_size, config.image_size, 3), task_lib.CONTENT_FREE_PIXEL,
+                       np.uint8)
+        content_free = {}
+        for task_id, asked in groups:
+            prompt, shows_image = formatter.content_free_prompt(task_id, asked)
+            content_free[task_id, asked] = (prompt, grey if shows_image else None)
         self._setup(self._pipeline.tokenizer, [spec.label for spec in task_set.specs], groups,
-                    group_of, formatter.pad_id)
+                    group_of, formatter.pad_id, content_free)
         self.population = np.array([task_set.task_length(t)
                                     for t in range(len(task_set.specs))])  # Every process's.
         self.examples = np.arange(len(task_set))  # Those streamed, in order.
         self._samples = {}
+        if world_personas is not None:
+            names = [dataset[p].name for p in range(*world_personas)]
+            world = [ids + [formatter.end_of_turn_id] for ids in formatter.encode_batch(names)]
+            self.world_groups = [
+                group.extended(world) if task_set.specs[task_id].kind in NAME_KINDS else group
+                for (task_id, _), group in zip(self.keys, self.groups)]
 
     def _read(self) -> Iterable[dict[str, np.ndarray]]:
         return iter(self._pipeline)
@@ -430,6 +481,7 @@ def _pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
 
 def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "pruned",
                     num_queries: int = 0, num_distractors: int = 0, seed: int = 0,
+                    calibrated: bool = False, world_names: bool = True,
                     mesh: jax.sharding.Mesh | None = None, generate: bool = True,
                     choice: bool = True, max_new_tokens: int | None = None,
                     buckets: Sequence[int] | None = decoding.DEFAULT_BUCKETS,
@@ -437,7 +489,7 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
                     chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS) -> dict[str, dict]:
     """Per task label: {"exact_match", "choice_acc", "mean_rank", "num_examples", "num_scored",
     "num_candidates", "stderr", "chance", "candidate_tokens"} (see `METHODS` for the choice
-    metrics' names).
+    metrics' names), and the robustness metrics of the module doc.
 
     `method` (`METHODS`) ranks each query's answer among its candidates; `num_queries` > 0
     scores that many queries per task, drawn once by `seed` (`QuerySet.sample`), the same at
@@ -446,12 +498,18 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
     (each query's distractors are one draw). "num_examples" counts the task's valid queries,
     "num_scored" those scored, "num_candidates" the mean candidates a query is ranked among;
     "candidate_tokens" the candidate tokens fed per scored query,
-    "fed", against "exhaustive", what scoring every candidate feeds. Chance levels are over the
-    scored queries. `max_new_tokens` defaults to the longest answer or candidate
+    "fed", against "exhaustive", what scoring every ranked candidate feeds. Chance levels are
+    over the scored queries. `max_new_tokens` defaults to the longest answer or candidate
     (<end_of_turn> included) plus 2, room for trailing punctuation that `normalize` drops.
     Prompt widths: when the batches' longest prompts take at most `exact_widths` distinct
     values (an image task's prompts all have one length), each batch runs at its own longest
     prompt (no padding, at most that many compilations); otherwise at its bucket (`buckets`).
+
+    Robustness metrics, from the same prefills: `world_names`, for the name tasks of a query
+    set with world names (`QuerySet.world_groups`) and a method that ranks every candidate,
+    adds "choice_acc_with_world", "mean_rank_with_world" (chance levels and standard errors
+    under the same keys) and "num_candidates_with_world"; `calibrated` adds "calibrated_" +
+    each choice metric's name, its chance that of the metric.
 
     Raises:
       FloatingPointError: a candidate's score is NaN.
@@ -461,6 +519,9 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
     if (method == "sampled_candidates") != (num_distractors > 0):
         raise ValueError(f"num_distractors={num_distractors}: sampled_candidates needs >= 1 "
                          "distractor, and the other methods rank every candidate")
+    if calibrated and choice and queries.content_free is None:
+        raise ValueError("calibrated=True needs each candidate group's content-free prompt: "
+                         "build the query set with QuerySet.from_config, or pass content_free")
     if method == "pruned" and choice and jax.process_count() > 1:
         method = "exhaustive"  # Pruned rounds depend on each process's rows; the same ranks.
     if method != "exhaustive" and choice and jax.process_count() > 1:
@@ -473,9 +534,16 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
     if len(set(queries.longest_prompts())) <= exact_widths:
         buckets = None
     place = _Placement(mesh if mesh is not None else model_mesh(model))
-    exhaustive_tokens = _exhaustive_tokens(queries.packed(chunk_tokens)) if choice else None
-    sums = np.zeros((len(queries.labels), len(_SUMS)), np.float64)
+    with_world = (choice and world_names and queries.world_groups is not None
+                  and method != "sampled_candidates")
+    rankings = ["main"] + ["with_world"] * with_world + ["calibrated"] * (calibrated and choice)
+    exhaustive_tokens = (_exhaustive_tokens(queries.packed(chunk_tokens, with_world)) if choice
+                         else None)
+    columns = _columns(rankings)
+    sums = np.zeros((len(queries.labels), len(columns)), np.float64)
     with place.context():
+        prior = (_content_free_scores(model, place, queries, chunk_tokens)
+                 if "calibrated" in rankings else None)
         for batch, group_index, target in queries.stream():
             valid = batch["valid"]
             rows = place.shards * math.ceil(len(valid) / place.shards)
@@ -490,37 +558,41 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
             greedy = dict(max_new_tokens=max_new_tokens if generate else 0,
                           stop_ids=queries.stop_ids, pad_id=queries.pad_id)
             ranks = fed = allowed = None
-            if choice and method != "exhaustive":
+            if choice:
                 allowed = [None] * len(valid)
                 if method == "sampled_candidates":
                     allowed = _distractors(queries, batch, group_index, target, num_distractors,
                                            seed)
+                ranked = _rankings(queries, rankings, group_index, allowed, with_world, prior)
+            if choice and method != "exhaustive":
                 out, ranks, fed = _rank_pruned(model, place, queries, prompts, rows, width,
-                                               group_index, target, allowed, chunk_tokens,
-                                               greedy)
+                                               group_index, target, ranked, chunk_tokens,
+                                               greedy, with_world)
             else:
                 kwargs = dict(greedy) if generate else dict(pad_id=queries.pad_id)
                 if choice:
                     groups = np.maximum(_pad_rows(group_index, rows, -1), 0)
-                    kwargs.update(candidates=queries.packed(chunk_tokens),
+                    kwargs.update(candidates=queries.packed(chunk_tokens, with_world),
                                   candidate_group=place.put(groups))
                 out = decoding.score_batch(model, *prompts, width=width,
                                            chunk_tokens=chunk_tokens, **kwargs)
                 out = {k: place.get(v)[:len(valid)] for k, v in out.items()}
                 if choice:
                     ranks = _ranks(out["candidate_log_likelihoods"], group_index, target,
-                                   queries)
+                                   queries.ranked_groups(with_world), ranked)
                     fed = np.where(group_index >= 0, exhaustive_tokens[group_index], 0)
-            _accumulate(sums, queries, batch, group_index, out, ranks, fed, allowed,
-                        exhaustive_tokens)
+            _accumulate(sums, columns, queries, batch, group_index, out, ranks, fed, allowed,
+                        exhaustive_tokens, rankings, with_world)
     population_of = queries.total_population()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
     acc, rank = METHODS[method]
+    names = {"main": (acc, rank), "with_world": (f"{acc}_with_world", f"{rank}_with_world"),
+             "calibrated": (f"calibrated_{acc}", f"calibrated_{rank}")}
     results = {}
     for task_id, label in enumerate(queries.labels):
-        total = dict(zip(_SUMS, (float(x) for x in sums[task_id])))
+        total = dict(zip(columns, (float(x) for x in sums[task_id])))
         n, population = total["n"], int(population_of[task_id])
         if n == 0:
             continue
@@ -528,21 +600,41 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
         exact_of = population if method != "sampled_candidates" else None
         results[label] = {
             "exact_match": total["exact"] / n if generate else None,
-            acc: total["correct"] / n if choice else None,
-            rank: total["rank"] / n if choice else None,
+            acc: total["main/correct"] / n if choice else None,
+            rank: total["main/rank"] / n if choice else None,
             "num_examples": population,
             "num_scored": int(n),
             "num_candidates": total["candidates"] / n,
             "stderr": {
                 "exact_match": (_stderr(total["exact"], total["exact"], n, population)
                                 if generate else None),
-                acc: _stderr(total["correct"], total["correct"], n, exact_of) if choice else None,
-                rank: _stderr(total["rank"], total["rank_sq"], n, exact_of) if choice else None},
+                acc: (_stderr(total["main/correct"], total["main/correct"], n, exact_of)
+                      if choice else None),
+                rank: (_stderr(total["main/rank"], total["main/rank_sq"], n, exact_of)
+                       if choice else None)},
             "chance": {"exact_match": 0.0, acc: total["chance_acc"] / n,
                        rank: total["chance_rank"] / n},
             "candidate_tokens": ({"fed": total["fed"] / n,
                                   "exhaustive": total["exhaustive"] / n} if choice else None),
         }
+        for ranking in rankings[1:]:
+            # With world names: the name tasks' queries only, among more candidates.
+            count = total["with_world/n"] if ranking == "with_world" else n
+            if count == 0:
+                continue
+            chance_of = "with_world/" if ranking == "with_world" else ""
+            ranked_acc, ranked_rank = names[ranking]
+            metrics = results[label]
+            metrics[ranked_acc] = total[f"{ranking}/correct"] / count
+            metrics[ranked_rank] = total[f"{ranking}/rank"] / count
+            metrics["stderr"][ranked_acc] = _stderr(total[f"{ranking}/correct"],
+                                                    total[f"{ranking}/correct"], count, exact_of)
+            metrics["stderr"][ranked_rank] = _stderr(total[f"{ranking}/rank"],
+                                                     total[f"{ranking}/rank_sq"], count, exact_of)
+            metrics["chance"][ranked_acc] = total[f"{chance_of}chance_acc"] / count
+            metrics["chance"][ranked_rank] = total[f"{chance_of}chance_rank"] / count
+            if ranking == "with_world":
+                metrics["num_candidates_with_world"] = total["with_world/candidates"] / count
     return results
 
 
@@ -551,8 +643,17 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
 METHODS = {"exhaustive": ("choice_acc", "mean_rank"),
            "pruned": ("choice_acc", "mean_rank"),
            "sampled_candidates": ("sampled_choice_acc", "sampled_mean_rank")}
-_SUMS = ("n", "exact", "correct", "rank", "rank_sq", "candidates", "chance_acc", "chance_rank",
-         "fed", "exhaustive")
+
+
+def _columns(rankings: Sequence[str]) -> list[str]:
+    """The sums `score_query_set` adds up per task (the same list on every process)."""
+    columns = ["n", "exact", "candidates", "chance_acc", "chance_rank", "fed", "exhaustive"]
+    for ranking in rankings:
+        columns += [f"{ranking}/correct", f"{ranking}/rank", f"{ranking}/rank_sq"]
+    if "with_world" in rankings:
+        columns += ["with_world/n", "with_world/candidates", "with_world/chance_acc",
+                    "with_world/chance_rank"]
+    return columns
 
 
 def _stderr(total: float, squares: float, n: float, population: int | None) -> float:
@@ -572,18 +673,82 @@ def _exhaustive_tokens(packed: decoding.PackedCandidates) -> np.ndarray:
     return packed.ancestor.diagonal(axis1=-2, axis2=-1).sum(axis=(1, 2))
 
 
-def _ranks(scores: np.ndarray, group_index, target, queries: QuerySet) -> np.ndarray:
-    """[B] rank of each valid row's answer: 1 + the other candidates scoring >= it (a tie
-    counts against the answer); 0 on padding rows."""
-    ranks = np.zeros(len(group_index), np.int64)
+def _content_free_scores(model, place: _Placement, queries: QuerySet, chunk_tokens: int
+                         ) -> list[np.ndarray]:
+    """Per candidate group: each candidate's log-likelihood after the group's content-free
+    prompt, every group's from one prefill (a row each), scored exhaustively.
+
+    Raises:
+      FloatingPointError: one of them is NaN.
+    """
+    prompts = queries.content_free
+    count = len(prompts)
+    rows = place.shards * math.ceil(count / place.shards)
+    width = max(len(ids) for ids, _ in prompts)
+    tokens = np.full((count, width), queries.pad_id, np.int32)
+    for row, (ids, _) in enumerate(prompts):
+        tokens[row, :len(ids)] = ids
+    lengths = np.array([len(ids) for ids, _ in prompts], np.int32)
+    shown = [image for _, image in prompts if image is not None]
+    images = None
+    if shown:  # Rows without an image show none (no image tokens): any pixels do.
+        images = np.stack([shown[0] if image is None else image for _, image in prompts])
+        images = place.put(_pad_rows(images, rows))
+    out = decoding.score_batch(
+        model, place.put(_pad_rows(tokens, rows, queries.pad_id)),
+        place.put(_pad_rows(lengths, rows, 1)), images, pad_id=queries.pad_id, width=width,
+        candidates=queries.packed(chunk_tokens),
+        candidate_group=place.put(_pad_rows(np.arange(count, dtype=np.int32), rows)),
+        chunk_tokens=chunk_tokens)
+    scores = place.get(out["candidate_log_likelihoods"])[:count]
+    prior = [scores[g, :len(group)].astype(np.float64) for g, group in enumerate(queries.groups)]
+    if any(np.isnan(p).any() for p in prior):
+        raise FloatingPointError("Recall scoring: a candidate's log-likelihood after the "
+                                 "content-free prompt is NaN (the model's outputs are not "
+                                 "finite); a NaN score is never ranked")
+    return prior
+
+
+def _rankings(queries: QuerySet, rankings: Sequence[str], group_index, allowed,
+              with_world: bool, prior) -> list[prune.Ranking]:
+    """The rankings of one batch's rows (`prune.Ranking`): "main" among the group's candidates
+    (or `allowed`), "with_world" among the world names too, "calibrated" as "main" by the
+    log-likelihood minus the content-free one (`prior`)."""
+    ranked = queries.ranked_groups(with_world)
+    own = [None if len(r) == len(g) else np.arange(len(g))  # The group's own: the first ones.
+           for g, r in zip(queries.groups, ranked)]
+    main = [a if a is not None or g < 0 else own[g] for g, a in zip(group_index, allowed)]
+    out = []
+    for ranking in rankings:
+        if ranking == "main":
+            out.append(prune.Ranking(main))
+        elif ranking == "with_world":
+            out.append(prune.Ranking([None] * len(group_index)))
+        else:  # Candidates no row ranks (the world names) get an infinite offset.
+            out.append(prune.Ranking(main, [np.concatenate([p, np.full(len(r) - len(p), np.inf)])
+                                            for p, r in zip(prior, ranked)]))
+    return out
+
+
+def _ranks(scores: np.ndarray, group_index, target, ranked_groups: Sequence[CandidateGroup],
+           rankings: Sequence[prune.Ranking]) -> np.ndarray:
+    """[len(rankings), B] rank of each valid row's answer under each ranking: 1 + the other
+    candidates it ranks among scoring >= it (a tie counts against the answer); 0 on padding
+    rows."""
+    ranks = np.zeros((len(rankings), len(group_index)), np.int64)
     for row in np.flatnonzero(group_index >= 0):
-        row_scores = scores[row, :len(queries.groups[group_index[row]])]
+        g = group_index[row]
+        row_scores = scores[row, :len(ranked_groups[g])].astype(np.float64)
         if np.isnan(row_scores).any():
             raise FloatingPointError("Recall scoring: a candidate's log-likelihood is NaN (the "
                                      "model's outputs are not finite); a NaN score is never "
                                      "ranked")
-        others = np.delete(row_scores, target[row])
-        ranks[row] = 1 + int(np.sum(others >= row_scores[target[row]]))
+        for k, ranking in enumerate(rankings):
+            score = row_scores if ranking.offset is None else row_scores - ranking.offset[g]
+            allowed = ranking.allowed[row]
+            others = np.arange(len(score)) if allowed is None else allowed
+            others = others[others != target[row]]
+            ranks[k, row] = 1 + int(np.sum(score[others] >= score[target[row]]))
     return ranks
 
 
@@ -601,9 +766,10 @@ def _distractors(queries: QuerySet, batch, group_index, target, num: int, seed: 
 
 
 def _rank_pruned(model, place: _Placement, queries: QuerySet, prompts, rows: int, width: int,
-                 group_index, target, allowed, chunk_tokens: int, greedy: dict):
+                 group_index, target, rankings: Sequence[prune.Ranking], chunk_tokens: int,
+                 greedy: dict, with_world: bool):
     """Greedy decoding and the pruned ranking (`prune.rank`) from one prefill per row."""
-    tries = queries.tries()
+    tries = queries.tries(with_world)
     groups = _pad_rows(group_index, rows, -1)
     first_tokens = np.zeros((rows, max(len(t.first_tokens) for t in tries)), np.int32)
     for row in np.flatnonzero(groups >= 0):
@@ -636,16 +802,17 @@ def _rank_pruned(model, place: _Placement, queries: QuerySet, prompts, rows: int
         return np.concatenate([place.get(o) for o in outs])[:count, :reads]
 
     ranks, fed = prune.rank(expand, tries, groups[:len(group_index)], target, out.pop("first"),
-                            [prune.Ranking(allowed)], size)
-    return out, ranks[0], fed
+                            rankings, size)
+    return out, ranks, fed
 
 
 def _power_of_two(n: int) -> int:
     return 1 << max(3, (n - 1).bit_length())
 
 
-def _accumulate(sums, queries: QuerySet, batch, group_index, out, ranks, fed, allowed,
-                exhaustive_tokens) -> None:
+def _accumulate(sums, columns: Sequence[str], queries: QuerySet, batch, group_index, out,
+                ranks, fed, allowed, exhaustive_tokens, rankings: Sequence[str],
+                with_world: bool) -> None:
     valid_rows = np.flatnonzero(batch["valid"])
     if not len(valid_rows):
         return
@@ -655,33 +822,47 @@ def _accumulate(sums, queries: QuerySet, batch, group_index, out, ranks, fed, al
         texts = queries.tokenizer.batch_decode(generated)
         references = queries.tokenizer.batch_decode(
             [batch["answer_tokens"][r, :batch["answer_length"][r]] for r in valid_rows])
-    column = {name: i for i, name in enumerate(_SUMS)}
+    column = {name: i for i, name in enumerate(columns)}
+    ranked = queries.ranked_groups(with_world)
     for i, row in enumerate(valid_rows):
-        task = int(batch["task_id"][row])
-        size = len(queries.groups[group_index[row]])
+        task, g = int(batch["task_id"][row]), group_index[row]
+        size = len(queries.groups[g])
         if allowed is not None and allowed[row] is not None:
             size = len(allowed[row])
         add = {"n": 1, "candidates": size, "chance_acc": 1 / size, "chance_rank": (size + 1) / 2}
         if texts is not None:
             add["exact"] = exact_match(texts[i], references[i])
         if ranks is not None:
-            add.update(correct=ranks[row] == 1, rank=ranks[row], rank_sq=ranks[row] ** 2,
-                       fed=fed[row], exhaustive=exhaustive_tokens[group_index[row]])
+            add.update(fed=fed[row], exhaustive=exhaustive_tokens[g])
+            extended = with_world and len(ranked[g]) > len(queries.groups[g])
+            for k, ranking in enumerate(rankings):
+                if ranking == "with_world" and not extended:
+                    continue
+                rank = ranks[k, row]
+                add.update({f"{ranking}/correct": rank == 1, f"{ranking}/rank": rank,
+                            f"{ranking}/rank_sq": rank ** 2})
+            if extended:
+                wide = len(ranked[g])
+                add.update({"with_world/n": 1, "with_world/candidates": wide,
+                            "with_world/chance_acc": 1 / wide,
+                            "with_world/chance_rank": (wide + 1) / 2})
         for name, value in add.items():
             sums[task, column[name]] += value
 
 
 def score(model: nnx.Module, data, tasks: Sequence[Any] | Mapping[str, Any] | None = None, *,
-          tokenizer=None, **kwargs) -> dict[str, dict]:
+          tokenizer=None, world_personas: Sequence[int] | None = None,
+          **kwargs) -> dict[str, dict]:
     """Scores recall on several tasks; returns {task label or name: metrics} (see
-    `score_query_set` for the metrics and keyword arguments: method, num_queries, mesh,
-    generate, choice, ...).
+    `score_query_set` for the metrics and keyword arguments: method, num_queries, calibrated,
+    mesh, generate, choice, ...).
 
     `data` is one of:
       * a pipeline config (`pipeline.default_config()` style): each task of `tasks` (entries as
         in the config's `tasks`, or a mapping name -> entry), default the config's own, is
         scored from its own one-pass prompt-mode pipeline, so its prompts bucket on their own
-        (an image task's short prompts never pad to a description task's long ones);
+        (an image task's short prompts never pad to a description task's long ones); name
+        tasks also rank among the names of `world_personas` (start, stop) if given;
       * a `QuerySet`, or a mapping name -> QuerySet;
       * an iterable of prompt-mode batches, with `tokenizer`; `tasks` then names the task ids.
     """
@@ -694,7 +875,8 @@ def score(model: nnx.Module, data, tasks: Sequence[Any] | Mapping[str, Any] | No
         for name, entry in named:
             config = ml_collections.ConfigDict(data.to_dict())
             config.tasks = (entry,)
-            scored = score_query_set(model, QuerySet.from_config(config), **kwargs)
+            scored = score_query_set(model, QuerySet.from_config(config, world_personas),
+                                     **kwargs)
             results.update(scored if name is None else {name: _single(scored, name)})
         return results
     if isinstance(data, QuerySet):
@@ -716,13 +898,16 @@ def _single(results: dict[str, dict], name: str) -> dict:
 class Scorer:
     """`scorer(model, step) -> {name: metrics}`: the trainer's periodic evaluation hook.
 
-    Each pipeline config holds one task; its candidates are read once and its queries streamed
-    at every evaluation. `kwargs` go to `score_query_set` (e.g. a study config's `scoring`:
-    method, num_queries, ...).
+    Each pipeline config holds one task; its candidates (with the names of `world_personas`,
+    (start, stop), for a name task) are read once and its queries streamed at every evaluation.
+    `kwargs` go to `score_query_set` (e.g. a study config's `scoring`: method, num_queries,
+    calibrated, world_names, ...).
     """
 
-    def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict], **kwargs):
-        self.query_sets = {name: QuerySet.from_config(c) for name, c in pipeline_configs.items()}
+    def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict], *,
+                 world_personas: Sequence[int] | None = None, **kwargs):
+        self.query_sets = {name: QuerySet.from_config(c, world_personas)
+                           for name, c in pipeline_configs.items()}
         self.kwargs = kwargs
 
     def __call__(self, model: nnx.Module, step: int) -> dict:
