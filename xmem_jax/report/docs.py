@@ -9,9 +9,11 @@ results are the small JSON files `python -m xmem_jax.report.study --run=DIR --ou
 from a run or a sweep, each recording its command and the commit it ran at
 (`benchmarks/tpu_fit.py` renders the TPU blocks the same way, from `docs/results/tpu_fit/`).
 
-    study-headline          README: the default study's headline, both directions
+    study-headline          README: the default study's headline, both directions, over base seeds
     study-default           docs/results.md: every figure of the default study
     heldout-view-variation  docs/results.md: held-out views drawn wider than the training ones
+    view-variation          docs/results.md: training and held-out views widened together (and
+                            its plot, docs/results/study/view_variation.png)
     train-step              docs/benchmarks.md: CPU train steps before and after the lean step
 """
 
@@ -24,10 +26,16 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "docs" / "results" / "study"
 DEFAULT = {"image": STUDY / "default_image.json", "description": STUDY / "default_description.json"}
+BASE_SEEDS = {"image": STUDY / "base_seeds_image.json",
+              "description": STUDY / "base_seeds_description.json"}
 HELDOUT = STUDY / "heldout_view_variation.json"
+VIEW_VARIATION = STUDY / "view_variation.json"
+VIEW_VARIATION_PLOT = STUDY / "view_variation.png"
 TRAIN_STEP = ROOT / "docs" / "results" / "train_step"
 MODALITIES = ("image", "description")
 PLURAL = {"image": "images", "description": "descriptions"}
@@ -102,38 +110,58 @@ def _provenance(runs: dict[str, dict], holder: Path) -> str:
             "changes.")
 
 
+def _mean_std(rows: list[dict], key: str, digits: int = 3) -> str:
+    """`mean ± std` of `key` over `rows`: the sample standard deviation (ddof=1; sweep.md gives
+    the population one, smaller by sqrt((n - 1) / n))."""
+    values = np.array([row[key] for row in rows], dtype=float)
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def _seed_commits(sweep: dict) -> str:
+    commits = sorted({row.get("commit") or "?" for row in sweep["rows"]})
+    return ", ".join(commits)
+
+
 def render_headline(holder: Path) -> str:
     """The README's summary: per training modality the source and target on the test
-    personas, the unpaired control, the base before fine-tuning; the pixel lookup beside it."""
-    runs = _load_default()
-    first = runs["image"]
+    personas, mean ± std over base seeds, with the unpaired control, the base before
+    fine-tuning and the pixel lookup beside them."""
+    sweeps = {m: json.loads(path.read_text()) for m, path in BASE_SEEDS.items()}
+    first = _load_default()["image"]
     chance = first["chance"]
     lo, hi = first["study_personas"]
-    lines = [f"Test personas {lo}-{hi - 1} (never used to choose a setting), one base seed, "
+    num_seeds = {len(s["rows"]) for s in sweeps.values()}
+    if len(num_seeds) != 1:
+        raise ValueError(f"{', '.join(str(p) for p in BASE_SEEDS.values())}: the two directions "
+                         f"ran different numbers of base seeds ({sorted(num_seeds)})")
+    lines = [f"Test personas {lo}-{hi - 1} (never used to choose a setting); mean ± sample std over "
+             f"{num_seeds.pop()} base seeds (each its own base model, paired and unpaired); "
              f"{first['recall']['image']['num_examples']:.0f} held-out queries a modality; "
              f"choice accuracy among the {hi - lo} names (chance {chance['choice_acc']:.3f}) "
-             f"and, in brackets, the true name's mean rank among them (chance "
-             f"{chance['mean_rank']:.1f}).",
+             f"and the true name's mean rank among them (chance {chance['mean_rank']:.1f}).",
              "",
-             "| fine-tuned on | source | target | target / chance | unpaired control: target "
-             "| base before fine-tuning: target |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for source, run in runs.items():
-        target = _other(source)
-        recall = run["recall"]
+             "| fine-tuned on | source | target | target mean rank | unpaired control: target "
+             "| unpaired control: target mean rank | base before fine-tuning: target "
+             "| pixel lookup (held-out images) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for source, sweep in sweeps.items():
+        rows = sweep["rows"]
         lines.append(
-            f"| {PLURAL[source]} | {recall[source]['choice_acc']:.3f} | "
-            f"{_choice_rank(recall, target)} | "
-            f"{_times(recall[target]['choice_acc'], run['chance']['choice_acc'])} | "
-            f"{_choice_rank(run['controls']['unpaired']['recall'], target)} | "
-            f"{_choice_rank(run['step0_recall'], target)} |")
-    lookup = first["baselines"]["pixel_lookup"]
+            f"| {PLURAL[source]} | {_mean_std(rows, 'source_choice_acc')} | "
+            f"{_mean_std(rows, 'target_choice_acc')} | {_mean_std(rows, 'target_mean_rank', 1)} | "
+            f"{_mean_std(rows, 'unpaired_target_choice_acc')} | "
+            f"{_mean_std(rows, 'unpaired_target_mean_rank', 1)} | "
+            f"{_mean_std(rows, 'step0_target_choice_acc')} | {_mean_std(rows, 'pixel_lookup')} |")
     lines += ["",
-              f"Pixel-lookup baseline (no learning: each held-out test view named by its nearest "
-              f"training view in raw pixels): {lookup:.3f}, against the image-trained model's "
-              f"source recall of {first['recall']['image']['choice_acc']:.3f}.",
+              "The pixel lookup names each held-out test view by its nearest training view in raw "
+              "pixels, with no learning: at this default it matches the image-trained source, so "
+              "the image-source figure is not evidence of recognition (the targets do not rest on "
+              "it).",
               "",
-              _provenance(runs, holder)]
+              "From " + " and ".join(
+                  f"{_link(BASE_SEEDS[m], holder)} (`{s['command']}`, at {_seed_commits(s)})"
+                  for m, s in sweeps.items()) + "; a commit ending in '+' ran with uncommitted "
+              "changes."]
     return "\n".join(lines)
 
 
@@ -215,6 +243,85 @@ def render_heldout(holder: Path) -> str:
     return "\n".join(lines)
 
 
+def view_variation_rows() -> list[dict]:
+    """The default study (its view variation, seed 0) and the view-variation sweep's points, in
+    the sweep's row format: training and held-out views drawn alike at each variation."""
+    run = _load_default()["image"]
+    recall, dev, lookup = run["recall"], run["dev_recall"], run["baselines"]
+    from configs import default  # The setting the committed default run was made with.
+
+    default_row = {"x": float(default.get_config().data.view_variation),
+                   "source_choice_acc": recall["image"]["choice_acc"],
+                   "target_choice_acc": recall["description"]["choice_acc"],
+                   "dev_source_choice_acc": dev["image"]["choice_acc"],
+                   "dev_target_choice_acc": dev["description"]["choice_acc"],
+                   "pixel_lookup": lookup["pixel_lookup"],
+                   "dev_pixel_lookup": lookup["dev_pixel_lookup"], "commit": run["commit"],
+                   "file": DEFAULT["image"]}
+    sweep = json.loads(VIEW_VARIATION.read_text())
+    rows = [default_row] + [{**r, "file": VIEW_VARIATION} for r in sweep["rows"]]
+    return sorted(rows, key=lambda r: r["x"])
+
+
+def render_view_variation(holder: Path) -> str:
+    """docs/results.md: source, target and the pixel lookup as training and held-out views
+    widen together (a new dataset and base at each point), development and test personas."""
+    rows = view_variation_rows()
+    fields = [("development personas: pixel lookup", "dev_pixel_lookup"),
+              ("development personas: source (images)", "dev_source_choice_acc"),
+              ("development personas: target (descriptions)", "dev_target_choice_acc"),
+              ("test personas: pixel lookup", "pixel_lookup"),
+              ("test personas: source (images)", "source_choice_acc"),
+              ("test personas: target (descriptions)", "target_choice_acc")]
+    lines = ["| view variation (training and held-out) | "
+             + " | ".join(f"{r['x']:g}" for r in rows) + " |",
+             "| --- |" + " --- |" * len(rows)]
+    lines += [f"| {label} | " + " | ".join(f"{r[key]:.3f}" for r in rows) + " |"
+              for label, key in fields]
+    for who, prefix in (("development", "dev_"), ("test", "")):
+        lines.append(f"| {who} personas: source - pixel lookup | " + " | ".join(
+            f"{r[prefix + 'source_choice_acc'] - r[prefix + 'pixel_lookup']:+.3f}" for r in rows)
+            + " |")
+    sweep = json.loads(VIEW_VARIATION.read_text())
+    run = _load_default()["image"]
+    lines += ["", f"Image-trained, one base model a point, "
+              f"{run['recall']['image']['num_examples']:.0f} held-out queries a modality; chance "
+              f"{run['chance']['choice_acc']:.3f}. From " + ", ".join(
+                  f"{_link(r['file'], holder, format(r['x'], 'g'))} at {r['commit']}"
+                  for r in rows)
+              + f"; the sweep's points: `{sweep['command']}`."]
+    return "\n".join(lines)
+
+
+def plot_view_variation(path: Path) -> None:
+    """Source, target and pixel lookup against the view variation (test personas solid,
+    development dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = view_variation_rows()
+    x = [r["x"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, label, colour in (("source_choice_acc", "source (images)", "tab:blue"),
+                               ("target_choice_acc", "target (descriptions)", "tab:orange"),
+                               ("pixel_lookup", "pixel lookup (no learning)", "tab:grey")):
+        ax.plot(x, [r[key] for r in rows], "-o", color=colour, label=f"{label}, test")
+        ax.plot(x, [r["dev_" + key] for r in rows], "--", color=colour, alpha=0.6,
+                label=f"{label}, development")
+    chance = _load_default()["image"]["chance"]["choice_acc"]
+    ax.axhline(chance, color="black", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel("view variation, training and held-out views (1 = the generator's spread)")
+    ax.set_ylabel(f"choice accuracy among {round(1 / chance)} names")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def render_train_step(holder: Path) -> str:
     """docs/benchmarks.md: CPU train-step times before and after the lean step, both in one run
     (`benchmarks/train_step.py --before --out`): median and fastest of the repeats' medians."""
@@ -231,7 +338,8 @@ def render_train_step(holder: Path) -> str:
 
 
 RENDERERS = {"study-headline": render_headline, "study-default": render_default,
-             "heldout-view-variation": render_heldout, "train-step": render_train_step}
+             "heldout-view-variation": render_heldout, "view-variation": render_view_variation,
+             "train-step": render_train_step}
 BLOCKS = tuple(RENDERERS)
 
 
@@ -265,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stale else 0
     for name, text in blocks.items():
         print(f"{write_block(name, text).relative_to(ROOT)}: {name}")
+    plot_view_variation(VIEW_VARIATION_PLOT)
+    print(f"{VIEW_VARIATION_PLOT.relative_to(ROOT)}")
     return 0
 
 

@@ -202,10 +202,16 @@ EXPORTED = ("experiment", "train_modality", "command", "commit", "seeds", "study
 
 
 def export(run_dir: epath.PathLike) -> dict:
-    """The figures of a study (or directions) run or of a sweep, without curves."""
+    """The figures of a study (or directions) run or of a sweep, without curves; a sweep's rows
+    each gain the commit their point ran at."""
     run_dir = epath.Path(run_dir)
     if (run_dir / "sweep.json").exists():
-        return {"sweep": str(run_dir), "rows": json.loads((run_dir / "sweep.json").read_text()),
+        rows = json.loads((run_dir / "sweep.json").read_text())
+        for row in rows:
+            point = run_dir / row["name"] / "results.json"
+            if point.exists():
+                row["commit"] = json.loads(point.read_text()).get("commit")
+        return {"sweep": str(run_dir), "rows": rows,
                 "command": (run_dir / "sweep.md").read_text().split("Command: `")[1].split("`")[0]}
     return _figures(json.loads((run_dir / "results.json").read_text()))
 
