@@ -166,10 +166,18 @@ def recall_of(results: dict) -> dict:
     config names the directories) and the scoring cost counters."""
     skip = {"timings", "command", "commit", "config", "candidate_tokens", "kind", "step"}
     if isinstance(results, dict):
-        return {k: recall_of(v) for k, v in results.items() if k not in skip}
+        return {k: (_rounded(v) if k == "chance" else recall_of(v))
+                for k, v in results.items() if k not in skip}
     if isinstance(results, list):
         return [recall_of(v) for v in results]
     return results
+
+
+def _rounded(chance: dict) -> dict:
+    """Chance levels to 7 digits: across processes their per-query terms (1 / candidates) are
+    summed in float32 (the world names' 1/60 comes back as 0.0166666672), in one process in
+    float64; the query counts and ranks stay exact."""
+    return {k: round(v, 7) for k, v in chance.items()}
 
 
 # ---------------------------------------------------------------------------------------------
