@@ -15,8 +15,12 @@ A *task* asks one kind of question about a range of personas:
 Attribute questions ask for a visual attribute (`ATTRIBUTE_QUESTIONS`; the answer is the value's
 key, e.g. "young adult", whatever phrase a description used): visual question answering in both
 modalities, for a base model that should code pictures and words alike.
-`split` picks the views / descriptions shown: 'train' (not held out), 'heldout' or 'all'
-(`name_to_fact` shows neither and takes no split). Captioning answers are always *training*
+`split` picks the views / descriptions shown: 'train' (not held out), 'heldout' or 'all'.
+`name_to_fact` shows neither: unset, it asks the fact's own question (`FACTS`, the one training
+uses); `split=heldout` asks it in phrasings never trained (`HELDOUT_FACT_QUESTIONS`, one example
+each), so a score measures recall of the fact, not of the question's wording. `with_name=1` makes
+a two-hop task (`image_to_fact`, `description_to_fact`) answer "{name}. {value}": the name, then
+the fact, chain-of-thought style. Captioning answers are always *training*
 descriptions, whatever the split of the views. Examples are enumerated task by task, persona by
 persona, then view / description, then fact (in the spec's order): index -> example is pure
 arithmetic (`TaskSet.locate`), so nothing is materialised per example.
@@ -77,6 +81,24 @@ assert len(QUESTIONS) == len(FACTS) + len(ATTRIBUTE_NAMES), "a fact is named lik
 NAME_QUESTION = "Who is this person?"
 CAPTION_QUESTION = "Describe this person."
 SUBJECT = "this person"  # The subject of fact questions about an image or a description.
+# name_to_fact questions no training task asks (split=heldout), the same number for every fact.
+# They are not in `prompt_texts` (the dataset tokenizer's corpus), which would change the
+# tokenizer of every dataset generated afterwards; byte-level BPE spells them anyway.
+HELDOUT_FACT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_city": ("Where was {subject} born?", "Which city is the birthplace of {subject}?"),
+    "occupation": ("What does {subject} do for a living?", "What job does {subject} have?"),
+    "employer": ("Where does {subject} work?", "Which firm employs {subject}?"),
+    "hobby": ("What does {subject} like to do for fun?",
+              "Which pastime does {subject} enjoy most?"),
+    "pet": ("Which animal does {subject} keep as a pet?", "What pet lives with {subject}?"),
+}
+assert set(HELDOUT_FACT_QUESTIONS) == set(FACT_NAMES), "a fact without held-out phrasings"
+assert len({len(q) for q in HELDOUT_FACT_QUESTIONS.values()}) == 1, "unequal held-out phrasings"
+assert not any(FACTS[f][0] in q for f, q in HELDOUT_FACT_QUESTIONS.items()), "a trained phrasing"
+NUM_HELDOUT_PHRASINGS = len(HELDOUT_FACT_QUESTIONS[FACT_NAMES[0]])
+# A two-hop answer with the name first (`TaskSpec.with_name`): "{name}{NAME_SEPARATOR} {value}".
+NAME_SEPARATOR = "."
+TWO_HOP_KINDS = frozenset({"image_to_fact", "description_to_fact"})
 # What a content-free prompt says in place of a description or a name ("N/A", the content-free
 # input of Zhao et al., "Calibrate Before Use", 2021); its image is a uniform grey view.
 CONTENT_FREE_TEXT = "N/A"
@@ -134,11 +156,18 @@ def answer_of(record, asked: str) -> str:
     return record.facts[asked] if asked in FACTS else record.attributes[asked]
 
 
-def _fact_question_parts(fact: str) -> tuple[str, str]:
+def name_question(fact: str, phrasing: int = -1) -> str:
+    """The template of a name_to_fact question: the fact's own (`phrasing` -1, the trained one)
+    or its held-out phrasing number `phrasing`."""
+    return FACTS[fact][0] if phrasing < 0 else HELDOUT_FACT_QUESTIONS[fact][phrasing]
+
+
+def _fact_question_parts(fact: str, phrasing: int = -1) -> tuple[str, str]:
     """The question's text before and after its subject: "In which city was", " born?"."""
-    before, after = FACTS[fact][0].split("{subject}")
+    template = name_question(fact, phrasing)
+    before, after = template.split("{subject}")
     if not before.endswith(" "):
-        raise ValueError(f"Fact question {FACTS[fact][0]!r} must have a space before {{subject}}")
+        raise ValueError(f"Fact question {template!r} must have a space before {{subject}}")
     return before[:-1], after
 
 
@@ -171,7 +200,7 @@ class TaskSpec:
     examples that many times: the mixture of tasks is proportional to their sizes, so it is how
     a small task gets weight. `loss_weight` scales its examples' answer tokens in the loss (see
     the pipeline's `loss_normalization`): how a task's share of the gradient is set apart from
-    its share of the rows.
+    its share of the rows. `with_name`: a two-hop task answers "{name}. {value}".
     """
 
     kind: str
@@ -183,6 +212,7 @@ class TaskSpec:
     name: str = ""
     repeat: int = 1
     loss_weight: float = 1.0
+    with_name: bool = False
 
     def __post_init__(self):
         def fail(field, value, why):
@@ -192,9 +222,10 @@ class TaskSpec:
         if self.kind not in KINDS:
             fail("kind", self.kind, f"unknown task kind; known: {', '.join(KINDS)}")
         if self.kind == "name_to_fact":
-            if self.split is not None:
+            if self.split not in (None, "heldout"):
                 fail("split", self.split, "name_to_fact shows no view or description; "
-                     "leave split unset")
+                     "leave split unset (its trained question) or 'heldout' (phrasings "
+                     "never trained)")
         elif self.split not in SPLITS:
             fail("split", self.split, f"unknown split; known: {', '.join(SPLITS)}")
         for field, kinds, known in _ASKED_FIELDS:
@@ -208,6 +239,9 @@ class TaskSpec:
                 fail(field, ",".join(unknown), f"unknown {field[:-1]}; known: {', '.join(known)}")
             if not asked or len(set(asked)) != len(asked):
                 fail(field, ",".join(asked), "must be a non-empty list without repeats")
+        if self.with_name and self.kind not in TWO_HOP_KINDS:
+            fail("with_name", self.with_name, f"only the two-hop kinds "
+                 f"{', '.join(sorted(TWO_HOP_KINDS))} answer with the name first")
         if self.repeat < 1:
             fail("repeat", self.repeat, "must be at least 1")
         if not self.loss_weight > 0:
@@ -225,7 +259,8 @@ class TaskSpec:
         `"image_to_fact split=heldout personas=0:100 facts=pet,hobby"` (`personas=100:` runs
         to the end; `repeat=3` lists the examples three times; `loss_weight=0.5` halves their
         answer tokens' weight in the loss); attribute kinds take
-        `attributes` the same way (default all), e.g. `"image_to_attribute attributes=eyewear"`.
+        `attributes` the same way (default all), e.g. `"image_to_attribute attributes=eyewear"`;
+        two-hop kinds take `with_name=1` (answer "{name}. {value}").
         Strings keep a config freezable (FrozenConfigDict holds no dict in a list).
         """
         if isinstance(entry, str):
@@ -234,7 +269,7 @@ class TaskSpec:
             entry = dict(entry.items())  # A ConfigDict.
         entry = dict(entry)
         known = {"kind", "personas", "split", "facts", "attributes", "name", "repeat",
-                 "loss_weight"}
+                 "loss_weight", "with_name"}
         extra = sorted(set(entry) - known)
         if extra:
             raise ValueError(f"Invalid task {entry.get('name') or entry.get('kind')!r}: unknown "
@@ -261,8 +296,15 @@ class TaskSpec:
         except ValueError:
             raise ValueError(f"Invalid task {entry.get('name') or kind!r}: loss_weight="
                              f"{entry['loss_weight']!r} is not a number") from None
+        with_name = entry.get("with_name", False)
+        if isinstance(with_name, str):
+            if with_name.lower() not in ("0", "1", "false", "true"):
+                raise ValueError(f"Invalid task {entry.get('name') or kind!r}: with_name="
+                                 f"{with_name!r}: expected 0, 1, false or true")
+            with_name = with_name.lower() in ("1", "true")
         return cls(kind=kind, start=int(start), stop=stop, split=split, **asked,
-                   name=entry.get("name") or "", repeat=repeat, loss_weight=loss_weight)
+                   name=entry.get("name") or "", repeat=repeat, loss_weight=loss_weight,
+                   with_name=bool(with_name))
 
     @property
     def asked(self) -> tuple[str, ...]:
@@ -328,8 +370,9 @@ def _split_range(total: int, heldout: int, split: str) -> range:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleRef:
-    """One example: which task, persona, view / description and the fact or attribute asked
-    (`fact`; -1 / None where unused).
+    """One example: which task, persona, view / description, the fact or attribute asked
+    (`fact`) and a name_to_fact question's held-out phrasing (`phrasing`); -1 / None where
+    unused (phrasing -1: the trained question).
 
     For captioning `description` is the answer; for description tasks it is the input.
     """
@@ -339,6 +382,7 @@ class ExampleRef:
     view: int = -1
     description: int = -1
     fact: str | None = None
+    phrasing: int = -1
 
 
 class TaskSet:
@@ -362,6 +406,8 @@ class TaskSet:
                 items = tuple(layout.views(spec.split))
             elif spec.kind in DESCRIPTION_KINDS:
                 items = tuple(layout.descriptions(spec.split))
+            elif spec.split == "heldout":  # name_to_fact in its held-out phrasings.
+                items = tuple(range(NUM_HELDOUT_PHRASINGS))
             else:
                 items = (-1,)
             if spec.kind == "image_to_description":  # (view, training description) pairs.
@@ -394,7 +440,7 @@ class TaskSet:
             return ExampleRef(task_id, persona, view=items[i], fact=facts[f])
         if kind in DESCRIPTION_KINDS:
             return ExampleRef(task_id, persona, description=items[i], fact=facts[f])
-        return ExampleRef(task_id, persona, fact=facts[f])
+        return ExampleRef(task_id, persona, fact=facts[f], phrasing=items[i])
 
     __getitem__ = locate
 
@@ -434,6 +480,7 @@ class _PersonaTokens:
     subject: np.ndarray  # " " + name (inside a question).
     descriptions: list[np.ndarray]
     facts: dict[str, np.ndarray]  # Fact and attribute answers, with <end_of_turn>.
+    values: dict[str, str]  # The same answers' text.
     view_heldout: tuple[bool, ...]
     description_heldout: tuple[bool, ...]
 
@@ -477,14 +524,19 @@ class Formatter:
         self._after = {q: ids("\n\n" + text, *tail) for q, text in questions.items()}
         self._image_prompts = {q: np.concatenate([self._image_head, a])
                                for q, a in self._after.items()}
-        # name_to_fact: head + question text before the name | " " + name | after + tail.
+        # name_to_fact: head + question text before the name | " " + name | after + tail, per
+        # (fact, phrasing): -1 the trained question, 0.. the held-out ones.
         self._fact_before = {}
         self._fact_after = {}
         for fact in FACT_NAMES:
-            before, after = _fact_question_parts(fact)
-            self._fact_before[fact] = ids(tok.BOS, tok.START_OF_TURN, "user\n" + before)
-            self._fact_after[fact] = ids(after, *tail) if after else self._tail
+            for phrasing in range(-1, NUM_HELDOUT_PHRASINGS):
+                before, after = _fact_question_parts(fact, phrasing)
+                self._fact_before[fact, phrasing] = ids(tok.BOS, tok.START_OF_TURN,
+                                                        "user\n" + before)
+                self._fact_after[fact, phrasing] = ids(after, *tail) if after else self._tail
         self._eot = np.asarray([self.end_of_turn_id], np.int32)
+        self._name_separator = np.asarray(self.encode(NAME_SEPARATOR), np.int32)
+        self._after_name: dict[str, np.ndarray] = {}  # " " + value, with <end_of_turn>.
         self._answers: dict[str, np.ndarray] = {}  # Fact / attribute values, with <end_of_turn>.
         self._asked = tuple(dict.fromkeys(a for spec in self.specs for a in spec.asked))
         self._personas: dict[int, _PersonaTokens] = {}
@@ -508,6 +560,7 @@ class Formatter:
                 name=np.concatenate([encoded[0], self._eot]), subject=encoded[1],
                 descriptions=encoded[2:],
                 facts={a: self._fact_answer(answer_of(record, a)) for a in self._asked},
+                values={a: answer_of(record, a) for a in self._asked},
                 view_heldout=tuple(bool(h) for h in record.view_heldout),
                 description_heldout=tuple(bool(h) for h in record.description_heldout))
             if len(self._personas) >= self.max_cached_personas:
@@ -520,6 +573,15 @@ class Formatter:
         if ids is None:
             ids = np.concatenate([np.asarray(self.encode(value), np.int32), self._eot])
             self._answers[value] = ids
+        return ids
+
+    def value_after_name(self, value: str) -> np.ndarray:
+        """A fact value's ids as it follows the name and `NAME_SEPARATOR` in a `with_name`
+        answer (" " + value, with <end_of_turn>): the candidates scored after a name."""
+        ids = self._after_name.get(value)
+        if ids is None:
+            ids = np.concatenate([np.asarray(self.encode(" " + value), np.int32), self._eot])
+            self._after_name[value] = ids
         return ids
 
     def _check_split(self, ref: ExampleRef, persona: _PersonaTokens) -> None:
@@ -570,9 +632,12 @@ class Formatter:
                                      self._after[ref.fact]])
             answer = persona.facts[ref.fact]
         else:  # name_to_fact
-            prompt = np.concatenate([self._fact_before[ref.fact], persona.subject,
-                                     self._fact_after[ref.fact]])
+            prompt = np.concatenate([self._fact_before[ref.fact, ref.phrasing], persona.subject,
+                                     self._fact_after[ref.fact, ref.phrasing]])
             answer = persona.facts[ref.fact]
+        if self.specs[ref.task_id].with_name:  # "{name}. {value}" (the name without its end).
+            answer = np.concatenate([persona.name[:-1], self._name_separator,
+                                     self.value_after_name(persona.values[ref.fact])])
         if kind in IMAGE_KINDS:
             image = record.images[ref.view]
         return Formatted(prompt=prompt, answer=answer, image=image,
@@ -583,7 +648,8 @@ class Formatter:
         """A prompt of task `task_id` (asking `asked`) with no persona in it, and whether it
         shows an image (then a uniform grey one, `CONTENT_FREE_PIXEL`): the same template with
         `CONTENT_FREE_TEXT` in place of the description or the name, so a candidate's
-        log-likelihood under it measures the model's prior for that answer."""
+        log-likelihood under it measures the model's prior for that answer (a name_to_fact task
+        in held-out phrasings: its first one)."""
         kind = self.specs[task_id].kind
         question = {"image_to_name": None, "description_to_name": None,
                     "image_to_description": "caption"}.get(kind, asked)
@@ -593,9 +659,10 @@ class Formatter:
             return np.concatenate([self._text_head,
                                    np.asarray(self.encode(CONTENT_FREE_TEXT), np.int32),
                                    self._after[question]]), False
-        return np.concatenate([self._fact_before[asked],  # name_to_fact: "N/A" as the name.
+        phrasing = 0 if self.specs[task_id].split == "heldout" else -1
+        return np.concatenate([self._fact_before[asked, phrasing],  # "N/A" as the name.
                                np.asarray(self.encode(" " + CONTENT_FREE_TEXT), np.int32),
-                               self._fact_after[asked]]), False
+                               self._fact_after[asked, phrasing]]), False
 
     # -- Text forms, for checks against transformers' chat template and processor. ------------
 
@@ -613,11 +680,14 @@ class Formatter:
             content.append({"type": "text",
                             "text": f"{record.descriptions[ref.description]}\n\n{question}"})
         else:
-            content.append({"type": "text", "text": fact_question(ref.fact, record.name)})
+            content.append({"type": "text", "text": name_question(ref.fact, ref.phrasing).format(
+                subject=record.name)})
         if kind.endswith("_to_name"):
             answer = record.name
         elif kind == "image_to_description":
             answer = record.descriptions[ref.description]
+        elif self.specs[ref.task_id].with_name:
+            answer = f"{record.name}{NAME_SEPARATOR} {answer_of(record, ref.fact)}"
         else:
             answer = answer_of(record, ref.fact)
         return [{"role": "user", "content": content},

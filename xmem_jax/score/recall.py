@@ -66,6 +66,14 @@ Two robustness metrics beside the main choice (`score_query_set`), from the same
     in place of the description (Zhao et al. 2021), so only the query's content differs. It is
     one prefill per candidate group and evaluation, never per query.
 
+A two-hop task answered "{name}. {value}" (`tasks.TaskSpec.with_name`) is scored chain-of-thought
+style (`NameThenValue`): the name is decoded greedily up to the separator, then the value's
+candidates are ranked after the prompt, the model's OWN generated name and the separator, so a
+wrong name leads to the value given that wrong name. It reports the value's choice accuracy and
+mean rank over all queries, how often the generated name was right ("name_acc") and the share
+with both right ("choice_acc_and_right_name"; over "name_acc", the value's accuracy given a
+right name).
+
 Host memory: a query set built from a pipeline config streams its batches from the input
 pipeline, `QUERY_PREFETCH_BATCHES` read ahead, and an evaluation holds one batch at a time; what
 is kept between evaluations is the candidates and one prompt length per query. Images travel as
@@ -416,6 +424,140 @@ def _scan_examples(task_set: task_lib.TaskSet, formatter: task_lib.Formatter, da
 
 # ---------------------------------------------------------------------------------------------
 # Scoring.
+
+
+class NameThenValue:
+    """The queries of one `with_name` two-hop task (a pipeline config), scored as the module doc
+    says: `scorer(model, **score_query_set kwargs) -> metrics`. Greedy decoding stops at the
+    separator; the candidates are the fact's values as they follow it (" " + value)."""
+
+    def __init__(self, pipeline_config: ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(pipeline_config.to_dict())
+        config.shuffle = False
+        config.num_epochs = 1
+        self._pipeline = pipeline.build(config, mode="prompt")
+        task_set, formatter = self._pipeline.task_set, self._pipeline.formatter
+        (spec,) = task_set.specs
+        if not spec.with_name:
+            raise ValueError(f"Task {spec.label!r}: NameThenValue scores tasks with with_name=1")
+        self.task_set, self.tokenizer, self.pad_id = task_set, self._pipeline.tokenizer, \
+            formatter.pad_id
+        separator = formatter.encode(task_lib.NAME_SEPARATOR)
+        if len(separator) != 1:
+            raise ValueError(f"NAME_SEPARATOR={task_lib.NAME_SEPARATOR!r} is {len(separator)} "
+                             "tokens to this tokenizer; decoding stops at a single token")
+        self.separator = int(separator[0])
+        vocab = self.tokenizer.get_vocab()
+        self.stop_ids = (self.separator,) + tuple(vocab[t] for t in (END_OF_TURN, EOS)
+                                                   if t in vocab)
+        self.groups = {asked: CandidateGroup.of(formatter.value_after_name(v)
+                                                for v in task_lib.QUESTIONS[asked][1])
+                       for asked in spec.asked}
+        dataset = self._pipeline.persona_dataset
+        stop = len(dataset) if spec.stop is None else spec.stop
+        names = formatter.encode_batch([dataset[p].name for p in range(spec.start, stop)])
+        self.max_new_tokens = max(len(n) for n in names) + 2  # Room for a longer wrong name.
+
+    def group_of(self, batch, row) -> str:
+        return self.task_set.locate(int(batch["example_id"][row])).fact
+
+    def __call__(self, model: nnx.Module, *, method: str = "pruned", num_distractors: int = 0,
+                 seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                 chunk_tokens: int = decoding.DEFAULT_CHUNK_TOKENS, **unused) -> dict:
+        """`unused`: the other `score_query_set` arguments of a study's `scoring`: every query
+        is scored (the sets are small), there is no content-free prompt after a generated name
+        and the candidates are fact values, not names."""
+        del unused
+        place = _Placement(mesh if mesh is not None else model_mesh(model))
+        chained = []
+        with place.context():
+            for batch in self._pipeline:
+                batch = {k: np.asarray(v) for k, v in batch.items()}
+                rows = place.shards * math.ceil(len(batch["valid"]) / place.shards)
+                width, any_image = place.agree(decoding.prompt_width(batch["prompt_length"]),
+                                               bool(batch["has_image"].any()))
+                out = decoding.score_batch(
+                    model, place.put(_pad_rows(decoding.fit_width(
+                        batch["prompt_tokens"], width, self.pad_id), rows, self.pad_id)),
+                    place.put(_pad_rows(batch["prompt_length"], rows, 1)),
+                    place.put(_pad_rows(batch["images"], rows)) if any_image else None,
+                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                    pad_id=self.pad_id, width=width)
+                generated = place.get(out["generated"])[:len(batch["valid"])]
+                lengths = place.get(out["generated_length"])[:len(batch["valid"])]
+                chained.append(after_generated_names(batch, generated, lengths, self.separator,
+                                                     self.stop_ids, self.tokenizer, self.pad_id))
+        queries = QuerySet(chained, self.tokenizer, labels=NAME_OUTCOMES, groups=self.groups,
+                           group_of=self.group_of, pad_id=self.pad_id)
+        scored = score_query_set(model, queries, method=method, num_distractors=num_distractors,
+                                 seed=seed, mesh=mesh, chunk_tokens=chunk_tokens, generate=False,
+                                 calibrated=False, world_names=False)
+        return combine_name_outcomes(scored, METHODS[method])
+
+
+# The task ids `after_generated_names` gives its rows: whether the generated name was right.
+NAME_OUTCOMES = ("right_name", "wrong_name")
+
+
+def after_generated_names(batch: Mapping[str, np.ndarray], generated: np.ndarray,
+                          generated_length: np.ndarray, separator: int, stop_ids: Sequence[int],
+                          tokenizer, pad_id: int) -> dict[str, np.ndarray]:
+    """A prompt-mode batch of "{name}. {value}" queries rewritten to rank the value after each
+    row's generated name: prompt + the generated tokens before the first stop token (the
+    separator included) + the separator; answer: the reference's tokens after its separator.
+    The task id is the index in `NAME_OUTCOMES` of whether the generated name equals the
+    reference's (`exact_match`)."""
+    rows = len(batch["valid"])
+    prompts, answers, outcome = [], [], np.zeros(rows, np.int32)
+    for row in range(rows):
+        prompt = batch["prompt_tokens"][row, :batch["prompt_length"][row]]
+        answer = batch["answer_tokens"][row, :batch["answer_length"][row]]
+        cut = np.flatnonzero(answer == separator)
+        if batch["valid"][row] and not len(cut):
+            raise ValueError(f"Example {int(batch['example_id'][row])}: its answer "
+                             f"{tokenizer.decode(answer)!r} has no name separator")
+        cut = int(cut[0]) if len(cut) else len(answer)
+        tokens = generated[row, :generated_length[row]]
+        stops = np.flatnonzero(np.isin(tokens, stop_ids))
+        name = tokens[:stops[0]] if len(stops) else tokens
+        prompts.append(np.concatenate([prompt, name, [separator]]).astype(np.int32))
+        answers.append(answer[cut + 1:])
+        right = exact_match(tokenizer.decode(name), tokenizer.decode(answer[:cut]))
+        outcome[row] = NAME_OUTCOMES.index("right_name" if right else "wrong_name")
+
+    def padded(arrays):
+        out = np.full((rows, max(len(a) for a in arrays)), pad_id, np.int32)
+        for row, a in enumerate(arrays):
+            out[row, :len(a)] = a
+        return out
+
+    return {**{k: batch[k] for k in _BATCH_KEYS if k in batch},
+            "prompt_tokens": padded(prompts),
+            "prompt_length": np.array([len(p) for p in prompts], np.int32),
+            "answer_tokens": padded(answers),
+            "answer_length": np.array([len(a) for a in answers], np.int32),
+            "task_id": outcome}
+
+
+def combine_name_outcomes(scored: Mapping[str, dict], names: tuple[str, str]) -> dict:
+    """`score_query_set`'s metrics per name outcome -> the value's over all queries, the share
+    of right names and of right names with the right value (ratios of sums: an outcome no
+    query had counts 0)."""
+    acc, rank = names
+    parts = {label: scored[label] for label in NAME_OUTCOMES if label in scored}
+    n = sum(p["num_scored"] for p in parts.values())
+
+    def mean(key, chance=False):
+        return sum((p["chance"] if chance else p)[key] * p["num_scored"]
+                   for p in parts.values()) / n
+
+    right = parts.get("right_name")
+    right_share = right["num_scored"] / n if right else 0.0
+    return {acc: mean(acc), rank: mean(rank), "name_acc": right_share,
+            f"{acc}_and_right_name": right[acc] * right_share if right else 0.0,
+            "num_scored": n, "num_examples": sum(p["num_examples"] for p in parts.values()),
+            "chance": {"exact_match": 0.0, acc: mean(acc, chance=True),
+                       rank: mean(rank, chance=True)}}
 
 
 def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
@@ -899,17 +1041,24 @@ class Scorer:
     """`scorer(model, step) -> {name: metrics}`: the trainer's periodic evaluation hook.
 
     Each pipeline config holds one task; its candidates (with the names of `world_personas`,
-    (start, stop), for a name task) are read once and its queries streamed at every evaluation.
+    (start, stop), for a name task) are read once and its queries streamed at every evaluation;
+    a `with_name` two-hop task is scored by `NameThenValue`.
     `kwargs` go to `score_query_set` (e.g. a study config's `scoring`: method, num_queries,
     calibrated, world_names, ...).
     """
 
     def __init__(self, pipeline_configs: Mapping[str, ml_collections.ConfigDict], *,
                  world_personas: Sequence[int] | None = None, **kwargs):
+        chained = {name for name, c in pipeline_configs.items()
+                   if task_lib.TaskSpec.from_config(tuple(c.tasks)[0]).with_name}
         self.query_sets = {name: QuerySet.from_config(c, world_personas)
-                           for name, c in pipeline_configs.items()}
+                           for name, c in pipeline_configs.items() if name not in chained}
+        self.chained = {name: NameThenValue(pipeline_configs[name]) for name in chained}
         self.kwargs = kwargs
 
     def __call__(self, model: nnx.Module, step: int) -> dict:
         del step
-        return score(model, self.query_sets, **self.kwargs)
+        results = score(model, self.query_sets, **self.kwargs) if self.query_sets else {}
+        results.update({name: scorer(model, **self.kwargs)
+                        for name, scorer in self.chained.items()})
+        return results
