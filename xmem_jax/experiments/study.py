@@ -236,6 +236,14 @@ def base_personas(config, kind: str, *, unpaired: bool = False) -> tuple[int, in
     return (start, middle) if kind in tasks.IMAGE_KINDS else (middle, stop)
 
 
+def base_task_entries(config, *, unpaired: bool = False) -> list[str]:
+    """`config.base_tasks` over the world personas (`base_personas`); an entry naming its own
+    personas keeps them (multi-hop withholds some world personas' two-hop questions)."""
+    return [entry if "personas=" in entry else
+            f"{entry} {_range(base_personas(config, entry.split()[0], unpaired=unpaired))}"
+            for entry in config.base_tasks]
+
+
 def train_base(config, data_dir: epath.Path, model_config: VLMConfig, *,
                unpaired: bool = False) -> tuple[nnx.State, dict]:
     """The base model: world personas in both modalities (cached by its config), and its
@@ -252,8 +260,7 @@ def train_base(config, data_dir: epath.Path, model_config: VLMConfig, *,
                       config.world_personas, config.max_length, config.seed,
                       config.batch_by_task, config.augment, *(["unpaired"] if unpaired else []))
     workdir = epath.Path(config.cache_dir) / "base" / key
-    entries = [f"{entry} {_range(base_personas(config, entry.split()[0], unpaired=unpaired))}"
-               for entry in config.base_tasks]
+    entries = base_task_entries(config, unpaired=unpaired)
     train_pipeline = pipeline.build(pipeline_config(
         config, data_dir, model_config, entries, config.base.batch_size, train=True))
     result = trainer.train(config.base, workdir, model_fn(config, model_config),

@@ -124,11 +124,56 @@ def multihop_row(results: dict | None) -> tuple[str, str, str, str]:
     frequency = s["fact_frequency_baseline"]
     chance = max(uniform, frequency)
     ok = s["two_hop_source"] >= 2 * chance and s["two_hop_source"] > s["two_hop_target"]
-    return claim, rule, "reproduced" if ok else "not reproduced", (
+    heldout = "name_to_fact_trained_phrasing" in results  # Since 2026-12-02.
+    measured = (
         f"two-hop source {s['two_hop_source']:.3f}, target {s['two_hop_target']:.3f} (chance "
         f"{chance:.3f}: uniform {uniform:.3f}, most common value {frequency:.3f}); one-hop: "
-        f"name->fact {s['one_hop_name_to_fact']:.3f}, names source "
+        f"name->fact{' (held-out phrasings)' if heldout else ''} "
+        f"{s['one_hop_name_to_fact']:.3f}, names source "
         f"{s['one_hop_name_source']:.3f} / target {s['one_hop_name_target']:.3f}")
+    if "recall" in results:
+        source = results["train_modality"]
+        parts = []
+        for role, modality in (("source", source),
+                               ("target", "description" if source == "image" else "image")):
+            name = results["recall"][f"{modality}_to_name"]
+            parts.append(f"{role} " + composition_text(
+                s[f"two_hop_{role}"], chance, name["choice_acc"], name["chance"]["choice_acc"],
+                s["one_hop_name_to_fact"]))
+        measured += "; fine-tuned: " + "; ".join(parts)
+    composition = results.get("composition_in_base")
+    if composition:
+        scores = composition["recall"]
+        base_chance = max(composition["fact_frequency"],
+                          scores["name_to_fact"]["chance"]["choice_acc"])
+        start, stop = composition["withheld_personas"]
+        parts = []
+        for modality in ("image", "description"):
+            name = scores[f"{modality}_to_name"]
+            parts.append(f"{modality} " + composition_text(
+                scores[f"{modality}_to_fact"]["choice_acc"], base_chance, name["choice_acc"],
+                name["chance"]["choice_acc"], scores["name_to_fact"]["choice_acc"]))
+        measured += (f"; in the base, on world personas {start}-{stop - 1} never asked a "
+                     f"two-hop question (chance {base_chance:.3f}): " + "; ".join(parts))
+    return claim, rule, "reproduced" if ok else "not reproduced", measured
+
+
+def composition_text(two_hop: float, chance: float, first_hop: float, first_chance: float,
+                     second_hop: float) -> str:
+    """Whether a two-hop question is answered (>= 2 x `chance`, the fact's) and, if not, where
+    it breaks by the same bar: naming the person (the first hop, against `first_chance`),
+    recalling the fact from the name (the second, against `chance`), or composing two hops
+    that each work."""
+    if two_hop >= 2 * chance:
+        verdict = "composes"
+    elif first_hop < 2 * first_chance:
+        verdict = "breaks at the first hop (naming the person)"
+    elif second_hop < 2 * chance:
+        verdict = "breaks at the second hop (the fact from the name)"
+    else:
+        verdict = "breaks at composing two hops that each work"
+    return (f"{two_hop:.3f} {verdict} (hops: name {first_hop:.3f}, chance {first_chance:.3f}; "
+            f"name->fact {second_hop:.3f})")
 
 
 def base_seed_std(source: str) -> float | None:
