@@ -1,4 +1,5 @@
-"""Mitigation: the transfer study with bridge personas or a captioning auxiliary task.
+"""Mitigation: the transfer study with bridge personas, a captioning auxiliary task, or bridge
+personas with a contrastive loss aligning their image and description states.
 
     python -m xmem_jax.main --config=configs/experiments/mitigation.py --workdir=runs/mitigation
     python -m xmem_jax.main --config=configs/experiments/mitigation.py \
@@ -37,7 +38,27 @@ def get_config(arg: str | None = None):
             # task is listed 6 times so that half of every batch's rows still ask for names
             # (their gradient share is set by study_share).
             caption=("{source} split=train personas={study} repeat=6",
-                     "image_to_description split=train personas={study}")))
+                     "image_to_description split=train personas={study}"),
+            # The bridge tasks, each bridge image row paired with a description row of its
+            # persona in the batch, plus the contrastive loss below over those pairs.
+            contrastive=("{source} split=train personas={study}",
+                         "image_to_name split=train personas={bridge}",
+                         "description_to_name split=train personas={bridge}")),
+        # The contrastive method's InfoNCE (xmem_jax/train/losses.py), on the state the
+        # alignment probe measures: the residual stream at the prompt's last token.
+        contrastive=dict(
+            # After decoder layer 3: where the probe found the base's shared code strongest
+            # (study retrieval 0.405 against 0.345-0.365 after layers 1, 2 and 4; 7cffb23,
+            # docs/history.md), and the first layer fine-tuning trains (freeze_layers=2).
+            layer=3,
+            # SimCLR's and SupCon's value for cosine similarities: a pair at cosine 1 against
+            # negatives at 0 gets e^10 times their softmax mass, so near-misses still pull.
+            temperature=0.1,
+            # Added to the mean answer loss. InfoNCE at chance is log(pairs a batch), ~2.4 for
+            # the ~11 pairs of a default batch, the order of the answers' loss early in
+            # fine-tuning; after the quick run's 20 steps it was 0.88 against 3.35 for the
+            # answers: it pulls without outweighing the names that are scored.
+            weight=1.0))
     if quick:  # Bridge personas must avoid the world ones: move the world up.
         config.world_personas = (10, 40)
         config.base_eval_personas = (10, 20)

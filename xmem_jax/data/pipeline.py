@@ -31,6 +31,15 @@ Config (a `ml_collections.ConfigDict` section, `default_config()`):
                           on its own, seed + task id), so a short task's batches never pad to a
                           long task's width (with length_bucket); default False (batches mix
                           tasks). A finite stream (num_epochs) ends when one task runs out
+    paired_tasks          train mode: () or (image task id, description task id) over the
+                          same personas: every example of the first comes with one of the
+                          second for the same persona (its k-th example of a persona with the
+                          (k mod n)-th of the n the second has), the two rows `pair_stride`
+                          apart in one global batch, and the second's examples come only so;
+                          the other tasks' examples fill the other rows in shuffled twos. Batches
+                          then carry `pair_id` and `pair_image` (a contrastive loss's rows)
+    pair_stride           rows between a pair's two members; the trainer's grad_accum_steps, so
+                          that its strided micro-batches keep each pair together
     image_size            the model's image size S: views are resized (bilinear) to S x S
     augment_shift         train mode: shift each image by up to this many pixels in x and y
                           (edge pixels repeated), drawn per example and epoch; 0 = none
@@ -66,6 +75,9 @@ train mode (`mode='train'`):
     persona_id  int32   [B]
     task_id     int32   [B]
     example_id  int32   [B]  the example's index in `Pipeline.task_set` (`.locate(i)`)
+    pair_id     int32   [B]  with paired_tasks only: the persona on the paired tasks' rows, -1
+                             on the others
+    pair_image  bool    [B]  with paired_tasks only: True on the paired image task's rows
 prompt mode (`mode='prompt'`, for generative recall and candidate log-likelihood scoring):
     prompt_tokens  int32 [B, Lp]  the prompt, right-padded
     prompt_length  int32 [B]
@@ -130,6 +142,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.max_answer_length = 0
     config.length_bucket = 0
     config.batch_by_task = False
+    config.paired_tasks = ()
+    config.pair_stride = 1
     # How the loss weighs answer tokens: 'token', every token alike (a 38-token caption
     # outweighs a 5-token name 7x); 'example', each example's tokens share its weight (its
     # task's `loss_weight`), so a task's share of the gradient is its share of the rows times
@@ -424,8 +438,10 @@ class _Batch:
 
     def __init__(self, mode: str, batch_size: int, max_length: int, max_answer: int,
                  image_size: int, pad_id: int, bos_id: int, length_bucket: int = 0,
-                 task_weights: tuple[float, ...] = (), per_example: bool = False):
+                 task_weights: tuple[float, ...] = (), per_example: bool = False,
+                 paired_tasks: tuple[int, ...] = ()):
         self.mode = mode
+        self.paired_tasks = paired_tasks
         self.task_weights = task_weights
         self.per_example = per_example
         self.length_bucket = length_bucket
@@ -501,6 +517,10 @@ class _Batch:
                 images[rows] = pixels
         batch.update(images=images, has_image=has_image, persona_id=persona_id,
                      task_id=task_id, example_id=example_id)
+        if self.paired_tasks:
+            paired = np.isin(task_id, self.paired_tasks)
+            batch.update(pair_id=np.where(paired, persona_id, -1).astype(np.int32),
+                         pair_image=task_id == self.paired_tasks[0])
         return batch
 
 
@@ -556,6 +576,81 @@ def _check_config(config, mode: str) -> None:
         fail("seed", "must be in [0, 2**32)")
     if config.get("worker_count", 0) < 0:
         fail("worker_count", "must be at least 0")
+    if config.get("paired_tasks", ()):
+        stride = int(config.get("pair_stride", 1))
+        if mode != "train" or config.get("batch_by_task", False):
+            fail("paired_tasks", "pairs rows of mixed train batches: train mode without "
+                 "batch_by_task")
+        if stride < 1:
+            fail("pair_stride", "must be at least 1")
+        if int(config.batch_size) % (2 * stride):
+            fail("batch_size", f"must be a multiple of 2 x pair_stride={stride}, so that no "
+                 "pair straddles two batches")
+
+
+def pair_slots(task_set: tasks.TaskSet, paired_tasks: Sequence[int], seed: int) -> np.ndarray:
+    """[slots, 2] example indices, two rows each: every example of the image task with an
+    example of the description task for the same persona, then the other tasks' examples in
+    twos (shuffled with `seed`, the last one doubled up when their number is odd)."""
+    image_task, description_task = (int(t) for t in paired_tasks)
+    specs = task_set.specs
+    for field, task in (("paired_tasks[0]", image_task), ("paired_tasks[1]", description_task)):
+        if not 0 <= task < len(specs):
+            raise ValueError(f"Invalid data config: {field}={task} is not a task id "
+                             f"(0-{len(specs) - 1})")
+    image_spec, description_spec = specs[image_task], specs[description_task]
+    if image_spec.kind not in tasks.IMAGE_KINDS or description_spec.kind not in \
+            tasks.DESCRIPTION_KINDS:
+        raise ValueError(f"Invalid data config: paired_tasks={tuple(paired_tasks)} must be an "
+                         f"image task and a description task, not {image_spec.label!r} and "
+                         f"{description_spec.label!r}")
+    if (image_spec.start, image_spec.stop) != (description_spec.start, description_spec.stop):
+        raise ValueError(f"Invalid data config: paired_tasks {image_spec.label!r} and "
+                         f"{description_spec.label!r} must cover the same personas")
+    if image_spec.repeat != 1 or description_spec.repeat != 1:
+        raise ValueError(f"Invalid data config: paired_tasks {image_spec.label!r} and "
+                         f"{description_spec.label!r} must have repeat=1 (a pair is one row "
+                         "of each)")
+    personas = (image_spec.stop or task_set.layout.num_personas) - image_spec.start
+    image_length = task_set.task_length(image_task)
+    per_image = image_length // personas
+    per_description = task_set.task_length(description_task) // personas
+    position = np.arange(image_length)
+    persona, k = position // per_image, position % per_image
+    pairs = np.stack([task_set.offsets[image_task] + position,
+                      task_set.offsets[description_task] + persona * per_description
+                      + k % per_description], axis=1)
+    rest = np.asarray([i for t in range(len(specs)) if t not in (image_task, description_task)
+                       for i in range(task_set.offsets[t], task_set.offsets[t + 1])], np.int64)
+    rest = np.random.default_rng(seed).permutation(rest)
+    if len(rest) % 2:
+        rest = np.append(rest, rest[0])
+    return np.concatenate([pairs, rest.reshape(-1, 2)]).astype(np.int64)
+
+
+class _SlotRows(grain.MapDataset):
+    """A stream of slots (rows of `slots`) -> a stream of example indices, each slot's two rows
+    `stride` apart: rows [2 s k, 2 s (k + 1)) hold slots [s k, s (k + 1)), first members
+    then second members, so row r and row r + s hold one slot."""
+
+    def __init__(self, parent: grain.MapDataset, slots: np.ndarray, stride: int):
+        super().__init__(parent)
+        self._slots = slots
+        self._stride = stride
+        self._length = min(2 * len(parent), sys.maxsize)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        block, row = divmod(index, 2 * self._stride)
+        member, offset = divmod(row, self._stride)
+        return int(self._slots[self._parent[block * self._stride + offset], member])
+
+    def __str__(self) -> str:
+        return f"SlotRows(slots={len(self._slots)}, stride={self._stride})"
 
 
 def build(config: ml_collections.ConfigDict, mode: str = "train", *,
@@ -606,7 +701,10 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
     batch_fn = _Batch(mode, rows, max_length, max_answer, image_size, formatter.pad_id,
                       formatter.special[tok.BOS], int(config.get("length_bucket", 0)),
                       task_weights=tuple(spec.loss_weight for spec in specs),
-                      per_example=config.get("loss_normalization", "token") == "example")
+                      per_example=config.get("loss_normalization", "token") == "example",
+                      paired_tasks=tuple(int(t) for t in config.get("paired_tasks", ())))
+    slots = (pair_slots(task_set, config.paired_tasks, int(config.seed))
+             if config.get("paired_tasks", ()) else None)
 
     augment = _Augment(int(config.get("augment_shift", 0)),
                        float(config.get("augment_brightness", 0.0)))
@@ -616,6 +714,8 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
             indices = indices.shuffle(seed=seed)
         if config.num_epochs != 1:
             indices = indices.repeat(config.num_epochs)
+        if slots is not None:  # `indices` are slots.
+            indices = _SlotRows(indices, slots, int(config.get("pair_stride", 1)))
         examples = indices.map(load)
         if mode == "train" and (augment.max_shift or augment.brightness):
             # Drawn by the example's position in the global stream: the same in any process.
@@ -629,6 +729,8 @@ def build(config: ml_collections.ConfigDict, mode: str = "train", *,
         streams = [batches(grain.MapDataset.range(n).map(_TaskIndex(task_set.offsets[t])),
                            (int(config.seed) + t) % 2**32) for t, n in enumerate(lengths)]
         ds = grain.MapDataset.mix(streams, weights=lengths)
+    elif slots is not None:
+        ds = batches(grain.MapDataset.range(len(slots)), int(config.seed))
     else:
         ds = batches(grain.MapDataset.range(len(task_set)) if examples is None else
                      grain.MapDataset.source([int(i) for i in examples]), int(config.seed))

@@ -9,6 +9,14 @@ budget); only what is mixed into the single-modality training differs:
     caption   captioning of the study personas' training images (image -> a training
               description), an auxiliary task on the training modality; image-trained runs only
               (a description-trained run has no study images to caption)
+    contrastive  the bridge personas' tasks, each bridge image row paired in its batch with a
+              description row of the same persona, and an auxiliary InfoNCE over those pairs
+              (`losses.contrastive_loss_sums`, weight `mitigation.contrastive.weight`): a
+              persona's image and description states are positives, the other bridge personas'
+              in the batch negatives. The state is the one the alignment probe measures: the
+              residual stream after decoder layer `mitigation.contrastive.layer` at the prompt's
+              last token, centred per modality, compared by cosine. Where the probe finds the
+              shared code transfer rests on, this trains it directly on the bridge personas.
 
 `config.mitigation.methods` maps a method to its training task entries, where `{source}` is the
 study task's kind and `{study}` and `{bridge}` are the persona ranges. Reported: source and target
@@ -19,7 +27,9 @@ The loss is balanced by examples, not tokens (`mitigation.loss_normalization='ex
 caption has ~38 answer tokens and a name ~5.5, so under a per-token mean the caption method's
 names got ~12% of the gradient while filling half of every batch. With
 `mitigation.study_share`, every method that mixes in other tasks gives the study names that
-share of the gradient (`loss_weights`); `none` trains on the study names alone.
+share of the gradient (`loss_weights`); `none` trains on the study names alone. For
+`contrastive`, whose description rows come one per bridge image row, that counts them so; its
+auxiliary loss is added on top of the answer loss.
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ from xmem_jax.data import pipeline, source as data_source, tasks
 from xmem_jax.experiments import study
 from xmem_jax.report import experiments as report
 from xmem_jax.report.study import MODALITIES, other_modality
+from xmem_jax.train import losses
 
 STUDY_ONLY_IMAGES = {"caption"}  # Methods that need the study images in training.
+CONTRASTIVE = "contrastive"  # The method trained with `mitigation.contrastive`'s loss.
 
 
 def method_tasks(config, method: str) -> list[str]:
@@ -45,13 +57,32 @@ def method_tasks(config, method: str) -> list[str]:
     return [entry.format(**fields) for entry in config.mitigation.methods[method]]
 
 
+def paired_tasks(config, entries: list[str]) -> tuple[int, int]:
+    """The ids of the bridge personas' image task and description task among `entries`: the
+    pairs of the contrastive method."""
+    bridge = tuple(config.mitigation.bridge_personas)
+    specs = tasks.task_specs(entries)
+    found = [next((i for i, spec in enumerate(specs) if spec.kind in kinds
+                   and (spec.start, spec.stop) == bridge), None)
+             for kinds in (tasks.IMAGE_KINDS, tasks.DESCRIPTION_KINDS)]
+    if None in found:
+        raise ValueError(f"Invalid mitigation config: mitigation.methods.{CONTRASTIVE} needs an "
+                         f"image task and a description task over the bridge personas "
+                         f"{bridge}; it has {list(entries)}")
+    return found[0], found[1]
+
+
 def loss_weights(entries: list[str], layout: tasks.Layout, study_personas,
-                 study_share: float) -> list[str]:
+                 study_share: float, paired: tuple[int, ...] = ()) -> list[str]:
     """`entries` with a `loss_weight` each, such that under per-example normalization the
     study personas' tasks get `study_share` of the gradient and the other tasks the rest, in
-    proportion to their rows (a task's share is its rows times its weight)."""
+    proportion to their rows (a task's share is its rows times its weight). `paired` (image
+    task, description task): the description task has one row per image task row
+    (`pipeline.pair_slots`)."""
     specs = tasks.task_specs(entries)
     rows = [tasks.TaskSet([spec], layout).task_length(0) for spec in specs]
+    if paired:
+        rows[paired[1]] = rows[paired[0]]
     is_study = [(spec.start, spec.stop) == tuple(study_personas) for spec in specs]
     study_rows = sum(r for r, s in zip(rows, is_study) if s)
     other_rows = sum(r for r, s in zip(rows, is_study) if not s)
@@ -93,6 +124,26 @@ def check_config(config) -> None:
     if not 0 < config.mitigation.get("study_share", 0.5) < 1:
         raise ValueError(f"Invalid mitigation config: mitigation.study_share="
                          f"{config.mitigation.study_share!r} must be in (0, 1)")
+    if CONTRASTIVE in config.mitigation.methods:
+        objective = contrastive_loss(config)
+        frozen = int(config.finetune.optim.get("freeze_layers", 0))
+        if not frozen < objective.layer <= config_layers(config):
+            raise ValueError(
+                f"Invalid mitigation config: mitigation.contrastive.layer={objective.layer} "
+                f"must be a trained decoder layer, in ({frozen} = finetune.optim.freeze_layers, "
+                f"{config_layers(config)}]: a frozen layer gets no gradient")
+        paired_tasks(config, method_tasks(config, CONTRASTIVE))
+
+
+def config_layers(config) -> int:
+    """The fine-tuned model's decoder layers."""
+    return study.model_config_for(config).text.num_layers
+
+
+def contrastive_loss(config) -> losses.Contrastive:
+    section = config.mitigation.contrastive
+    return losses.Contrastive(weight=float(section.weight),
+                              temperature=float(section.temperature), layer=int(section.layer))
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str) -> dict:
@@ -112,11 +163,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str
     results_by_method = {}
     for method in methods:
         entries = method_tasks(config, method)
+        contrastive = {}
+        if method == CONTRASTIVE:
+            contrastive = {"paired_tasks": paired_tasks(config, entries),
+                           "contrastive": contrastive_loss(config)}
         if normalization == "example":
             entries = loss_weights(entries, layout, config.study_personas,
-                                   float(config.mitigation.get("study_share", 0.5)))
+                                   float(config.mitigation.get("study_share", 0.5)),
+                                   contrastive.get("paired_tasks", ()))
         per_seed = study.finetune_seeds(config, setup, workdir / method, MODALITIES,
-                                        train_tasks=entries, loss_normalization=normalization)
+                                        train_tasks=entries, loss_normalization=normalization,
+                                        **contrastive)
         for run in per_seed:
             run["gap"] = run["recall"][source]["choice_acc"] - run["recall"][target]["choice_acc"]
         summary = study.seed_summary(per_seed)
@@ -124,6 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str
         results_by_method[method] = {**summary, "gap": study.average(gaps),
                                      "gap_std": study.spread(gaps), "per_seed": per_seed,
                                      "tasks": entries}
+        if method == CONTRASTIVE:
+            results_by_method[method]["contrastive"] = config.mitigation.contrastive.to_dict()
     setup.timings["finetune"] = time.perf_counter() - start
     results = {
         "experiment": "mitigation", "train_modality": source,
@@ -179,6 +238,12 @@ def write_report(results: dict, workdir: epath.Path) -> None:
               + (f": the study names get {results['study_share']:.0%} of the gradient in every "
                  "method that mixes in other tasks." if results["loss_normalization"] == "example"
                  else ".")]
+    for method, r in results["methods"].items():
+        if "contrastive" in r:
+            c = r["contrastive"]
+            lines += ["", f"{method}: + {c['weight']} x InfoNCE (temperature "
+                      f"{c['temperature']}) between each bridge persona's image and description "
+                      f"states after decoder layer {c['layer']}, at the prompt's last token."]
     lines += ["", f"Chance: choice {results['chance']['choice_acc']:.3f}, mean rank "
               f"{results['chance']['mean_rank']:.1f}.", "", "![curves](curves.png)", "",
               "Tasks per method: " + "; ".join(f"{m}: {', '.join(r['tasks'])}"

@@ -199,12 +199,15 @@ def seeded(config, seed: int) -> ml_collections.ConfigDict:
 def finetune_and_score(config, data_dir: epath.Path, model_config: VLMConfig,
                        workdir: epath.Path, initial_state: nnx.State | None, *,
                        train_tasks=None, eval_tasks=None, train_iter=None, train_config=None,
-                       loss_normalization: str = "token", **train_kwargs) -> list[dict]:
+                       loss_normalization: str = "token", paired_tasks: tuple[int, ...] = (),
+                       **train_kwargs) -> list[dict]:
     """Fine-tunes on `train_tasks` (default: the study personas in `train_modality`) and
     scores `eval_tasks` ({name: task entry}, default `eval_tasks_of(config)`) every `eval_every`
     steps; returns the recall curves. `train_iter` replaces the pipeline of `train_tasks`,
-    `train_config` the fine-tuning config; `loss_normalization` is the training pipeline's;
-    `train_kwargs` go to `trainer.train` (e.g. `objective`)."""
+    `train_config` the fine-tuning config; `loss_normalization` and `paired_tasks` are the
+    training pipeline's (pairs kept together in every micro-batch); `train_kwargs` go to
+    `trainer.train` (e.g. `objective`, `contrastive`)."""
+    train_config = train_config or finetune_config(config)
     if train_tasks is None:
         train_tasks = [f"{QUERY_KIND[config.train_modality]} split=train "
                        f"{_range(config.study_personas)}"]
@@ -213,13 +216,15 @@ def finetune_and_score(config, data_dir: epath.Path, model_config: VLMConfig,
         section = pipeline_config(config, data_dir, model_config, train_tasks,
                                   config.finetune.batch_size, train=True)
         section.loss_normalization = loss_normalization
+        section.paired_tasks = tuple(paired_tasks)
+        section.pair_stride = int(train_config.optim.grad_accum_steps)
         train_iter = iter(pipeline.build(section))
     scorer = recall.Scorer(
         {name: pipeline_config(config, data_dir, model_config, [entry], config.eval_batch_size,
                                train=False)
          for name, entry in eval_tasks.items()},
         world_personas=tuple(config.world_personas), **config.scoring.to_dict())
-    trainer.train(train_config or finetune_config(config), workdir,
+    trainer.train(train_config, workdir,
                   model_fn(config, model_config), train_iter,
                   eval_fn=scorer, eval_every=int(config.eval_every),
                   initial_state=initial_state, **train_kwargs)

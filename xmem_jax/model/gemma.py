@@ -253,23 +253,33 @@ class Gemma3TextModel(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, masks: SequenceMask | AttentionMasks,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
                  cache_index: jax.Array | int = 0, frozen_layers: int = 0,
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 probe_positions: jax.Array | None = None) -> tuple:
         """Embedded inputs [B, L, E] -> (normed hidden states [B, L, E], updated stacked (k, v)).
 
         `frozen_layers`: the first this many layers get no gradient (`layers.run_layers`).
+        `probe_positions` ([B] int): also return, third, the residual stream at that position
+        of each row after every layer, [num_layers, B, E] (what `layer_outputs` holds there,
+        without keeping [num_layers, B, L, E]).
         """
         text = self.config.text
 
         def step(x, layer, per_layer):
             is_global, layer_kv = per_layer
-            return layer(x, positions, is_global, masks, layer_kv, cache_index)
+            x, layer_kv = layer(x, positions, is_global, masks, layer_kv, cache_index)
+            if probe_positions is None:
+                return x, layer_kv
+            probe = jnp.take_along_axis(x, probe_positions[:, None, None], axis=1)[:, 0]
+            return x, (layer_kv, probe)
 
         is_global = jnp.asarray(text.global_layers)
         x, kv_cache = run_layers(step, self.layers, constrain(x, _ACTIVATION),
                                  (is_global, kv_cache), num_layers=text.num_layers,
                                  scan=self.config.scan_layers, remat=self.config.remat,
                                  frozen=frozen_layers)
-        return self.norm(x), kv_cache
+        if probe_positions is None:
+            return self.norm(x), kv_cache
+        kv_cache, probes = kv_cache
+        return self.norm(x), kv_cache, probes
 
     def layer_outputs(self, x: jax.Array, positions: jax.Array, masks: SequenceMask,
                       ) -> jax.Array:

@@ -153,14 +153,17 @@ class VLM(nnx.Module):
                                                              frozen_layers=frozen_layers))
 
     def hidden_states(self, tokens: jax.Array, images: jax.Array | None = None,
-                      input_mask: jax.Array | None = None, *, frozen_layers: int = 0
-                      ) -> jax.Array:
+                      input_mask: jax.Array | None = None, *, frozen_layers: int = 0,
+                      probe_positions: jax.Array | None = None):
         """The decoder's normed output, [B, L, E], before the LM head (arguments as in
         `__call__`): a loss gathers the positions it needs and applies
-        `language_model.logits` to those only, not to [B, L, V]."""
-        hidden, _ = self.language_model(*self._decoder_inputs(tokens, images, input_mask),
-                                        frozen_layers=frozen_layers)
-        return hidden
+        `language_model.logits` to those only, not to [B, L, V]. With `probe_positions` ([B]),
+        (that output, the residual stream at those positions after every layer
+        [num_layers, B, E]), for a loss on intermediate states."""
+        outputs = self.language_model(*self._decoder_inputs(tokens, images, input_mask),
+                                      frozen_layers=frozen_layers,
+                                      probe_positions=probe_positions)
+        return outputs[0] if probe_positions is None else (outputs[0], outputs[2])
 
     def layer_outputs(self, tokens: jax.Array, images: jax.Array | None = None,
                       input_mask: jax.Array | None = None) -> jax.Array:

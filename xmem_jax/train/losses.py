@@ -1,4 +1,5 @@
-"""Next-token cross-entropy on answer tokens only, in float32; and the unlearning objectives.
+"""Next-token cross-entropy on answer tokens only, in float32; the unlearning objectives; and
+the contrastive auxiliary loss of the mitigation experiment.
 
 Position t's logits predict token t + 1, and `loss_mask[t]` says whether token t is an answer
 token, so the loss pairs logits[:, :-1] with tokens[:, 1:] weighted by loss_mask[:, 1:]: prompt,
@@ -232,3 +233,74 @@ def objective_loss_sums(objective: Objective, token_losses: TokenLosses, weights
         retain_term = objective.retain_weight * jnp.sum(token_losses.kl * weights, axis=1)
     total = jnp.sum(forget * forget_term + retain * retain_term)
     return total, jnp.sum(row_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive alignment of a persona's image and description states (mitigation).
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrastive:
+    """An auxiliary InfoNCE added to the cross-entropy: in each batch, a paired persona's
+    image-prompt state and its description-prompt state are positives, other personas' states
+    of the other modality negatives (`contrastive_loss_sums`). The state is the alignment
+    probe's (`xmem_jax.experiments.alignment`): the residual stream after decoder layer
+    `layer` (1 = the first) at the prompt's last token, centred per modality, compared by
+    cosine; pulling the two together raises what that probe measures.
+
+    The train step adds `weight` x the mean over anchors to the mean answer loss.
+    """
+
+    weight: float
+    temperature: float
+    layer: int
+
+    def __post_init__(self):
+        for field, value, ok in (("weight", self.weight, self.weight > 0),
+                                 ("temperature", self.temperature, self.temperature > 0),
+                                 ("layer", self.layer, self.layer >= 1)):
+            if not ok:
+                raise ValueError(f"Invalid contrastive loss: {field}={value!r} must be "
+                                 f"{'at least 1' if field == 'layer' else 'positive'}")
+
+
+def contrastive_loss_sums(states: jax.Array, pair_id: jax.Array, is_image: jax.Array,
+                          temperature: float) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE between the image and description rows of a batch: the summed loss
+    over anchors and the number of anchors (sums, so micro-batches combine).
+
+    Each paired row (`pair_id` >= 0, the persona) is an anchor against every paired row of the
+    other modality: -log of the softmax mass (similarity / temperature) on the rows with its
+    `pair_id` (its persona's, usually one). A row with no such row in the batch is no anchor
+    (but still a negative). States are centred per modality over the batch's paired rows and
+    compared by cosine, as the alignment probe compares them.
+
+    Args:
+      states: [B, E] one state per row.
+      pair_id: [B] int, the persona of a paired row, -1 on rows outside the loss.
+      is_image: [B] bool, True on image-prompt rows.
+      temperature: divides the cosine similarities.
+    """
+    states = states.astype(jnp.float32)
+    paired = pair_id >= 0
+    image = paired & is_image
+    description = paired & ~is_image
+
+    def centred(rows):
+        weights = rows.astype(jnp.float32)[:, None]
+        return states - jnp.sum(states * weights, 0) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    centred_states = jnp.where(image[:, None], centred(image), centred(description))
+    unit = centred_states * jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(centred_states**2, axis=1, keepdims=True), 1e-12))
+    similarity = unit @ unit.T / temperature
+    candidates = (image[:, None] & description[None]) | (description[:, None] & image[None])
+    positives = candidates & (pair_id[:, None] == pair_id[None])
+    anchors = jnp.any(positives, axis=1)
+    # A finite floor, not -inf: rows that are no anchor would give inf - inf, whose NaN the
+    # gradient carries through the `where` below.
+    excluded = jnp.float32(-1e9)
+    log_normalizer = jax.nn.logsumexp(jnp.where(candidates, similarity, excluded), axis=1)
+    log_positive = jax.nn.logsumexp(jnp.where(positives, similarity, excluded), axis=1)
+    per_anchor = jnp.where(anchors, log_normalizer - log_positive, 0.0)
+    return jnp.sum(per_anchor), jnp.sum(anchors.astype(jnp.float32))

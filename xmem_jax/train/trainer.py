@@ -57,10 +57,13 @@ from xmem_jax import distributed, files
 from xmem_jax.train import checkpoints, losses, optim, sharding
 
 # Batch entries the train step reads; the rest (ids, has_image) stay on the host. `forget`
-# ([B] bool) marks the rows an unlearning objective pushes away from. A batch whose
-# `has_image` is False on every row goes without `images`: its step skips the vision tower.
-MODEL_INPUTS = ("tokens", "input_mask", "loss_mask", "images", "forget")
-OPTIONAL_INPUTS = ("images", "forget")
+# ([B] bool) marks the rows an unlearning objective pushes away from; `pair_id` and
+# `pair_image` ([B]) the rows of a contrastive loss (`losses.contrastive_loss_sums`). A batch
+# whose `has_image` is False on every row goes without `images`: its step skips the vision
+# tower.
+MODEL_INPUTS = ("tokens", "input_mask", "loss_mask", "images", "forget", "pair_id",
+                "pair_image")
+OPTIONAL_INPUTS = ("images", "forget", "pair_id", "pair_image")
 
 Batch = Mapping[str, np.ndarray]
 EvalFn = Callable[[nnx.Module, int], Mapping[str, Any] | None]
@@ -273,7 +276,8 @@ def split_micro_batches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.
 
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
                     state_shardings: nnx.State, mesh: jax.sharding.Mesh,
-                    objective: losses.Objective | None = None, answer_cap: int | None = None):
+                    objective: losses.Objective | None = None, answer_cap: int | None = None,
+                    contrastive: losses.Contrastive | None = None):
     """`step(state, batch, reference) -> (state, metrics)`, jitted with explicit shardings.
 
     The state (a `TrainState`'s `nnx.State`) is donated and comes back with the same shardings;
@@ -286,12 +290,23 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
     None: `config.max_answer_tokens`, and if that is 0 every position), so a row must not
     hold more answer tokens than that (`choose_answer_cap` checks a batch). Without `images` in the
     batch the vision tower does not run.
+
+    With `contrastive`, the step adds its weight x the contrastive loss of the batch's
+    `pair_id` / `pair_image` rows to the mean answer loss, per micro-batch (each micro-batch's
+    mean over its anchors, weighted by its share of the answer tokens), and also returns
+    `contrastive_loss` (the mean over anchors) and `contrastive_anchors`. Its states are read
+    at each row's last prompt token (the position before the first answer token), in the same
+    forward pass. Without it the step is the plain one.
     """
     accum = int(config.optim.grad_accum_steps)
     answer_cap = answer_cap or int(config.get("max_answer_tokens", 0)) or None
     wrt = optim.trainable_filter(config.optim)
     frozen_layers = int(config.optim.get("freeze_layers", 0))
     schedule = optim.learning_rate_schedule(config.optim, config.num_steps)
+    if contrastive is not None and contrastive.layer <= frozen_layers:
+        raise ValueError(
+            f"contrastive layer={contrastive.layer} is at or below optim.freeze_layers="
+            f"{frozen_layers}: frozen layers get no gradient, so the loss would change nothing")
 
     def train_step(state: nnx.State, batch: dict[str, jax.Array], reference: nnx.State | None):
         train_state = nnx.merge(graphdef, state)
@@ -308,8 +323,23 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
             inputs = (micro_batch["tokens"], images, micro_batch["input_mask"].astype(bool))
             answers = losses.answer_positions(micro_batch["tokens"], micro_batch["loss_mask"],
                                               answer_cap)
-            hidden = losses.gather_positions(
-                model.hidden_states(*inputs, frozen_layers=frozen_layers), answers.index)
+            extras = {}
+            if contrastive is None:
+                hidden = model.hidden_states(*inputs, frozen_layers=frozen_layers)
+            else:
+                # answers.index[:, 0]: the last prompt token, whose next token is the first
+                # answer token (the alignment probe's position).
+                hidden, probes = model.hidden_states(*inputs, frozen_layers=frozen_layers,
+                                                     probe_positions=answers.index[:, 0])
+                if contrastive.layer > probes.shape[0]:
+                    raise ValueError(f"contrastive layer={contrastive.layer} is past the "
+                                     f"decoder's {probes.shape[0]} layers")
+                extras["contrastive_sum"], extras["contrastive_anchors"] = (
+                    losses.contrastive_loss_sums(probes[contrastive.layer - 1],
+                                                 micro_batch["pair_id"],
+                                                 micro_batch["pair_image"],
+                                                 contrastive.temperature))
+            hidden = losses.gather_positions(hidden, answers.index)
             reference_head = reference_hidden = None
             if reference is not None:
                 reference_model = nnx.merge(nnx.graphdef(model), reference)
@@ -320,23 +350,33 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
                 model.language_model.logits, hidden, answers.targets, reference_head,
                 reference_hidden)
             if objective is None:
-                return losses.token_loss_sums(token_losses.nll, answers.weights)
-            return losses.objective_loss_sums(objective, token_losses, answers.weights,
-                                              micro_batch["forget"])
+                loss_sum, count = losses.token_loss_sums(token_losses.nll, answers.weights)
+            else:
+                loss_sum, count = losses.objective_loss_sums(objective, token_losses,
+                                                             answers.weights,
+                                                             micro_batch["forget"])
+            if contrastive is not None:
+                # The answer loss is a sum over `count`, divided by the batch's count after
+                # accumulation: scaling the contrastive mean by `count` adds it as a mean.
+                mean = extras["contrastive_sum"] / jnp.maximum(extras["contrastive_anchors"], 1)
+                loss_sum = loss_sum + contrastive.weight * jax.lax.stop_gradient(count) * mean
+            return loss_sum, (count, extras)
 
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
         if accum == 1:
-            (loss_sum, count), grads = grad_fn(trainable, batch)
+            (loss_sum, (count, extras)), grads = grad_fn(trainable, batch)
         else:
             def accumulate(totals, micro_batch):
-                (loss_sum, count), grads = grad_fn(trainable, micro_batch)
+                (loss_sum, (count, extras)), grads = grad_fn(trainable, micro_batch)
                 grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-                return jax.tree.map(jnp.add, totals, (loss_sum, count, grads)), None
+                return jax.tree.map(jnp.add, totals, (loss_sum, count, extras, grads)), None
 
             zeros = (jnp.zeros([]), jnp.zeros([]),
+                     {key: jnp.zeros([]) for key in
+                      (("contrastive_sum", "contrastive_anchors") if contrastive else ())},
                      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
-            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros,
-                                                       split_micro_batches(batch, accum))
+            (loss_sum, count, extras, grads), _ = jax.lax.scan(
+                accumulate, zeros, split_micro_batches(batch, accum))
         denominator = jnp.where(count > 0, count, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         metrics = {
@@ -346,6 +386,10 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
             "loss_tokens": count,
             "tokens": jnp.sum(batch["input_mask"]),
         }
+        if contrastive is not None:
+            metrics["contrastive_loss"] = (extras["contrastive_sum"]
+                                           / jnp.maximum(extras["contrastive_anchors"], 1))
+            metrics["contrastive_anchors"] = extras["contrastive_anchors"]
         train_state.optimizer.update(train_state.model, grads)
         return nnx.state(train_state), metrics
 
@@ -486,7 +530,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
           mesh: jax.sharding.Mesh | None = None,
           initial_state: nnx.State | None = None,
           objective: losses.Objective | None = None,
-          reference_state: nnx.State | None = None) -> TrainResult:
+          reference_state: nnx.State | None = None,
+          contrastive: losses.Contrastive | None = None) -> TrainResult:
     """Trains `model_fn()` on `train_iter` for `config.num_steps` optimizer steps.
 
     Args:
@@ -511,6 +556,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       objective: an unlearning objective instead of the cross-entropy (batches then carry
         `forget`); npo and kl also need `reference_state`, the model weights they stay close
         to (e.g. the model before unlearning), placed like the model's.
+      contrastive: an auxiliary contrastive loss added to the cross-entropy (batches then
+        carry `pair_id` and `pair_image`; see `make_train_step`).
 
     Raises:
       FloatingPointError: a step's loss or gradient norm is NaN/Inf; the state is not saved,
@@ -561,7 +608,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
             reference_state = None
         result = _run(config, workdir, graphdef, state, step, mesh, state_shardings,
                       checkpointer, saved, train_iter, eval_fn, eval_every, objective,
-                      reference_state)
+                      reference_state, contrastive)
     finally:
         checkpointer.wait_until_finished()  # Saves already started complete, even on errors.
         checkpointer.close()
@@ -606,7 +653,8 @@ def select(state: nnx.State, keep: Callable[[tuple], bool]) -> nnx.State:
 
 
 def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpointer, saved,
-         train_iter, eval_fn, eval_every, objective, reference_state) -> TrainResult:
+         train_iter, eval_fn, eval_every, objective, reference_state,
+         contrastive=None) -> TrainResult:
     num_steps, batch_size = int(config.num_steps), int(config.batch_size)
     log_every = max(int(config.log_every), 1)
     train_steps = {}  # By answer cap.
@@ -664,9 +712,13 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                 cap = choose_answer_cap(longest_answer, int(config.get("max_answer_tokens", 0)))
                 if cap not in train_steps:
                     train_steps[cap] = make_train_step(graphdef, config, state_shardings, mesh,
-                                                       objective, cap)
+                                                       objective, cap, contrastive)
                 if not any_image:
                     local_batch = {k: v for k, v in local_batch.items() if k != "images"}
+                if contrastive is not None and "pair_id" not in local_batch:
+                    raise KeyError("A contrastive loss needs batches with pair_id and "
+                                   "pair_image (pipeline config paired_tasks); this one has "
+                                   f"{sorted(local_batch)}")
                 batch = make_global_batch(local_batch, batch_sharding, batch_size)
                 state, metrics = train_steps[cap](state, batch, reference_state)
                 step += 1
