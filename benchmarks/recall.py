@@ -30,21 +30,9 @@ full `recall.score` (greedy exact match and candidate choice over every name);
 `--choice_methods` times three ways to compute every candidate's log-likelihood. The last line
 is `speedup_vs_transformers: X` (transformers' time / ours, for the scoring job).
 
-    python benchmarks/recall.py --counts=100,200,400,800   # cost against personas, per method
     python benchmarks/recall.py --robustness=1             # cost of the robustness metrics
 
-`--counts` times instead one evaluation's candidate ranking (no greedy decoding) against the
-number of personas n, for each ranking method of `recall.METHODS` (the sampled ones at
-`--num_queries` and `--num_distractors`), on a tiny model trained for `--train_steps` on the
-training views' image -> name examples of all max(n) personas: n held-out image queries (the
-source modality, where the model is confident) and n held-out description queries (the target,
-never trained) are ranked among the n names. Each cell is timed after a compiling run on one
-batch, in CPU seconds of this process (wall seconds beside them: on a shared machine they
-measure the load more than the code); it prints the metrics with their standard errors, the
-candidate tokens fed per query against the exhaustive count, and per method and modality the
-log-log slopes of CPU time and of candidate tokens fed against n (1: linear, 2: quadratic). The
-last line is `scoring_cost_exponent: X`, the slope of the default method's (pruned) CPU time
-over both modalities together.
+(`benchmarks/scoring.py` times the ranking methods against the number of personas.)
 
 `--robustness` times one evaluation (pruned, every query, greedy decoding included) at the
 default study's shape, `--study_personas` queried and `--world_personas` more names, on a tiny
@@ -106,16 +94,17 @@ def scratch_dir() -> str:
     return path
 
 
-def make_dataset(out_dir: str, num_personas: int, image_size: int) -> str:
+def make_dataset(out_dir: str, num_personas: int, image_size: int, heldout: int = 1) -> str:
+    """Personas with 4 training views and descriptions, `heldout` held-out ones of each."""
     from configs.data import procedural
     from data_gen import dataset
 
     config = procedural.get_config()
     config.num_personas = num_personas
     config.num_views = 4
-    config.num_heldout_views = 1
+    config.num_heldout_views = heldout
     config.num_descriptions = 4
-    config.num_heldout_descriptions = 1
+    config.num_heldout_descriptions = heldout
     config.image_size = image_size
     config.contact_sheet_personas = 2
     config.tokenizer_vocab_size = 1024
@@ -185,76 +174,6 @@ def train_names(model: VLM, data_dir: str, personas: int, steps: int, image_size
         loss = step(model, optimizer, {k: batch[k] for k in ("tokens", "images", "input_mask",
                                                             "loss_mask")})
     return float(loss)
-
-
-def scaling(args) -> None:
-    """Times one evaluation's candidate ranking against the persona count, per method."""
-    counts = sorted(int(c) for c in args.counts.split(","))
-    base = get_model_config(args.config)
-    methods = {"exhaustive": dict(method="exhaustive"), "pruned": dict(method="pruned"),
-               f"sampled queries ({args.num_queries}, pruned)": dict(
-                   method="pruned", num_queries=args.num_queries),
-               f"sampled candidates (k={args.num_distractors})": dict(
-                   method="sampled_candidates", num_distractors=args.num_distractors)}
-    tmp = scratch_dir()
-    data_dir = make_dataset(tmp, counts[-1], base.vision.image_size)
-
-    def queries(task: str, count: int) -> recall.QuerySet:
-        config = pipeline.default_config()
-        config.data_dir = data_dir
-        config.tasks = (f"{task} split=heldout personas=0:{count}",)
-        config.batch_size = 64
-        config.max_length = 160
-        config.image_size = base.vision.image_size
-        config.num_image_tokens = base.mm_tokens_per_image
-        return recall.QuerySet.from_config(config)
-
-    sets = {(n, modality): queries(task, n) for n in counts for modality, task in
-            (("source", "image_to_name"), ("target", "description_to_name"))}
-    vocab = sets[counts[0], "source"].tokenizer.get_vocab()
-    config = dataclasses.replace(base, image_token_id=vocab[IMAGE_TOKEN])
-    model = nnx.jit(lambda: VLM(config, rngs=nnx.Rngs(args.seed)))()
-    start = time.perf_counter()
-    loss = train_names(model, data_dir, counts[-1], args.train_steps,
-                       base.vision.image_size, base.mm_tokens_per_image)
-    print(f"{args.config}: {count_parameters(model):,} parameters, trained {args.train_steps} "
-          f"steps of 32 on the image -> name examples of {counts[-1]} personas (last loss "
-          f"{loss:.3f}, {time.perf_counter() - start:.0f} s); {os.cpu_count()} CPU cores, load "
-          f"average {os.getloadavg()[0]:.1f}; jax {jax.__version__}")
-    print("| personas | modality | method | CPU s | wall s | CPU ms / query | accuracy | "
-          "mean rank | candidate tokens fed / exhaustive, per query |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    cpu, tokens = {}, {}
-    for (n, modality), query_set in sets.items():
-        for name, kwargs in methods.items():
-            recall.score(model, query_set.sample(64), generate=False, **kwargs)  # Compiles.
-            start, wall = time.process_time(), time.perf_counter()
-            metrics = recall.score(model, query_set, generate=False, **kwargs)
-            seconds, wall = time.process_time() - start, time.perf_counter() - wall
-            metrics = next(iter(metrics.values()))
-            cpu[name, modality, n] = seconds
-            tokens[name, modality, n] = metrics["candidate_tokens"]["fed"] * metrics["num_scored"]
-            acc, rank = recall.METHODS[kwargs["method"]]
-            stderr, fed = metrics["stderr"], metrics["candidate_tokens"]
-            print(f"| {n} | {modality} | {name} | {seconds:.2f} | {wall:.2f} | "
-                  f"{seconds / metrics['num_scored'] * 1e3:.1f} | {metrics[acc]:.3f} ± "
-                  f"{stderr[acc]:.3f} (chance {metrics['chance'][acc]:.3f}) | "
-                  f"{metrics[rank]:.1f} ± {stderr[rank]:.1f} | {fed['fed']:.0f} / "
-                  f"{fed['exhaustive']:.0f} ({1 - fed['fed'] / fed['exhaustive']:.0%} pruned) |",
-                  flush=True)
-
-    def slope(cost, name, modalities=("source", "target")):
-        """The log-log slope of `cost` against n, over the modalities together."""
-        return np.polyfit(np.log([n for _ in modalities for n in counts]),
-                          np.log([cost[name, m, n] for m in modalities for n in counts]), 1)[0]
-
-    for name in methods:
-        print(f"{name}: CPU time ~ n^{slope(cpu, name, ['source']):.2f} (source), "
-              f"n^{slope(cpu, name, ['target']):.2f} (target); candidate tokens fed ~ "
-              f"n^{slope(tokens, name, ['source']):.2f} (source), "
-              f"n^{slope(tokens, name, ['target']):.2f} (target)")
-    exponent = slope(cpu, "pruned")
-    print(f"scoring_cost_exponent: {exponent:.2f}")
 
 
 def robustness(args) -> None:
@@ -441,15 +360,8 @@ def main():
                         help="Also time recall.score with candidate choice over all names.")
     parser.add_argument("--choice_methods", type=int, default=0,
                         help="Also time three ways of scoring every candidate.")
-    parser.add_argument("--counts", default="",
-                        help="Persona counts, e.g. 100,200,400,800: time the ranking methods "
-                             "against them instead of the comparison with transformers.")
     parser.add_argument("--train_steps", type=int, default=1200,
-                        help="--counts: training steps on the image -> name examples.")
-    parser.add_argument("--num_queries", type=int, default=64,
-                        help="--counts: queries the sampled-queries method scores.")
-    parser.add_argument("--num_distractors", type=int, default=19,
-                        help="--counts: distractors the sampled-candidates method ranks among.")
+                        help="--robustness: training steps on the image -> name examples.")
     parser.add_argument("--out", default="",
                         help="--robustness: also write the figures to this JSON.")
     parser.add_argument("--robustness", type=int, default=0,
@@ -462,9 +374,6 @@ def main():
     args = parser.parse_args()
     if args.threads not in (0, 1):
         parser.error("--threads: 1 (both single-threaded) or 0 (library defaults)")
-    if args.counts:
-        scaling(args)
-        return
     if args.robustness:
         robustness(args)
         return

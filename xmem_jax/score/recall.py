@@ -14,7 +14,7 @@ For each query (a prompt-mode batch row of the input pipeline):
     personas, for fact tasks every value of the query's fact or attribute (`tasks.QUESTIONS`),
     for captioning every training description of the task's personas; duplicates are merged.
 
-Ranking methods (`METHODS`; `benchmarks/recall.py --counts` times them against the number of
+Ranking methods (`METHODS`; `benchmarks/scoring.py` times them against the number of
 personas):
 
   * "pruned" (the default): the exact rank. The answer is scored first, then only the candidate
@@ -28,7 +28,8 @@ personas):
   * `num_queries` (with any method): a fixed sample of queries per task, over all processes;
     the metrics are then unbiased estimates, with standard errors.
 
-Measured with `python benchmarks/recall.py --counts=100,200,400,800` at 41a3686 (tiny model
+Measured with `python benchmarks/recall.py --counts=100,200,400,800` at 41a3686 (now
+`benchmarks/scoring.py --counts=100,200,400,800 --exact_max=800`; tiny model
 trained on 800 personas' image -> name examples; CPU seconds of one evaluation's ranking at
 100 / 200 / 400 / 800 personas, on a shared 2-core CPU). Held-out images, the confident source:
 pruned feeds 72-88% fewer candidate tokens than exhaustive, 0.9 / 3.2 / 6.9 / 18.2 s against
