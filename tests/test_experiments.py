@@ -13,6 +13,7 @@ from configs.experiments import unlearning as unlearning_config
 from xmem_jax import experiments
 from xmem_jax.data import pipeline, source, tasks
 from xmem_jax.experiments import mitigation, study, unlearning
+from xmem_jax.report import findings
 from xmem_jax.train import losses
 
 
@@ -153,22 +154,38 @@ def test_mitigation_quick_same_budget_for_every_method(tmp_path, quick_cache):
     config = mitigation_config.get_config("quick")
     config.cache_dir = quick_cache
     results = experiments.run(config, tmp_path, "test")
-    assert set(results["methods"]) == {"none", "bridge", "caption"}
+    assert set(results["methods"]) == {"none", "bridge", "caption", "contrastive"}
     for method, run in results["methods"].items():
         metrics = [json.loads(line) for line in
                    (tmp_path / method / "seed_0" / "metrics.jsonl").read_text().splitlines()]
+        train = [m for m in metrics if m["kind"] == "train"]
         assert max(m["step"] for m in metrics) == config.finetune.num_steps
+        assert all(m["loss_tokens"] > 0 for m in train)
+        if method == "contrastive":  # The auxiliary term found its pairs at every step.
+            assert all(m["contrastive_anchors"] > 0 for m in train)
+            assert all(np.isfinite(m["contrastive_loss"]) for m in train)
+        else:
+            assert all("contrastive_loss" not in m for m in train)
         assert run["gap"] == pytest.approx(run["recall"]["image"]["choice_acc"]
                                            - run["recall"]["description"]["choice_acc"])
     assert "personas=0:10" in " ".join(results["methods"]["bridge"]["tasks"])
     # The other tasks carry weights that give the study names half of the gradient.
     assert all("loss_weight=" in entry for entry in results["methods"]["bridge"]["tasks"][1:])
+    # Contrastive trains bridge's tasks, its bridge rows weighted to keep the study names' share.
+    contrastive = results["methods"]["contrastive"]
+    assert [entry.split(" loss_weight")[0] for entry in contrastive["tasks"]] == \
+        [entry.split(" loss_weight")[0] for entry in results["methods"]["bridge"]["tasks"]]
+    assert all("loss_weight=" in entry for entry in contrastive["tasks"][1:])
+    assert contrastive["contrastive"] == config.mitigation.contrastive.to_dict()
     assert results["loss_normalization"] == "example"
     assert set(results["matched_source"]["methods"]) == set(results["methods"])
-    assert "matched source recall" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "matched source recall" in report
+    assert "| contrastive |" in report and "InfoNCE" in report
+    assert "contrastive: target" in findings.mitigation_row(results)[3]
     config.train_modality = "description"  # No study images to caption.
     results = experiments.run(config, tmp_path / "description", "test")
-    assert set(results["methods"]) == {"none", "bridge"}
+    assert set(results["methods"]) == {"none", "bridge", "contrastive"}
 
 
 @pytest.mark.slow
@@ -198,8 +215,6 @@ def _metrics(choice, rank=1.0):
 
 
 def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
-    from xmem_jax.report import findings
-
     chance = {"choice_acc": 0.01, "mean_rank": 50.5, "exact_match": 0.0}
     directions = {"experiment": "directions", "directions": {
         m: {"train_modality": m, "chance": chance,
@@ -243,8 +258,6 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
 
 
 def test_unlearning_rule_skips_methods_that_did_not_unlearn_at_matched_retain():
-    from xmem_jax.report import findings
-
     learned = {"forget/image": _metrics(0.9)}
     results = {"unlearn_modality": "image", "command": "test",
                "chance": {"forget/description": {"choice_acc": 0.05}},
@@ -315,8 +328,6 @@ def test_mitigation_compares_methods_at_matched_source_recall():
 
 
 def test_mitigation_rule_bar_is_the_base_seed_std():
-    from xmem_jax.report import findings
-
     def method(target, std):
         return {"recall": {"description": _metrics(target), "image": _metrics(0.9)},
                 "recall_std": {"description": _metrics(std)}, "gap": 0.9 - target}
@@ -332,8 +343,6 @@ def test_mitigation_rule_bar_is_the_base_seed_std():
 def test_multihop_rule_uses_the_most_common_answer_as_chance(two_hop_source, frequency, verdict):
     """Birth cities are unevenly spread: 2 x the uniform 1/40 is no bar when always answering
     the most common city scores 0.05."""
-    from xmem_jax.report import findings
-
     results = {"command": "test", "chance": {"name_to_fact": {"choice_acc": 1 / 40}},
                "summary": {"two_hop_source": two_hop_source, "two_hop_target": 0.03,
                            "one_hop_name_to_fact": 0.9, "one_hop_name_source": 0.9,
@@ -348,8 +357,6 @@ def test_multihop_rule_uses_the_most_common_answer_as_chance(two_hop_source, fre
     (0.25, 0.03, "inconclusive: a larger size recalls the source worse")])
 def test_findings_scale_claim_needs_the_larger_model_to_be_more_capable(
         tmp_path, small_source, small_target, verdict):
-    from xmem_jax.report import findings
-
     rows = [{"name": "small", "x": 9.0, "source_choice_acc": small_source,
              "target_choice_acc": small_target},
             {"name": "tiny", "x": 1.4, "source_choice_acc": 0.7, "target_choice_acc": 0.1}]

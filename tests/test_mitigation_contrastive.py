@@ -1,8 +1,8 @@
 """The mitigation experiment's contrastive method: the InfoNCE, the pairs the pipeline builds
-for it, the gradient it sends through the train step, and its quick run."""
+for it, and the gradient it sends through the train step (its quick run:
+tests/test_experiments.py)."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from configs.experiments import mitigation as mitigation_config
-from xmem_jax import experiments
 from xmem_jax.data import pipeline
 from xmem_jax.experiments import mitigation
 from xmem_jax.model import VLM, get_model_config
@@ -199,40 +198,3 @@ def test_train_step_adds_the_contrastive_loss_sharded(accum):
     with pytest.raises(ValueError, match="layer=2 is at or below optim.freeze_layers=2"):
         trainer.make_train_step(graphdef, config, sharding.state_shardings(abstract), mesh,
                                 contrastive=losses.Contrastive(1.0, 0.1, 2))
-
-
-@pytest.fixture(scope="module")
-def quick_cache(tmp_path_factory):
-    """One dataset and base-model cache for the quick run below."""
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.mark.slow
-def test_mitigation_quick_trains_contrastive_at_the_same_budget(tmp_path, quick_cache):
-    config = mitigation_config.get_config("quick")
-    config.cache_dir = quick_cache
-    results = experiments.run(config, tmp_path, "test")
-    assert set(results["methods"]) == {"none", "bridge", "caption", "contrastive"}
-    for method in results["methods"]:
-        metrics = [json.loads(line) for line in
-                   (tmp_path / method / "seed_0" / "metrics.jsonl").read_text().splitlines()]
-        train = [m for m in metrics if m["kind"] == "train"]
-        assert max(m["step"] for m in metrics) == config.finetune.num_steps
-        assert all(m["loss_tokens"] > 0 for m in train)
-        if method == "contrastive":
-            assert all(m["contrastive_anchors"] > 0 for m in train)
-            assert all(np.isfinite(m["contrastive_loss"]) for m in train)
-        else:
-            assert all("contrastive_loss" not in m for m in train)
-    contrastive = results["methods"]["contrastive"]
-    # The same tasks as bridge; the bridge tasks' weights give the study names the same share,
-    # counting one description row per bridge image row.
-    assert [entry.split(" loss_weight")[0] for entry in contrastive["tasks"]] == \
-        [entry.split(" loss_weight")[0] for entry in results["methods"]["bridge"]["tasks"]]
-    assert all("loss_weight=" in entry for entry in contrastive["tasks"][1:])
-    assert contrastive["contrastive"] == config.mitigation.contrastive.to_dict()
-    report = (tmp_path / "report.md").read_text()
-    assert "| contrastive |" in report and "InfoNCE" in report
-    from xmem_jax.report import findings
-
-    assert "contrastive: target" in findings.mitigation_row(results)[3]
