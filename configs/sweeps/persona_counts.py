@@ -1,16 +1,20 @@
-"""Recall against the number of study personas: 50, 100, 200 and 400 on the tiny CPU default.
+"""Recall against the number of study personas: 10^2, 10^3 and 10^4 on the tiny CPU default.
 
     python -m xmem_jax.sweep --config=configs/sweeps/persona_counts.py --workdir=runs/sweep_personas
+    python -m xmem_jax.sweep --config=configs/sweeps/persona_counts.py --workdir=runs/sweep_personas \
+        --point=1  # One point (0: 10^2, 1: 10^3, 2: 10^4); --aggregate tables the finished ones.
     python -m xmem_jax.sweep --config=configs/sweeps/persona_counts.py:quick \
         --workdir=runs/sweep_quick  # 2 points, a few minutes
 
-All points share ONE dataset (1,000 personas) and ONE base model (trained on the default study's
-world personas, built once, ~7 min on 2 cores; not the default study's own base, whose dataset
-has 700 personas). Point n fine-tunes on test personas 600 to 600 + n for 3n steps (300 at
-n = 100, as the default study), so every persona gets as many fine-tuning examples (~4 epochs of
-its 22 training views) at every count, and recall is scored ~6 times a run; each point also
-repeats the default's development run (personas 500-599). Chance accuracy is 1/n. No
-unpaired control (`--config.experiment.control=True` adds it).
+All points share ONE dataset (10,600 personas) and ONE base model (trained on the default
+study's world personas, built once; not the default study's own base, whose dataset has 700
+personas). Point n fine-tunes on test personas 600 to 600 + n for 3n steps (300 at n = 100, as
+the default study), so every persona gets as many fine-tuning examples (~4 epochs of its 22
+training views) at every count: the training budget grows linearly with n, 30,000 steps at
+10^4. Recall is scored ~6 times a run with the default scoring (an exact rank over at most 256
+sampled queries a task, so an evaluation's cost grows linearly with n: benchmarks/scoring.py);
+each point also repeats the default's development run (personas 500-599). Chance accuracy is
+1/n. No unpaired control (`--config.experiment.control=True` adds it).
 
 On a TPU, 10^3 to 10^4 personas with a pretrained Gemma 3 (LoRA, no base stage; the preset of
 `configs/default.py:gemma3_4b`, fine-tuning batch 64, the same examples per persona as its own
@@ -19,9 +23,7 @@ study, recall scored before and after):
     python -m xmem_jax.sweep --config=configs/sweeps/persona_counts.py:gemma3_4b \
         --config.experiment.model.checkpoint=/path/to/gemma-3-4b-it --workdir=runs/sweep_4b
 
-Choice accuracy scores every study name for every held-out query, so one evaluation costs ~n^2
-(roughly hours for 4B at n = 10^4 on a v5p-8); 10^5 personas need sampled candidates in
-`xmem_jax/score/recall.py` first. Other counts: edit `counts` below (data.num_personas follows).
+Other counts: edit `counts` below (data.num_personas follows).
 """
 
 import ml_collections
@@ -56,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         counts, num_evals = (1_000, 3_000, 10_000), 1
         experiment.finetune.batch_size = 64
     else:
-        counts, num_evals = (50, 100, 200, 400), 6
+        counts, num_evals = (100, 1_000, 10_000), 6
     experiment.data.num_personas = start + max(counts)  # One dataset for every point.
     experiment.control = False
 
