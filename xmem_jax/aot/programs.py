@@ -187,12 +187,14 @@ def candidate_names(count: int, answer_tokens: int, vocab_size: int
 
 
 def score_programs(config: ml_collections.ConfigDict, model_config: VLMConfig,
-                   mesh: jax.sharding.Mesh, answer_tokens: int = DEFAULT_ANSWER_TOKENS
-                   ) -> list[Program]:
+                   mesh: jax.sharding.Mesh, answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+                   width: int | None = None, with_images: bool = True) -> list[Program]:
     """prefill, greedy and candidates on the eval batch of `config`, on the model's shardings
-    (the optimizer's state is gone by then)."""
+    (the optimizer's state is gone by then). `width`: the prompts' width (default: the bucket
+    that holds `max_length`, the widest); `with_images=False`: text queries (descriptions)."""
     rows = score_rows(config, mesh)
-    width = decoding.bucket_length(int(config.max_length))
+    width = width or decoding.bucket_length(int(config.max_length))
+    with_images = with_images and model_config.vision is not None
     num_names = int(config.study_personas[1] - config.study_personas[0])
     packed = candidate_names(num_names, answer_tokens, model_config.text.vocab_size)
     max_new_tokens = answer_tokens + 2
@@ -200,7 +202,7 @@ def score_programs(config: ml_collections.ConfigDict, model_config: VLMConfig,
     def queries(model_config: VLMConfig, mesh: jax.sharding.Mesh) -> tuple:
         spec = _batch_spec(mesh)
         images = None
-        if model_config.vision is not None:
+        if with_images:
             size = model_config.vision.image_size
             images = _abstract((rows, size, size, 3), jnp.uint8, spec)  # As scoring sends.
         return (_abstract((rows, width), jnp.int32, spec), _abstract((rows,), jnp.int32, spec),
@@ -232,7 +234,7 @@ def score_programs(config: ml_collections.ConfigDict, model_config: VLMConfig,
         return build
 
     model = nnx.eval_shape(study.model_fn(config, model_config))
-    image_rows = rows if model_config.vision is not None else 0
+    image_rows = rows if with_images else 0
     prefill = flops.count(model, flops.Rows(rows, width, image_rows, 1))
     step = flops.count(model, flops.Rows(rows, 1, 0, 1), cached_tokens=width)
     chunk_size = packed.chunk_size
