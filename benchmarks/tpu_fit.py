@@ -13,6 +13,9 @@ Each cell's figures go to `docs/results/tpu_fit/<size>_<mode>_<slice>.json`, the
 to `docs/results/compile_gemma3_4b_full_v5p-16.json` (a file already there is kept), and the
 tables between the `tpu-fit`, `tpu-example`, `lean-step` and `tpu-cost` markers are rewritten
 from them (`tpu-cost`: the cells' lower-bound step times over a main-job run's fine-tuning steps),
+and the `scoring-cost` and `scoring-flops` tables (recall scoring's price per evaluation and a
+persona-count sweep point's, from the FLOPs `python -m xmem_jax.aot.scoring_cost` measures into
+`docs/results/scoring/cost_model.json`, run when it is missing, at `SCORING_MFU` of the peak),
 in whichever of README.md and docs/*.md holds each pair of markers, or `--check`ed against them
 (`lean_step/before_<commit>.json` was compiled by the same command in a checkout of that
 commit, before the lean step). Cells
@@ -34,6 +37,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default as default_config  # noqa: E402
+from configs.sweeps import persona_counts  # noqa: E402
+from xmem_jax.aot import scoring_cost, topology  # noqa: E402
 from xmem_jax.report.docs import MarkerError, find_block, read_block, write_block  # noqa: E402
 
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False,
@@ -194,13 +199,103 @@ def render_cost() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = ("tpu-example", "lean-step", "tpu-fit", "tpu-cost")
+# Recall scoring's price: XLA's FLOPs of a query's prefill and of a candidate token
+# (`xmem_jax.aot.scoring_cost`), at this share of the chips' peak.
+SCORING_COST = ROOT / "docs" / "results" / "scoring" / "cost_model.json"
+SCORING_COMMAND = ["-m", "xmem_jax.aot.scoring_cost", f"--out={SCORING_COST.relative_to(ROOT)}"]
+SCORING_MFU = 0.4
+PERSONA_COUNTS = (1_000, 10_000, 100_000)
+
+
+def _duration(seconds: float) -> str:
+    """Two significant figures, in the largest unit of which there are at least 2."""
+    value, unit = seconds, "s"
+    for name, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            value, unit = seconds / size, name
+            break
+    return f"{value:.0f} {unit}" if value >= 10 else f"{value:.2g} {unit}"
+
+
+def _slice_flops(slice_name: str) -> float:
+    """The slice's peak bf16 FLOP/s at `SCORING_MFU`."""
+    chip = {"v5p": topology.CHIPS["TPU v5p"], "v6e": topology.CHIPS["TPU v6 lite"]}
+    return SLICES[slice_name][1] * chip[slice_name[:3]].bf16_flops * SCORING_MFU
+
+
+def render_scoring_cost() -> str:
+    """Seconds of the slice per evaluation at each persona count: the default scoring, and
+    exhaustive over every query."""
+    measured = json.loads(SCORING_COST.read_text())["sizes"]
+    lines = ["| size | personas | " + " | ".join(COST_SLICES) + " |",
+             "|" + " --- |" * (len(COST_SLICES) + 2)]
+    for size, figures in measured.items():
+        config = default_config.get_config(size)
+        for personas in PERSONA_COUNTS:
+            flops = [scoring_cost.evaluation_flops(figures, config, personas, method)
+                     for method in ("default", "exhaustive")]
+            cells = [" / ".join(_duration(f / _slice_flops(s)) for f in flops)
+                     for s in COST_SLICES]
+            lines.append(f"| {size} | {personas:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_point_seconds(size: str, personas: int, slice_name: str) -> tuple[float, float]:
+    """(fine-tuning, scoring) seconds of the slice, both at `SCORING_MFU`, for a point of
+    configs/sweeps/persona_counts.py:SIZE at `personas` (its examples per persona and
+    evaluations a run, extrapolated past its counts): the test and development runs' steps at
+    the LoRA tpu-fit cell's useful FLOPs, scaled to the sweep's batch; their evaluations with
+    the default scoring."""
+    sweep = persona_counts.get_config(size)
+    experiment, first = sweep.experiment, sweep.points[0]
+    steps = max(1, round(first["overrides"]["finetune.num_steps"] / first["x"] * personas))
+    evaluations = first["overrides"]["finetune.num_steps"] // first["overrides"]["eval_every"] + 1
+    cell = json.loads((RESULTS / f"{size}_lora16_{slice_name}.json").read_text())
+    step_seconds = (cell["programs"]["train_finetune"]["compute_seconds"] / SCORING_MFU
+                    * experiment.finetune.batch_size
+                    / default_config.get_config(size).finetune.batch_size)
+    dev_personas = experiment.dev_personas[1] - experiment.dev_personas[0]
+    runs = {personas: 1 + bool(experiment.control), dev_personas: 1}  # Runs a seed.
+    measured = json.loads(SCORING_COST.read_text())["sizes"][size]
+    finetune = len(experiment.seeds) * sum(runs.values()) * steps * step_seconds
+    scoring = len(experiment.seeds) * evaluations * sum(
+        copies * scoring_cost.evaluation_flops(measured, experiment, count, "default")
+        for count, copies in runs.items()) / _slice_flops(slice_name)
+    return finetune, scoring
+
+
+def render_scoring_flops() -> str:
+    """The measured FLOPs per size, then a persona-count sweep point's price."""
+    result = json.loads(SCORING_COST.read_text())
+    lines = ["| size | query | prompt width | prefill: XLA (useful) | a candidate token: XLA "
+             "(useful) |", "| --- | --- | --- | --- | --- |"]
+    for size, figures in result["sizes"].items():
+        for kind, f in figures.items():
+            lines.append(f"| {size} | {kind} | {f['prompt_width']} | {f['prefill_flops']:.3g} "
+                         f"({f['useful_prefill_flops']:.3g}) | {f['token_flops']:.3g} "
+                         f"({f['useful_token_flops']:.3g}) |")
+    lines += ["", f"`{result['command']}` at {result['commit']}.", "",
+              "| size | personas | " + " | ".join(COST_SLICES) + " |",
+              "|" + " --- |" * (len(COST_SLICES) + 2)]
+    for size in result["sizes"]:
+        for personas in PERSONA_COUNTS:
+            cells = []
+            for slice_name in COST_SLICES:
+                finetune, scoring = sweep_point_seconds(size, personas, slice_name)
+                share = scoring / (finetune + scoring)
+                cells.append(f"{_duration(finetune + scoring)} ({share:.0%} scoring)")
+            lines.append(f"| {size} | {personas:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+BLOCKS = ("tpu-example", "lean-step", "tpu-fit", "tpu-cost", "scoring-cost", "scoring-flops")
 
 
 def render_blocks() -> dict[str, str]:
     """Every block this script owns, rendered from the results in docs/results/; no writes."""
     blocks = {"tpu-example": render_example(json.loads(EXAMPLE.read_text())),
-              "lean-step": render_lean_step(), "tpu-fit": render(), "tpu-cost": render_cost()}
+              "lean-step": render_lean_step(), "tpu-fit": render(), "tpu-cost": render_cost(),
+              "scoring-cost": render_scoring_cost(), "scoring-flops": render_scoring_flops()}
     assert tuple(blocks) == BLOCKS
     return blocks
 
@@ -233,6 +328,8 @@ def main(argv):
                 subprocess.run([sys.executable, *LEAN_COMMAND, *extra,
                                 f"--out={(LEAN_STEP / name).relative_to(ROOT)}"], cwd=ROOT,
                                check=True)
+        if not SCORING_COST.exists():
+            subprocess.run([sys.executable, *SCORING_COMMAND], cwd=ROOT, check=True)
         cells = [(s, m, c) for s in SIZES for m in MODES for c in SLICES]
         with concurrent.futures.ThreadPoolExecutor(_JOBS.value) as pool:
             for line in pool.map(lambda cell: run_cell(*cell), cells):
