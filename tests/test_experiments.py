@@ -257,6 +257,32 @@ def test_findings_table_judges_each_claim_by_its_rule(tmp_path):
     assert "unpaired control 30.0" in table
 
 
+def test_findings_export_keeps_what_the_table_and_reports_need(tmp_path):
+    chance = {"choice_acc": 0.01, "mean_rank": 50.5, "exact_match": 0.0}
+    run = {"train_modality": "image", "chance": chance, "commit": "abc1234",
+           "recall": {"image": _metrics(0.9), "description": _metrics(0.2, 12.0)},
+           "curves": [{"step": 0}], "config": {"seed": 0}}
+    directions = {"experiment": "directions", "command": "test",
+                  "directions": {"image": run}, "summary": {}}
+    part = tmp_path / "runs" / "transfer"
+    (part / "image" / "seed_0").mkdir(parents=True)
+    (part / "results.json").write_text(json.dumps(directions))
+    (part / "report.md").write_text("# transfer")
+    (part / "image" / "report.md").write_text("# images")
+    (part / "image" / "curves.png").write_bytes(b"png")
+    (part / "image" / "seed_0" / "metrics.jsonl").write_text("{}")
+    out = tmp_path / "export"
+    written = findings.export(tmp_path / "runs", out)
+    assert sorted(str(p.relative_to(out)) for p in written) == [
+        "transfer/image/curves.png", "transfer/image/report.md", "transfer/report.md",
+        "transfer/results.json"]
+    exported = json.loads((out / "transfer" / "results.json").read_text())
+    assert "curves" not in exported["directions"]["image"]
+    assert "config" not in exported["directions"]["image"]
+    assert exported["directions"]["image"]["commit"] == "abc1234"
+    assert findings.findings_markdown(out) == findings.findings_markdown(tmp_path / "runs")
+
+
 def test_unlearning_rule_skips_methods_that_did_not_unlearn_at_matched_retain():
     learned = {"forget/image": _metrics(0.9)}
     results = {"unlearn_modality": "image", "command": "test",

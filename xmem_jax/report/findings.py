@@ -1,11 +1,15 @@
 """The findings table: each claim of the paper's abstract next to what our runs measured.
 
     python -m xmem_jax.report.findings --workdir=runs/paper
+    python -m xmem_jax.report.findings --workdir=runs/paper --export=docs/results/paper
 
 reads the experiments' `results.json` (and sweeps' `sweep.json`) in the subdirectories of
 `--workdir` (the layout `configs/experiments/paper.py` writes) and writes `findings.md` there.
 Each verdict follows a rule stated in the table, so a claim that is not reproduced is reported
-as such, with the numbers; a claim whose experiment has not run says "not run".
+as such, with the numbers; a claim whose experiment has not run says "not run". `--export`
+copies what the table and the parts' reports need into a directory of the same layout instead
+(`export`), small enough to commit; `python -m xmem_jax.report.docs` renders the docs' tables
+from the committed copy.
 """
 
 from __future__ import annotations
@@ -238,9 +242,56 @@ def write_findings(workdir: epath.PathLike) -> epath.Path:
     return path
 
 
+# What `export` leaves out of a results.json: the curves (each report's plot keeps them) and the
+# full config (the command and commit name it); no rule reads them.
+_NOT_EXPORTED = frozenset({"curves", "dev_curves", "config"})
+
+
+def _without_bulk(value):
+    if isinstance(value, dict):
+        return {k: _without_bulk(v) for k, v in value.items() if k not in _NOT_EXPORTED}
+    if isinstance(value, list):
+        return [_without_bulk(v) for v in value]
+    return value
+
+
+def export(workdir: epath.PathLike, out: epath.PathLike) -> list[epath.Path]:
+    """Copies each part of `workdir` (a subdirectory holding results.json) to `out`, the same
+    layout: results.json without its bulk (`_NOT_EXPORTED`), and report.md with its plots, one
+    level of nested reports included; sweeps' sweep.json as they are. Returns the files
+    written."""
+    workdir, out = epath.Path(workdir), epath.Path(out)
+    written = []
+    for path in sorted([*workdir.glob("*/results.json"), *workdir.glob("*/sweep.json")]):
+        part = path.parent
+        reports = [file for pattern in ("report.md", "*.png", "*/report.md", "*/*.png")
+                   for file in part.glob(pattern)]  # A directions part nests its reports.
+        for source in [path, *reports]:
+            target = out / source.relative_to(workdir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.name == "results.json":
+                target.write_text(json.dumps(_without_bulk(json.loads(source.read_text())),
+                                             indent=1) + "\n")
+            else:
+                target.write_bytes(source.read_bytes())
+            written.append(target)
+    return written
+
+
 if __name__ == "__main__":
     from absl import app, flags
 
     _WORKDIR = flags.DEFINE_string("workdir", None, "The paper suite's directory.")
+    _EXPORT = flags.DEFINE_string("export", None, "Copy the parts' results and reports here "
+                                  "instead of writing findings.md.")
     flags.mark_flag_as_required("workdir")
-    app.run(lambda argv: print(f"Wrote {write_findings(_WORKDIR.value)}"))
+
+    def main(argv):
+        del argv
+        if _EXPORT.value:
+            for path in export(_WORKDIR.value, _EXPORT.value):
+                print(f"Wrote {path}")
+        else:
+            print(f"Wrote {write_findings(_WORKDIR.value)}")
+
+    app.run(main)
