@@ -15,6 +15,11 @@ from a run or a sweep, each recording its command and the commit it ran at
     view-variation          docs/results.md: training and held-out views widened together (and
                             its plot, docs/results/study/view_variation.png)
     train-step              docs/benchmarks.md: CPU train steps before and after the lean step
+    data-scale              docs/data.md: 10^5 personas generated in parallel shards and read back
+                            (`benchmarks/data.py --scale`, docs/results/data/)
+    paper-verdicts          README: each claim of the paper's abstract and its verdict
+    paper-findings          docs/results.md: the findings table, from the paper suite's results
+                            in docs/results/paper/ (each part's results.json and report.md)
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ HELDOUT = STUDY / "heldout_view_variation.json"
 VIEW_VARIATION = STUDY / "view_variation.json"
 VIEW_VARIATION_PLOT = STUDY / "view_variation.png"
 TRAIN_STEP = ROOT / "docs" / "results" / "train_step"
+DATA_SCALE = ROOT / "docs" / "results" / "data" / "scale_100000.json"
+# The paper suite's outputs, one subdirectory a part as configs/experiments/paper.py writes them
+# (results.json and report.md), read by xmem_jax.report.findings like a workdir.
+PAPER = ROOT / "docs" / "results" / "paper"  # `python -m xmem_jax.report.findings --export`
 MODALITIES = ("image", "description")
 PLURAL = {"image": "images", "description": "descriptions"}
 
@@ -337,9 +346,73 @@ def render_train_step(holder: Path) -> str:
     return "\n".join(lines + ["", "; ".join(notes) + "."])
 
 
+def render_data_scale(holder: Path) -> str:
+    """docs/data.md: generation time, throughput and size at 10^5 personas, and the read-back."""
+    run = json.loads(DATA_SCALE.read_text())
+    back, estimate = run["read_back"], run["estimate_at_default_shape"]
+    first, last = back["first_record"]["persona_id"], back["last_record"]["persona_id"]
+    lo, hi = (int(x) for x in back["pipeline_personas"].split(":"))  # Half-open.
+    return (
+        f"On the {run['cpu_cores']}-core development machine (under `nice -n 19`, beside other "
+        f"jobs, at {run['commit']}), with {run['views_per_persona']} views "
+        f"({run['heldout_views_per_persona']} held out) and {run['descriptions_per_persona']} "
+        f"descriptions a persona at {run['image_size']} px (the tiny model's image size), "
+        f"{run['processes']} processes at a time over {run['shards']} shards: "
+        f"{run['personas']:,} personas in {run['generation_wall_s']:.0f} s wall "
+        f"({run['generation_cpu_s']:.0f} s CPU), {run['generation_records_per_s']:.0f} records/s "
+        f"and {run['generation_images_per_s']:.0f} images/s, "
+        f"{run['disk_bytes'] / 1e9:.2f} GB on disk ({run['disk_bytes_per_persona'] / 1e3:.1f} kB "
+        f"a persona) in {run['shard_files']} shard files. Read back: `source.open_dataset` "
+        f"counts {back['records']:,} records, personas {first} and {last} decode, and a pipeline "
+        f"over personas {lo}-{hi - 1} yields a batch "
+        f"({back['read_back_s']:.1f} s in all). At {estimate['views_per_persona']} views at "
+        f"{estimate['image_size']} px it would take, *as an estimate, not measured*, "
+        f"~{estimate['cpu_s']:,} CPU s (~{estimate['wall_s']:,} s at the same CPU share): "
+        f"{estimate['what'].removeprefix('an estimate, not measured: ')}. From "
+        f"{_link(DATA_SCALE, holder)} (`{run['command']}`).")
+
+
+def _findings_rows() -> list[str]:
+    """The findings table's markdown rows (header included) for the committed paper suite."""
+    from xmem_jax.report import findings
+
+    return [line for line in findings.findings_markdown(PAPER).splitlines()
+            if line.startswith("|")]
+
+
+def _paper_provenance(holder: Path) -> str:
+    parts = []
+    for path in sorted(PAPER.glob("*/results.json")):
+        run = json.loads(path.read_text())
+        # A directions part (transfer) records the commit of each direction's run.
+        commits = sorted({r["commit"] for r in [run, *run.get("directions", {}).values()]
+                          if "commit" in r})
+        parts.append(f"{_link(path.parent / 'report.md', holder, path.parent.name)} "
+                     f"(`{run['command']}`, at {', '.join(commits)})")
+    return ("Each part's report, with its tables and curves: " + ", ".join(parts)
+            + "; a commit ending in '+' ran with uncommitted changes.")
+
+
+def render_paper_verdicts(holder: Path) -> str:
+    """The README's summary of the findings table: each claim and its verdict."""
+    rows = [row.split(" | ") for row in _findings_rows()[2:]]
+    lines = ["| claim (paper abstract) | verdict |", "| --- | --- |"]
+    lines += [f"{claim} | {verdict} |" for claim, _, verdict, _ in rows]
+    results = os.path.relpath(ROOT / "docs" / "results.md", holder.parent)
+    return "\n".join(lines + ["", f"Each rule and the figures it judged: [{results}]({results}"
+                              "#findings-under-the-rules-of-2026-12-01)."])
+
+
+def render_paper_findings(holder: Path) -> str:
+    """docs/results.md: the findings table, each claim with its rule, verdict and figures."""
+    return "\n".join(_findings_rows() + ["", _paper_provenance(holder)])
+
+
 RENDERERS = {"study-headline": render_headline, "study-default": render_default,
              "heldout-view-variation": render_heldout, "view-variation": render_view_variation,
-             "train-step": render_train_step}
+             "train-step": render_train_step, "data-scale": render_data_scale,
+             "paper-verdicts": render_paper_verdicts,
+             "paper-findings": render_paper_findings}
 BLOCKS = tuple(RENDERERS)
 
 
