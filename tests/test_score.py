@@ -571,6 +571,14 @@ def test_sampled_queries(model, query_set):
     assert sampled["stderr"]["mean_rank"] > 0
 
 
+def test_a_sample_of_a_sample_leaves_the_full_set_sample_alone(query_set):
+    """Each sample keeps its own cache of draws: sampling a sample (a compile warm-up on a few
+    queries, say) must not change what the full set's sample of the same size and seed is."""
+    small = query_set.sample(4, seed=0)
+    assert len(small.sample(8, seed=0).examples) == 4  # Every query of the 4.
+    assert len(query_set.sample(8, seed=0).examples) == 8
+
+
 def test_sampled_queries_are_unbiased(model, query_set, monkeypatch):
     """Over every seed's sample of 4 of the 12 queries, the mean rank averages to the full one
     (fixed scores: the answer's rank is its example id + 1)."""

@@ -384,6 +384,7 @@ class PipelineQuerySet(QuerySet):
                 np.flatnonzero(tasks == task), min(num_queries, int(np.sum(tasks == task))),
                 replace=False))
             picked = copy.copy(self)
+            picked._samples = {}  # Its own: a sample of it must not answer for this set's.
             picked.examples = self.examples[chosen]
             picked._pipeline = pipeline.build(self.config, mode="prompt",
                                               examples=picked.examples)
