@@ -475,15 +475,9 @@ class NameThenValue:
         with place.context():
             for batch in self._pipeline:
                 batch = {k: np.asarray(v) for k, v in batch.items()}
-                rows = place.shards * math.ceil(len(batch["valid"]) / place.shards)
-                width, any_image = place.agree(decoding.prompt_width(batch["prompt_length"]),
-                                               bool(batch["has_image"].any()))
+                _, width, prompts = place.prompts(batch, self.pad_id)
                 out = decoding.score_batch(
-                    model, place.put(_pad_rows(decoding.fit_width(
-                        batch["prompt_tokens"], width, self.pad_id), rows, self.pad_id)),
-                    place.put(_pad_rows(batch["prompt_length"], rows, 1)),
-                    place.put(_pad_rows(batch["images"], rows)) if any_image else None,
-                    max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                    model, *prompts, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                     pad_id=self.pad_id, width=width)
                 generated = place.get(out["generated"])[:len(batch["valid"])]
                 lengths = place.get(out["generated_length"])[:len(batch["valid"])]
@@ -610,6 +604,19 @@ class _Placement:
         both = np.asarray(multihost_utils.process_allgather(np.array([width, any_image])))
         return int(both[:, 0].max()), bool(both[:, 1].any())
 
+    def prompts(self, batch: Mapping[str, np.ndarray], pad_id: int,
+                buckets: Sequence[int] | None = decoding.DEFAULT_BUCKETS) -> tuple[int, int, tuple]:
+        """A prompt-mode batch's rows padded to a multiple of the shards, its prompt width (the
+        same on every host) and its (tokens, lengths, images or None) on the devices."""
+        rows = self.shards * math.ceil(len(batch["valid"]) / self.shards)
+        width, any_image = self.agree(decoding.prompt_width(batch["prompt_length"], buckets),
+                                      bool(batch.get("has_image", np.ones(1, bool)).any()))
+        return rows, width, (
+            self.put(_pad_rows(decoding.fit_width(batch["prompt_tokens"], width, pad_id), rows,
+                               pad_id)),
+            self.put(_pad_rows(batch["prompt_length"], rows, 1)),
+            self.put(_pad_rows(batch["images"], rows)) if any_image else None)
+
     def context(self):
         if self.mesh is None or not jax.sharding.get_abstract_mesh().empty:
             return contextlib.nullcontext()
@@ -690,15 +697,7 @@ def score_query_set(model: nnx.Module, queries: QuerySet, *, method: str = "prun
                  if "calibrated" in rankings else None)
         for batch, group_index, target in queries.stream():
             valid = batch["valid"]
-            rows = place.shards * math.ceil(len(valid) / place.shards)
-            width, any_image = place.agree(
-                decoding.prompt_width(batch["prompt_length"], buckets),
-                bool(batch.get("has_image", np.ones(1, bool)).any()))
-            prompts = (
-                place.put(_pad_rows(decoding.fit_width(batch["prompt_tokens"], width,
-                                                       queries.pad_id), rows, queries.pad_id)),
-                place.put(_pad_rows(batch["prompt_length"], rows, 1)),
-                place.put(_pad_rows(batch["images"], rows)) if any_image else None)
+            rows, width, prompts = place.prompts(batch, queries.pad_id, buckets)
             greedy = dict(max_new_tokens=max_new_tokens if generate else 0,
                           stop_ids=queries.stop_ids, pad_id=queries.pad_id)
             ranks = fed = allowed = None
