@@ -47,3 +47,40 @@ def test_evaluation_flops_follow_the_candidate_tokens(tiny):
         pytest.approx(expected))
     with pytest.raises(ValueError, match="Unknown method"):
         scoring_cost.evaluation_flops(measured, config, personas, "sampled")
+
+
+def test_vision_share_is_the_towers_flops_over_an_evaluations(tiny):
+    config, measured = tiny
+    image = measured["image"]
+    ratio = image["vision_flops"] / image["useful_vision_flops"]
+    assert 1 <= ratio <= 1 + TOLERANCE, ratio
+    assert 0 < image["vision_flops"] < image["prefill_flops"]
+    sample = config.scoring.num_queries
+    shares = []
+    for personas in (100, 1_000, 10_000):
+        images = min(personas * config.data.num_heldout_views, sample)
+        fed = personas * scoring_cost.NAME_TOKENS
+        fraction = scoring_cost.PRUNED_FED
+        description = measured["description"]
+        total = (images * (image["prefill_flops"] + fraction["source"] * fed * image["token_flops"])
+                 + min(personas * config.data.num_heldout_descriptions, sample)
+                 * (description["prefill_flops"]
+                    + fraction["target"] * fed * description["token_flops"]))
+        share = scoring_cost.vision_share(measured, config, personas)
+        assert share == pytest.approx(images * image["vision_flops"] / total)
+        shares.append(share)
+    assert shares[0] > shares[1] > shares[2] > 0
+    # Without a measured tower (a text-only model), nothing to cache.
+    text_only = {**measured, "image": {k: v for k, v in image.items() if "vision" not in k}}
+    assert scoring_cost.vision_share(text_only, config, 1_000) == 0
+
+
+def test_soft_token_cache_bytes():
+    config = default.get_config("gemma3_4b")
+    model_config = scoring_cost.study.model_config_for(config)
+    # 256 sampled images x 256 soft tokens x Gemma 3 4B's width 2,560 x 2 bytes.
+    assert scoring_cost.soft_token_cache_bytes(model_config, config, 10_000) == (
+        256 * 256 * 2560 * 2)
+    # Fewer held-out views than the sample: every one is cached.
+    assert scoring_cost.soft_token_cache_bytes(model_config, config, 100) == (
+        100 * config.data.num_heldout_views * 256 * 2560 * 2)

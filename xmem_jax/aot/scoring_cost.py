@@ -7,7 +7,8 @@ Measured, per Gemma 3 size of configs/default.py, with shapes only (no weights):
 prefill and of one candidate token fed after it, for an image query and a description query,
 beside `xmem_jax.model.flops`'s useful count. A candidate token's FLOPs are the `candidates`
 program (prefill, then one chunk of packed candidates) less the `prefill` program, over the
-chunk's tokens.
+chunk's tokens. The vision tower's FLOPs per image (SigLIP and the projector) are the image
+query's prefill less a text-only prefill of the same width, per row.
 
 The cost model (`evaluation_flops`): an evaluation scores two tasks, held-out images and
 held-out descriptions (`study.eval_tasks_of`), each with queries x (prefill + candidate tokens
@@ -16,6 +17,11 @@ that times the share its answer cannot cut (`PRUNED_FED`, measured on the tiny m
 default scores at most `scoring.num_queries` sampled queries a task. Not counted: greedy exact
 match (a few decode steps a query), the robustness rows (calibrated, world names), chunk
 padding and pruning's rounds, the host.
+
+`vision_share`: the share of an evaluation's FLOPs spent in the frozen vision tower, which a
+cache of the held-out images' soft tokens, computed once a run, would save at every later
+evaluation (the default's sample of queries is drawn with a fixed seed, `scoring.seed`, so the
+same images recur); `soft_token_cache_bytes`: that cache's size in bf16.
 """
 
 from __future__ import annotations
@@ -80,8 +86,23 @@ def measure(config: ml_collections.ConfigDict, log=print) -> dict:
             "useful_prefill_flops": prefill.useful_flops / rows,
             "useful_token_flops": (candidates.useful_flops - prefill.useful_flops)
                                   / (rows * chunk)}
+        if kind == "image":
+            out[kind].update(_vision_flops(config, model_config, mesh, prefill, xla_prefill,
+                                           width, rows))
         log(f"{kind}: {out[kind]}")
     return out
+
+
+def _vision_flops(config, model_config, mesh, prefill: programs.Program, xla_prefill: float,
+                  width: int, rows: int) -> dict[str, float]:
+    """XLA's and the useful FLOPs of the vision tower and projector per image: the image
+    query's prefill less a text-only prefill of the same width (0 for a model without one)."""
+    if model_config.vision is None:
+        return {"vision_flops": 0.0, "useful_vision_flops": 0.0}
+    text_only = {p.name: p for p in programs.score_programs(
+        config, model_config, mesh, NAME_TOKENS, width=width, with_images=False)}["prefill"]
+    return {"vision_flops": (xla_prefill - analysis.xla_flops(text_only, model_config)) / rows,
+            "useful_vision_flops": (prefill.useful_flops - text_only.useful_flops) / rows}
 
 
 def queries_per_task(config: ml_collections.ConfigDict, personas: int) -> dict[str, int]:
@@ -90,23 +111,51 @@ def queries_per_task(config: ml_collections.ConfigDict, personas: int) -> dict[s
             "description": personas * int(config.data.num_heldout_descriptions)}
 
 
+def scored_queries(config: ml_collections.ConfigDict, personas: int, method: str
+                   ) -> dict[str, int]:
+    """Queries one evaluation scores a task: 'default' at most `scoring.num_queries` sampled
+    ones, 'exhaustive' every one."""
+    queries = queries_per_task(config, personas)
+    if method == "default":
+        sample = int(config.scoring.num_queries)
+        return {kind: min(n, sample) if sample else n for kind, n in queries.items()}
+    if method != "exhaustive":
+        raise ValueError(f"Unknown method {method!r}: 'default' or 'exhaustive'")
+    return queries
+
+
 def evaluation_flops(measured: dict, config: ml_collections.ConfigDict, personas: int,
                      method: str, source: str = "image") -> float:
     """FLOPs of one evaluation at `personas` study personas: 'default' (pruned over at most
     `scoring.num_queries` sampled queries a task) or 'exhaustive' (every name for every query).
     `source`: the fine-tuning modality, whose task pruning cuts most."""
     total = 0.0
-    for kind, queries in queries_per_task(config, personas).items():
+    for kind, queries in scored_queries(config, personas, method).items():
         fed = personas * NAME_TOKENS
         if method == "default":
-            sample = int(config.scoring.num_queries)
-            queries = min(queries, sample) if sample else queries
             fed *= PRUNED_FED["source" if kind == source else "target"]
-        elif method != "exhaustive":
-            raise ValueError(f"Unknown method {method!r}: 'default' or 'exhaustive'")
         figures = measured[kind]
         total += queries * (figures["prefill_flops"] + fed * figures["token_flops"])
     return total
+
+
+def vision_share(measured: dict, config: ml_collections.ConfigDict, personas: int,
+                 method: str = "default", source: str = "image") -> float:
+    """The share of one evaluation's FLOPs (`evaluation_flops`) spent in the vision tower: what
+    caching the scored images' soft tokens once a run would save at each later evaluation."""
+    images = scored_queries(config, personas, method)["image"]
+    vision = images * measured["image"].get("vision_flops", 0.0)
+    return vision / evaluation_flops(measured, config, personas, method, source)
+
+
+def soft_token_cache_bytes(model_config, config: ml_collections.ConfigDict, personas: int,
+                           method: str = "default") -> int:
+    """Bytes of that cache: the images one evaluation scores x soft tokens an image x the
+    language model's width, in bf16 (0 for a model without a vision tower)."""
+    if model_config.vision is None:
+        return 0
+    images = scored_queries(config, personas, method)["image"]
+    return images * model_config.mm_tokens_per_image * model_config.text.embed_dim * 2
 
 
 def main(argv):
