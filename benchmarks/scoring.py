@@ -141,8 +141,9 @@ def cost(args) -> None:
                   f"{metrics[rank]:.1f} ± {stderr[rank]:.1f} | {fed['fed']:.0f} / "
                   f"{fed['exhaustive']:.0f} ({1 - fed['fed'] / fed['exhaustive']:.0%} pruned) |",
                   flush=True)
-            rows.append({"personas": n, "modality": modality, "method": name, **kwargs,
-                         "cpu_s": seconds, "wall_s": wall, "metrics": metrics})
+            rows.append({"personas": n, "modality": modality, "method": name,
+                         "score_kwargs": kwargs, "cpu_s": seconds, "wall_s": wall,
+                         "metrics": metrics})
 
     def slope(name, modalities=("source", "target")):
         """The log-log slope of CPU time against n, over the modalities together."""
