@@ -15,14 +15,15 @@ tables between the `tpu-fit`, `tpu-example`, `lean-step` and `tpu-cost` markers 
 from them (`tpu-cost`: the cells' lower-bound step times over a main-job run's fine-tuning steps),
 and the `scoring-cost` and `scoring-flops` tables (recall scoring's price per evaluation and a
 persona-count sweep point's, from the FLOPs `python -m xmem_jax.aot.scoring_cost` measures into
-`docs/results/scoring/cost_model.json`, run when it is missing, at `SCORING_MFU` of the peak),
-in whichever of README.md and docs/*.md holds each pair of markers, or `--check`ed against them
-(`lean_step/before_<commit>.json` was compiled by the same command in a checkout of that
-commit, before the lean step). Cells
-compile the fine-tuning step only, without XLA's FLOP count (~30 s a cell more), so the
-lower-bound time is from the useful FLOPs and XLA's bytes accessed. The batch is the Gemma
-configs' 16 rows of 400 tokens, or one row per chip on slices of more than 16 chips (16 rows
-cannot split over 64 chips for Gemma 3 1B, whose one KV head rules out tensor parallelism).
+`docs/results/scoring/cost_model.json`, run when it is missing, at `SCORING_MFU` of the peak;
+`vision-cache`: what caching the held-out images' soft tokens once a run would save, from the
+same file), in whichever of README.md and docs/*.md holds each pair of markers, or
+`--check`ed against them (`lean_step/before_<commit>.json` was compiled by the same command in
+a checkout of that commit, before the lean step). Cells compile the fine-tuning step only,
+without XLA's FLOP count (~30 s a cell more), so the lower-bound time is from the useful FLOPs
+and XLA's bytes accessed. The batch is the Gemma configs' 16 rows of 400 tokens, or one row per
+chip on slices of more than 16 chips (16 rows cannot split over 64 chips for Gemma 3 1B, whose
+one KV head rules out tensor parallelism).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from absl import app, flags
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default as default_config  # noqa: E402
 from configs.sweeps import persona_counts  # noqa: E402
 from xmem_jax.aot import scoring_cost, topology  # noqa: E402
+from xmem_jax.experiments import study  # noqa: E402
 from xmem_jax.report.docs import MarkerError, find_block, read_block, write_block  # noqa: E402
 
 _RENDER_ONLY = flags.DEFINE_bool("render_only", False,
@@ -288,14 +291,89 @@ def render_scoring_flops() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = ("tpu-example", "lean-step", "tpu-fit", "tpu-cost", "scoring-cost", "scoring-flops")
+# The vision-cache block: its persona counts, and the share of an evaluation's FLOPs a cache
+# must save to be called worth it.
+VISION_PERSONAS = (100, 1_000, 10_000, 100_000)
+VISION_PAYS = 0.10
+# The persona counts configs/sweeps/persona_counts.py runs on a Gemma preset.
+SWEEP_PERSONAS = (1_000, 10_000)
+
+
+def _pays_below(measured: dict, config, threshold: float) -> int:
+    """The most study personas at which `scoring_cost.vision_share` is still `threshold` or
+    more (it shrinks as personas grow); 0 if none."""
+    if scoring_cost.vision_share(measured, config, 1) < threshold:
+        return 0
+    low, high = 1, 10**7
+    while high - low > 1:
+        middle = (low + high) // 2
+        if scoring_cost.vision_share(measured, config, middle) >= threshold:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.2g}%"
+
+
+def render_vision_cache() -> str:
+    """Per size: the vision tower's FLOPs per image, the share of a default evaluation they
+    are at `VISION_PERSONAS` (what a once-a-run cache of the soft tokens saves at each later
+    evaluation) with the cache's size, and a verdict from those shares."""
+    result = json.loads(SCORING_COST.read_text())
+    lines = ["| size | vision tower per image: XLA (useful) | in candidate tokens | of an image "
+             "prefill | " + " | ".join(f"{n:,} personas" for n in VISION_PERSONAS) + " |",
+             "|" + " --- |" * (len(VISION_PERSONAS) + 4)]
+    below, sweep_shares = [], []
+    for size, figures in result["sizes"].items():
+        config = default_config.get_config(size)
+        model_config = study.model_config_for(config)
+        image = figures["image"]
+        cells = [f"{_percent(scoring_cost.vision_share(figures, config, n))} ("
+                 f"{_mib(scoring_cost.soft_token_cache_bytes(model_config, config, n))})"
+                 for n in VISION_PERSONAS]
+        lines.append(f"| {size} | {image['vision_flops']:.3g} ({image['useful_vision_flops']:.3g})"
+                     f" | {image['vision_flops'] / image['token_flops']:,.0f} | "
+                     f"{image['vision_flops'] / image['prefill_flops']:.0%} | "
+                     + " | ".join(cells) + " |")
+        below.append(f"~{float(f'{_pays_below(figures, config, VISION_PAYS):.2g}'):,.0f}")
+        sweep_shares += [scoring_cost.vision_share(figures, config, n) for n in SWEEP_PERSONAS]
+    sizes = ", ".join(result["sizes"])
+    pays = max(sweep_shares) >= VISION_PAYS
+    prose = ["Each cell: the share of a default evaluation's FLOPs "
+             "(`scoring_cost.evaluation_flops`) the tower takes, which the cache would save at "
+             "every evaluation after the first, and the cache's size (the bf16 soft tokens of "
+             "every scored image).",
+             f"Verdict: the cache would save {VISION_PAYS:.0%} or more of an evaluation only "
+             f"up to {', '.join(below[:-1])} and {below[-1]} study personas ({sizes}); at the "
+             f"{' and '.join(f'{n:,}' for n in SWEEP_PERSONAS)} personas of the Gemma sweep "
+             f"(`configs/sweeps/persona_counts.py`) it would save "
+             f"{_percent(min(sweep_shares))} to {_percent(max(sweep_shares))}. These are FLOP "
+             "counts, not timings; "
+             + ("the saving is large enough at the sweep's counts to be worth a cache, which "
+                "has not been implemented." if pays else
+                "no cache was implemented, since at the sweep's counts the candidate tokens, "
+                "which grow with the personas, and not the fixed sample's images decide what "
+                "an evaluation costs.")]
+    return "\n".join(lines + ["", "\n\n".join(textwrap.fill(p, 100) for p in prose)])
+
+
+BLOCKS = ("tpu-example", "lean-step", "tpu-fit", "tpu-cost", "scoring-cost", "scoring-flops",
+          "vision-cache")
 
 
 def render_blocks() -> dict[str, str]:
     """Every block this script owns, rendered from the results in docs/results/; no writes."""
     blocks = {"tpu-example": render_example(json.loads(EXAMPLE.read_text())),
               "lean-step": render_lean_step(), "tpu-fit": render(), "tpu-cost": render_cost(),
-              "scoring-cost": render_scoring_cost(), "scoring-flops": render_scoring_flops()}
+              "scoring-cost": render_scoring_cost(), "scoring-flops": render_scoring_flops(),
+              "vision-cache": render_vision_cache()}
     assert tuple(blocks) == BLOCKS
     return blocks
 
