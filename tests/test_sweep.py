@@ -124,6 +124,24 @@ def test_other_experiments_give_their_summary_as_columns(tmp_path):
     assert (tmp_path / "sweep.png").exists()
 
 
+def test_a_study_row_gives_one_evaluation_and_training_time(tmp_path):
+    """The study's scoring_seconds become the row's seconds per evaluation and the fine-tuning
+    time less its evaluations; they are tabled as seconds and not plotted as recall."""
+    class TimedRun(FakeRun):
+        def __call__(self, config, workdir, command):
+            results = super().__call__(config, workdir, command)
+            results["timings"] = {"finetune": 10.0}
+            results["scoring_seconds"] = {"evaluations": 4, "total_s": 3.0, "first_s": 1.5,
+                                          "per_evaluation_s": 0.5}
+            (workdir / "results.json").write_text(json.dumps(results))
+            return results
+
+    rows = sweep.run_sweep(fake_sweep_config(), tmp_path, "cmd", run_fn=TimedRun())
+    assert rows[0]["evaluation_seconds"] == 0.5
+    assert rows[0]["finetune_train_seconds"] == 7.0
+    assert "| 0.5 | 7.0 | 10 |" in (tmp_path / "sweep.md").read_text()
+
+
 def point_sweep_config(tmp_path):
     config = fake_sweep_config()
     config.experiment.cache_dir = str(tmp_path / "cache")

@@ -492,6 +492,32 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, data_config):
     assert history(tmp_path / "cut") == history(tmp_path / "full")
 
 
+def test_each_evaluation_is_logged_with_its_wall_time(tmp_path, data_config):
+    """Evaluation rows carry `eval_seconds`, the time `eval_fn` took, which
+    study.scoring_seconds summarises; the curves read back only the named results."""
+    import time
+
+    from xmem_jax.experiments import study
+
+    def slow_eval(model, step):
+        time.sleep(0.05 if step else 0.2)  # The first stands in for compiling.
+        return {"image": {"choice_acc": step / 10}}
+
+    trainer.train(train_config(), tmp_path / "run", model_fn(), pipeline_iter(data_config),
+                  eval_fn=slow_eval, eval_every=3)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines() if json.loads(line)["kind"] == "eval"]
+    assert [row["step"] for row in rows] == [0, 3, 6]
+    assert rows[0]["eval_seconds"] >= 0.2 and all(r["eval_seconds"] >= 0.05 for r in rows)
+    timing = study.scoring_seconds([tmp_path / "run"])
+    assert timing["evaluations"] == 3 and timing["first_s"] == rows[0]["eval_seconds"]
+    assert timing["per_evaluation_s"] == pytest.approx(
+        (rows[1]["eval_seconds"] + rows[2]["eval_seconds"]) / 2)
+    assert timing["total_s"] == pytest.approx(sum(r["eval_seconds"] for r in rows))
+    assert study.curves_from_log(tmp_path / "run", ["image"]) == [
+        {"step": s, "image": {"choice_acc": s / 10}} for s in (0, 3, 6)]
+
+
 def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path, data_config):
     """From pretrained weights with only LoRA adapters trained, a checkpoint stores the adapters
     and the optimizer, not the frozen weights; a cut-off run resumes (the frozen weights come

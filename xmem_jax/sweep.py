@@ -97,6 +97,10 @@ def point_row(point: dict, results: dict) -> dict:
     if isinstance(summary, dict):
         row.update({key: float(value) for key, value in summary.items()
                     if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    if results.get("scoring_seconds", {}).get("evaluations"):  # A study's timed evaluations.
+        scoring = results["scoring_seconds"]
+        row["evaluation_seconds"] = scoring["per_evaluation_s"]
+        row["finetune_train_seconds"] = results["timings"]["finetune"] - scoring["total_s"]
     row["seconds"] = sum(value for value in results.get("timings", {}).values()
                          if isinstance(value, (int, float)))
     return row
@@ -258,6 +262,8 @@ def format_cell(column: str, value) -> str:
         return f"{value:g}"
     if column == "seconds":
         return f"{value:.0f}"
+    if column.endswith("seconds"):  # A study's evaluation_seconds, finetune_train_seconds.
+        return f"{value:.1f}"
     return f"{value:.1f}" if column.endswith("mean_rank") else f"{value:.3f}"
 
 
@@ -312,7 +318,8 @@ def plot(rows: list[dict], sweep_config: ml_collections.ConfigDict, path: epath.
     fixed = {"name", "x", "seconds", "source_modality", "source_exact_match",
              "target_exact_match", "target_mean_rank", "chance_mean_rank"}
     series += [(column, column, "-s") for column in columns_of(rows)
-               if column not in fixed and column not in {key for key, _, _ in series}]
+               if column not in fixed and not column.endswith("seconds")
+               and column not in {key for key, _, _ in series}]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for key, label, style in series:
         points = [(row["x"], row[key]) for row in rows if row.get(key) is not None]

@@ -167,6 +167,24 @@ def curves_from_log(workdir: epath.Path, names=MODALITIES) -> list[dict]:
             if r["kind"] == "eval"]
 
 
+def scoring_seconds(run_dirs: list[epath.Path]) -> dict:
+    """The wall time of the recall evaluations logged in each run's metrics.jsonl (the
+    trainer's `eval_seconds`): how many, their total, and the mean of those after each run's
+    first (which compiles the scoring programs). Rows logged before the trainer timed them
+    (2026-12-02) are left out; with none timed, every figure but the count is NaN."""
+    per_run = []
+    for run in run_dirs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        per_run.append([row["eval_seconds"] for row in rows
+                        if row["kind"] == "eval" and "eval_seconds" in row])
+    later = [seconds for run in per_run for seconds in run[1:]]
+    firsts = [run[0] for run in per_run if run]
+    nan = float("nan")
+    return {"evaluations": sum(map(len, per_run)), "total_s": float(sum(map(sum, per_run))),
+            "first_s": float(np.mean(firsts)) if firsts else nan,
+            "per_evaluation_s": float(np.mean(later)) if later else nan}
+
+
 def mean_curves(runs: list[list[dict]]) -> list[dict]:
     """Per-step, per-metric mean over runs with the same eval steps (numbers only)."""
     return [average(points) for points in zip(*runs)]
@@ -424,6 +442,9 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, command: str
         "num_study_personas": config.study_personas[1] - config.study_personas[0],
         "study_personas": list(config.study_personas),
         "dev_personas": list(config.dev_personas),
+        # Of the test personas' fine-tuning runs (timings["finetune"] includes it).
+        "scoring_seconds": scoring_seconds([workdir / "finetune" / f"seed_{seed}"
+                                            for seed in config.seeds]),
         **provenance(config, setup, command),  # Its timings gain the control's below.
     }
     if config.control:

@@ -692,13 +692,19 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                          row["tokens_per_s"])
             window.update(start=time.perf_counter(), tokens=0.0, steps=0)
 
+    def evaluate(at_step: int) -> None:
+        """Runs `eval_fn`, logging its results with its wall time (`eval_seconds`)."""
+        start = time.perf_counter()
+        results = eval_fn(nnx.merge(graphdef, state).model, at_step)
+        if results:
+            metrics_log.write({"kind": "eval", "step": at_step,
+                               "eval_seconds": time.perf_counter() - start, **results})
+
     pending = None  # The last step's metrics, checked while the next step runs.
     try:
         with sharding.use_mesh(mesh), _sigterm_flag() as sigterm:
             if eval_fn is not None and step == 0:  # Where the curves start.
-                results = eval_fn(nnx.merge(graphdef, state).model, 0)
-                if results:
-                    metrics_log.write({"kind": "eval", "step": 0, **results})
+                evaluate(0)
             while step < num_steps:
                 try:
                     local_batch = next(train_iter)
@@ -736,9 +742,7 @@ def _run(config, workdir, graphdef, state, step, mesh, state_shardings, checkpoi
                 if do_save:
                     checkpointer.save(step, saved(state), train_iter)
                 if do_eval:
-                    results = eval_fn(nnx.merge(graphdef, state).model, step)
-                    if results:
-                        metrics_log.write({"kind": "eval", "step": step, **results})
+                    evaluate(step)
                 if preempted:
                     checkpointer.wait_until_finished()
                     raise PreemptedError(f"Preempted at step {step}; checkpoint saved in "
