@@ -32,9 +32,10 @@ together. `--out` writes every figure with the command and the commit.
 `--rss` measures instead the host memory of one evaluation at each persona count, each in a
 fresh process: every held-out view and description of the n personas (greedy exact match and
 the answer among `--num_distractors` drawn names), streamed from the input pipeline, on a random
-model. The evaluation runs twice: the process's peak RSS (`os.wait4`'s max RSS) includes the
-first, which compiles a program for each prompt width it meets; the peak of the repeat alone
-(VmHWM, reset in between) is what each later evaluation of a run costs. The pipeline's cache of
+model. The evaluation runs twice (once with `--rss_repeat=0`): the process's peak RSS
+(`os.wait4`'s max RSS) includes the first, which compiles a program for each prompt width it
+meets; the peak of the repeat alone (VmHWM, reset in between) is what each later evaluation of
+a run costs. The pipeline's cache of
 persona records (`--record_cache_mb`) is part of what an evaluation may keep. The last line is
 `peak_rss_mib: X` at the largest count.
 """
@@ -169,8 +170,8 @@ def cost(args) -> None:
 
 _RSS_EVALUATION = ("every held-out view (image_to_name) and every held-out description "
                    "(description_to_name) of the personas, greedy exact match and the answer "
-                   "among sampled distractors, batches of 64, a random model; run twice, the "
-                   "first compiling what it needs, the peak of the repeat measured alone")
+                   "among sampled distractors, batches of 64, a random model; the first run "
+                   "compiles what it needs; a repeat's peak is measured alone")
 
 
 def host_rss(args) -> None:
@@ -192,7 +193,8 @@ def host_rss(args) -> None:
             [sys.executable, __file__, f"--rss_child={count}", f"--data_dir={data_dir}",
              f"--config={args.config}", f"--threads={args.threads}",
              f"--num_distractors={args.num_distractors}",
-             f"--record_cache_mb={args.record_cache_mb}"], stdout=subprocess.PIPE, text=True)
+             f"--record_cache_mb={args.record_cache_mb}", f"--rss_repeat={args.rss_repeat}"],
+            stdout=subprocess.PIPE, text=True)
         output = child.stdout.read()
         _, status, usage = os.wait4(child.pid, 0)
         if os.waitstatus_to_exitcode(status):
@@ -201,9 +203,10 @@ def host_rss(args) -> None:
         row = json.loads(output.splitlines()[-1])
         row["peak_rss_mib"] = usage.ru_maxrss / 1024  # Kilobytes on Linux.
         rows.append(row)
+        repeat = (f"{row['repeat_rss_before_mib']:.0f} | {row['repeat_peak_rss_mib']:.0f}"
+                  if args.rss_repeat else "- | -")
         print(f"| {count} | {row['queries']} | {row['first_evaluation_s']:.0f} | "
-              f"{row['rss_before_mib']:.0f} | {row['peak_rss_mib']:.0f} | "
-              f"{row['repeat_rss_before_mib']:.0f} | {row['repeat_peak_rss_mib']:.0f} |",
+              f"{row['rss_before_mib']:.0f} | {row['peak_rss_mib']:.0f} | {repeat} |",
               flush=True)
     shared.write_results(args, {"evaluation": _RSS_EVALUATION, "heldout_per_persona":
                                 args.heldout, "record_cache_mb": args.record_cache_mb,
@@ -212,7 +215,8 @@ def host_rss(args) -> None:
 
 
 def rss_child(args) -> None:
-    """One evaluation of `--rss_child` personas (`_RSS_EVALUATION`), twice; prints a JSON line."""
+    """One evaluation of `--rss_child` personas (`_RSS_EVALUATION`), then its repeat unless
+    `--rss_repeat=0`; prints a JSON line."""
     from xmem_jax.data import source
     from xmem_jax.data.tokenizer import load_tokenizer
 
@@ -236,6 +240,9 @@ def rss_child(args) -> None:
     metrics = evaluate()
     figures["first_evaluation_s"] = time.perf_counter() - start
     figures["queries"] = sum(m["num_scored"] for m in metrics.values())
+    if not args.rss_repeat:
+        print(json.dumps(figures))
+        return
     with open("/proc/self/clear_refs", "w") as clear:  # Resets the peak (VmHWM) to now.
         clear.write("5")
     figures["repeat_rss_before_mib"] = _memory_mib("VmRSS")
@@ -282,6 +289,9 @@ def main():
     parser.add_argument("--record_cache_mb", type=float,
                         default=pipeline.default_config().record_cache_mb,
                         help="--rss: the pipeline's cache of parsed persona records.")
+    parser.add_argument("--rss_repeat", type=int, default=1, choices=(0, 1),
+                        help="--rss: 1 also measures a repeat of the evaluation alone; 0 the "
+                             "first only (half the time).")
     parser.add_argument("--rss_child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--data_dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help="Also write the figures to this JSON.")
