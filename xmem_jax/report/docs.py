@@ -17,6 +17,12 @@ from a run or a sweep, each recording its command and the commit it ran at
     train-step              docs/benchmarks.md: CPU train steps before and after the lean step
     data-scale              docs/data.md: 10^5 personas generated in parallel shards and read back
                             (`benchmarks/data.py --scale`, docs/results/data/)
+    persona-counts          docs/results.md: the persona-count sweep's points on the CPU, with
+                            one evaluation's and the fine-tuning's time
+    scoring-personas        docs/benchmarks.md: one evaluation's CPU time against the number of
+                            personas, per ranking method (`benchmarks/scoring.py`)
+    scoring-rss             README: an evaluation's peak host memory at 10^4 personas
+                            (`benchmarks/scoring.py --rss`)
     paper-verdicts          README: each claim of the paper's abstract and its verdict
     paper-findings          docs/results.md: the findings table, from the paper suite's results
                             in docs/results/paper/ (each part's results.json and report.md)
@@ -43,6 +49,10 @@ VIEW_VARIATION = STUDY / "view_variation.json"
 VIEW_VARIATION_PLOT = STUDY / "view_variation.png"
 TRAIN_STEP = ROOT / "docs" / "results" / "train_step"
 DATA_SCALE = ROOT / "docs" / "results" / "data" / "scale_100000.json"
+PERSONA_COUNTS = STUDY / "persona_counts.json"  # configs/sweeps/persona_counts.py, exported
+SCORING = ROOT / "docs" / "results" / "scoring"
+SCORING_COST = SCORING / "cost_against_personas.json"  # benchmarks/scoring.py --out
+SCORING_RSS = SCORING / "rss.json"  # benchmarks/scoring.py --rss --out
 # The paper suite's outputs, one subdirectory a part as configs/experiments/paper.py writes them
 # (results.json and report.md), read by xmem_jax.report.findings like a workdir.
 PAPER = ROOT / "docs" / "results" / "paper"  # `python -m xmem_jax.report.findings --export`
@@ -372,6 +382,92 @@ def render_data_scale(holder: Path) -> str:
         f"{_link(DATA_SCALE, holder)} (`{run['command']}`).")
 
 
+def render_persona_counts(holder: Path) -> str:
+    """docs/results.md: per study-persona count, source and target against chance, one
+    evaluation's time and the fine-tuning's without its evaluations; the points not run, with
+    the fine-tuning time the largest run point extrapolates to them (steps grow as n)."""
+    from configs.sweeps import persona_counts
+
+    run = json.loads(PERSONA_COUNTS.read_text())
+    rows = sorted(run["rows"], key=lambda row: row["x"])
+    lines = ["| study personas | source | target | target mean rank | chance | one evaluation | "
+             "fine-tuning without its evaluations | the point in all |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(
+            f"| {row['x']:,.0f} | {row['source_choice_acc']:.3f} | "
+            f"{row['target_choice_acc']:.3f} | {row['target_mean_rank']:.1f} "
+            f"({row['chance_mean_rank']:.1f}) | {row['chance_choice_acc']:.4f} | "
+            f"{row['evaluation_seconds']:.1f} s | {row['finetune_train_seconds']:.0f} s | "
+            f"{row['seconds']:.0f} s |")
+    done = {row["x"] for row in rows}
+    largest = rows[-1]
+    missing = [point for point in persona_counts.get_config().points if point["x"] not in done]
+    notes = []
+    if missing:
+        per_persona = largest["finetune_train_seconds"] / largest["x"]
+        notes.append("Not run: " + "; ".join(
+            f"{point['x']:,.0f} personas ({point['overrides']['finetune.num_steps']:,} "
+            f"fine-tuning steps, ~{per_persona * point['x'] / 3600:.1f} h of fine-tuning here "
+            f"at the {largest['x']:,.0f}-persona point's rate)" for point in missing) + ".")
+    notes.append(f"From {_link(PERSONA_COUNTS, holder)} (`{run['command']}`; points at "
+                 f"{', '.join(sorted({row['commit'] for row in rows}))}).")
+    return "\n".join(lines + [""] + notes)
+
+
+def render_scoring_personas(holder: Path) -> str:
+    """docs/benchmarks.md: per persona count, modality and ranking method, one evaluation's CPU
+    time, its metric with standard error and chance, and the candidate tokens it fed; then the
+    log-log slopes of CPU time against the count."""
+    from xmem_jax.score import recall
+
+    run = json.loads(SCORING_COST.read_text())
+    lines = ["| personas | modality | method | queries scored | CPU s | CPU ms / query | accuracy "
+             "(chance) | mean rank (chance) | candidate tokens fed per query (pruned) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in run["rows"]:
+        metrics = row["metrics"]
+        acc, rank = recall.METHODS[row["score_kwargs"]["method"]]
+        stderr, chance, fed = metrics["stderr"], metrics["chance"], metrics["candidate_tokens"]
+        lines.append(
+            f"| {row['personas']:,} | {row['modality']} | {row['method']} | "
+            f"{metrics['num_scored']:,} | {row['cpu_s']:.1f} | "
+            f"{row['cpu_s'] / metrics['num_scored'] * 1e3:.0f} | {metrics[acc]:.3f} ± "
+            f"{stderr[acc]:.3f} ({chance[acc]:.4f}) | {metrics[rank]:.1f} ± {stderr[rank]:.1f} "
+            f"({chance[rank]:.1f}) | {fed['fed']:,.0f} of {fed['exhaustive']:,.0f} "
+            f"({1 - fed['fed'] / fed['exhaustive']:.0%}) |")
+    slopes = "; ".join(f"{name} n^{by['source']:.2f} (source), n^{by['target']:.2f} (target)"
+                       for name, by in run["slopes"].items())
+    trained = run["train_personas"]
+    return "\n".join(lines + [
+        "",
+        f"The model ({run['config']}) learned the image -> name examples of personas 0-"
+        f"{trained - 1} in {run['train_steps']:,} steps of 32 (last loss {run['last_loss']:.3f}); "
+        f"each count n ranks the first n personas' held-out views (source) and held-out "
+        f"descriptions (target, never trained) among their n names, {run['heldout_per_persona']} "
+        f"query a persona and modality. CPU seconds of this process, one XLA thread, on "
+        f"{run['cpu_cores']} cores shared with other jobs. CPU time against n, log-log slope: "
+        f"{slopes}. `scoring_cost_exponent: {run['scoring_cost_exponent']:.2f}` (the default "
+        f"method, both modalities). From {_link(SCORING_COST, holder)} (`{run['command']}` at "
+        f"{run['commit']})."])
+
+
+def render_scoring_rss(holder: Path) -> str:
+    """README: the peak host RSS of one evaluation at the largest persona count measured, with
+    the smaller counts beside it."""
+    run = json.loads(SCORING_RSS.read_text())
+    rows = sorted(run["rows"], key=lambda row: row["personas"])
+    largest = rows[-1]
+    smaller = "; ".join(f"{row['peak_rss_mib']:,.0f} MiB at {row['personas']:,}"
+                        for row in rows[:-1])
+    return (f"Host memory: one evaluation of every held-out view and description of "
+            f"{largest['personas']:,} personas ({largest['queries']:,} queries of the tiny "
+            f"model, streamed from the input pipeline, compiling included) peaks at "
+            f"{largest['peak_rss_mib']:,.0f} MiB of host RSS ({smaller}), the pipeline's "
+            f"record cache holding at most {run['record_cache_mb']:.0f} MB of it "
+            f"({_link(SCORING_RSS, holder, 'rss.json')}: `{run['command']}`, at {run['commit']}).")
+
+
 def _findings_rows() -> list[str]:
     """The findings table's markdown rows (header included) for the committed paper suite."""
     from xmem_jax.report import findings
@@ -411,6 +507,8 @@ def render_paper_findings(holder: Path) -> str:
 RENDERERS = {"study-headline": render_headline, "study-default": render_default,
              "heldout-view-variation": render_heldout, "view-variation": render_view_variation,
              "train-step": render_train_step, "data-scale": render_data_scale,
+             "persona-counts": render_persona_counts,
+             "scoring-personas": render_scoring_personas, "scoring-rss": render_scoring_rss,
              "paper-verdicts": render_paper_verdicts,
              "paper-findings": render_paper_findings}
 BLOCKS = tuple(RENDERERS)
