@@ -163,8 +163,9 @@ def assert_same_history(one: Path, many: Path) -> None:
 
 def recall_of(results: dict) -> dict:
     """What a comparison across process counts checks: everything but run provenance (the
-    config names the directories) and the scoring cost counters."""
-    skip = {"timings", "command", "commit", "config", "candidate_tokens", "kind", "step"}
+    config names the directories), the scoring cost counters and wall times."""
+    skip = {"timings", "command", "commit", "config", "candidate_tokens", "kind", "step",
+            "eval_seconds", "scoring_seconds"}
     if isinstance(results, dict):
         return {k: (_rounded(v) if k == "chance" else recall_of(v))
                 for k, v in results.items() if k not in skip}

@@ -198,7 +198,8 @@ def write_directions_report(results: dict, workdir: epath.PathLike) -> None:
 # What `export` keeps of a study's results.json: every figure, none of the curves.
 EXPORTED = ("experiment", "train_modality", "command", "commit", "seeds", "study_personas",
             "dev_personas", "chance", "recall", "recall_std", "dev_recall", "dev_recall_std",
-            "step0_recall", "baselines", "base_recall", "timings", "directions")
+            "step0_recall", "baselines", "base_recall", "timings", "scoring_seconds",
+            "directions")
 
 
 def export(run_dir: epath.PathLike) -> dict:
