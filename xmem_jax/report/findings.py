@@ -75,6 +75,11 @@ def scale_row(workdir: epath.Path) -> tuple[str, str, str, str]:
         verdict = "inconclusive: a larger size recalls the source worse"
     else:
         verdict = "reproduced" if all(g >= 0.2 for g in gaps.values()) else "not reproduced"
+    from configs.sweeps import model_size  # The sizes the sweep defines.
+
+    missing = [size for size in model_size.SIZES if size not in gaps]
+    if missing:  # A sweep of some sizes (configs/sweeps/model_size.py:tiny,small) says so.
+        verdict += f" ({', '.join(missing)} not run)"
     measured = "; ".join(f"{r['name']}: source {r['source_choice_acc']:.3f}, target "
                          f"{r['target_choice_acc']:.3f}, gap {gaps[r['name']]:.3f}" for r in rows)
     return claim, rule, verdict, measured
