@@ -161,22 +161,23 @@ def eval_tasks_of(config) -> dict[str, str]:
             for m in MODALITIES}
 
 
-def curves_from_log(workdir: epath.Path, names=MODALITIES) -> list[dict]:
+def eval_rows(workdir: epath.Path) -> list[dict]:
+    """The evaluation rows of a run's metrics.jsonl, in order."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{"step": r["step"], **{n: r[n] for n in names}} for r in rows
-            if r["kind"] == "eval"]
+    return [row for row in rows if row["kind"] == "eval"]
+
+
+def curves_from_log(workdir: epath.Path, names=MODALITIES) -> list[dict]:
+    return [{"step": r["step"], **{n: r[n] for n in names}} for r in eval_rows(workdir)]
 
 
 def scoring_seconds(run_dirs: list[epath.Path]) -> dict:
     """The wall time of the recall evaluations logged in each run's metrics.jsonl (the
     trainer's `eval_seconds`): how many, their total, and the mean of those after each run's
     first (which compiles the scoring programs). Rows logged before the trainer timed them
-    (2026-12-02) are left out; with none timed, every figure but the count is NaN."""
-    per_run = []
-    for run in run_dirs:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        per_run.append([row["eval_seconds"] for row in rows
-                        if row["kind"] == "eval" and "eval_seconds" in row])
+    (2026-12-02) are left out; with none timed, the count and total are 0 and the means NaN."""
+    per_run = [[row["eval_seconds"] for row in eval_rows(run) if "eval_seconds" in row]
+               for run in run_dirs]
     later = [seconds for run in per_run for seconds in run[1:]]
     firsts = [run[0] for run in per_run if run]
     nan = float("nan")
