@@ -83,3 +83,12 @@ def test_every_marker_block_has_a_renderer():
     for path in [ROOT / "README.md", *DOCS]:
         names = set(re.findall(r"<!-- ([\w-]+):begin -->", path.read_text()))
         assert names <= known, f"{path.relative_to(ROOT)}: no renderer for {names - known}"
+
+
+def test_scoring_rss_with_one_count_has_no_empty_parentheses(tmp_path, monkeypatch):
+    rss = tmp_path / "rss.json"
+    rss.write_text('{"rows": [{"personas": 100, "queries": 200, "peak_rss_mib": 900.0}], '
+                   '"record_cache_mb": 256, "command": "c", "commit": "abc1234"}')
+    monkeypatch.setattr(report_docs, "SCORING_RSS", rss)
+    text = report_docs.render_scoring_rss(tmp_path)
+    assert "()" not in text and "900 MiB of host RSS, the pipeline's" in text

@@ -315,7 +315,7 @@ def plot(rows: list[dict], sweep_config: ml_collections.ConfigDict, path: epath.
         source, target = f"source ({modality})", f"target ({other_modality(modality)})"
     series = [("source_choice_acc", source, "-o"), ("target_choice_acc", target, "-o"),
               ("chance_choice_acc", "chance", "--x")]
-    fixed = {"name", "x", "seconds", "source_modality", "source_exact_match",
+    fixed = {"name", "x", "source_modality", "source_exact_match",
              "target_exact_match", "target_mean_rank", "chance_mean_rank"}
     series += [(column, column, "-s") for column in columns_of(rows)
                if column not in fixed and not column.endswith("seconds")

@@ -460,10 +460,11 @@ def render_scoring_rss(holder: Path) -> str:
     largest = rows[-1]
     smaller = "; ".join(f"{row['peak_rss_mib']:,.0f} MiB at {row['personas']:,}"
                         for row in rows[:-1])
+    smaller = f" ({smaller})" if smaller else ""
     return (f"Host memory: one evaluation of every held-out view and description of "
             f"{largest['personas']:,} personas ({largest['queries']:,} queries of the tiny "
             f"model, streamed from the input pipeline, compiling included) peaks at "
-            f"{largest['peak_rss_mib']:,.0f} MiB of host RSS ({smaller}), the pipeline's "
+            f"{largest['peak_rss_mib']:,.0f} MiB of host RSS{smaller}, the pipeline's "
             f"record cache holding at most {run['record_cache_mb']:.0f} MB of it "
             f"({_link(SCORING_RSS, holder, 'rss.json')}: `{run['command']}`, at {run['commit']}).")
 
