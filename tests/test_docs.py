@@ -2,6 +2,7 @@
 the committed results render, and every relative link points at a file."""
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -92,3 +93,19 @@ def test_scoring_rss_with_one_count_has_no_empty_parentheses(tmp_path, monkeypat
     monkeypatch.setattr(report_docs, "SCORING_RSS", rss)
     text = report_docs.render_scoring_rss(tmp_path)
     assert "()" not in text and "900 MiB of host RSS, the pipeline's" in text
+
+
+def test_persona_counts_prices_the_points_not_run_from_the_largest_run(tmp_path, monkeypatch):
+    row = {"x": 1000.0, "source_choice_acc": 0.9, "target_choice_acc": 0.1,
+           "target_mean_rank": 200.0, "chance_mean_rank": 500.5, "chance_choice_acc": 0.001,
+           "evaluation_seconds": 60.0, "finetune_train_seconds": 720.0, "seconds": 1800.0,
+           "commit": "abc1234"}
+    counts = tmp_path / "persona_counts.json"
+    counts.write_text(json.dumps({"rows": [row], "command": "c"}))
+    monkeypatch.setattr(report_docs, "PERSONA_COUNTS", counts)
+    text = report_docs.render_persona_counts(tmp_path)
+    # 10^4 personas: 10x the steps (7,200 s) and 7 evaluations at 10x the time (4,200 s).
+    assert "| 1,000 | 0.900 | 0.100 |" in text and "1,800 s |" in text
+    assert "1,000 personas (" not in text.split("Not run:")[1]
+    assert ("10,000 personas (30,000 fine-tuning steps, ~2.0 h of fine-tuning and ~1.2 h for "
+            "its 7 evaluations here" in text)

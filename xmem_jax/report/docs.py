@@ -398,18 +398,25 @@ def render_persona_counts(holder: Path) -> str:
             f"| {row['x']:,.0f} | {row['source_choice_acc']:.3f} | "
             f"{row['target_choice_acc']:.3f} | {row['target_mean_rank']:.1f} "
             f"({row['chance_mean_rank']:.1f}) | {row['chance_choice_acc']:.4f} | "
-            f"{row['evaluation_seconds']:.1f} s | {row['finetune_train_seconds']:.0f} s | "
-            f"{row['seconds']:.0f} s |")
+            f"{row['evaluation_seconds']:.1f} s | {row['finetune_train_seconds']:,.0f} s | "
+            f"{row['seconds']:,.0f} s |")
     done = {row["x"] for row in rows}
     largest = rows[-1]
     missing = [point for point in persona_counts.get_config().points if point["x"] not in done]
     notes = []
     if missing:
         per_persona = largest["finetune_train_seconds"] / largest["x"]
-        notes.append("Not run: " + "; ".join(
-            f"{point['x']:,.0f} personas ({point['overrides']['finetune.num_steps']:,} "
-            f"fine-tuning steps, ~{per_persona * point['x'] / 3600:.1f} h of fine-tuning here "
-            f"at the {largest['x']:,.0f}-persona point's rate)" for point in missing) + ".")
+
+        def estimate(point) -> str:
+            overrides = point["overrides"]
+            evaluations = overrides["finetune.num_steps"] // overrides["eval_every"] + 1
+            evaluating = largest["evaluation_seconds"] * point["x"] / largest["x"] * evaluations
+            return (f"{point['x']:,.0f} personas ({overrides['finetune.num_steps']:,} "
+                    f"fine-tuning steps, ~{per_persona * point['x'] / 3600:.1f} h of fine-tuning "
+                    f"and ~{evaluating / 3600:.1f} h for its {evaluations} evaluations here, "
+                    f"scaled linearly from the {largest['x']:,.0f}-persona point)")
+
+        notes.append("Not run: " + "; ".join(estimate(point) for point in missing) + ".")
     notes.append(f"From {_link(PERSONA_COUNTS, holder)} (`{run['command']}`; points at "
                  f"{', '.join(sorted({row['commit'] for row in rows}))}).")
     return "\n".join(lines + [""] + notes)
